@@ -1,0 +1,4 @@
+//! File formats shared by every part of biflow.
+
+pub mod atomic;
+pub mod npy;

@@ -1,0 +1,50 @@
+//! The table of jobs the CLI can run. Each job takes its options as JSON (camelCase keys, the
+//! same names as the CLI flags) and returns a JSON result that `--json` prints.
+
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::job::JobCtx;
+
+fn opts<T: DeserializeOwned>(name: &str, options: Value) -> Result<T> {
+    serde_json::from_value(options).with_context(|| format!("invalid options for job '{name}'"))
+}
+
+/// Run the job called `name`.
+pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
+    match name {
+        "echo" => echo(opts(name, options)?, ctx),
+        _ => bail!("unknown job '{name}'"),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct EchoOptions {
+    steps: u64,
+    #[serde(default)]
+    panic: bool,
+    #[serde(default)]
+    fail: Option<String>,
+    #[serde(default)]
+    sleep_ms: u64,
+}
+
+/// A self-test of the bridge: counts to `steps` with progress, can fail, panic or be cancelled.
+fn echo(o: EchoOptions, ctx: &JobCtx) -> Result<Value> {
+    ctx.start("echo", Some(o.steps));
+    for i in 1..=o.steps {
+        ctx.check_cancelled()?;
+        std::thread::sleep(std::time::Duration::from_millis(o.sleep_ms));
+        ctx.progress(i, Some(o.steps), crate::metrics!["i" => i]);
+    }
+    ctx.end();
+    if o.panic {
+        panic!("echo job asked to panic");
+    }
+    if let Some(msg) = o.fail {
+        bail!(msg);
+    }
+    Ok(serde_json::json!({ "steps": o.steps }))
+}

@@ -1,0 +1,103 @@
+//! The napi-rs shell: JS calls `runJob(name, optionsJson, onEvent, token)`; the job runs on the
+//! libuv thread pool, its events reach `onEvent` as JSON strings, and `token.cancel()` asks it to
+//! stop at its next safe point. No maths lives here.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use napi::bindgen_prelude::*;
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+use napi_derive::napi;
+
+use biflow_core::{Cancelled, JobCtx};
+
+/// Set from JS to cancel the job it was passed to.
+#[napi]
+pub struct CancelToken {
+    flag: Arc<AtomicBool>,
+}
+
+#[napi]
+impl CancelToken {
+    #[napi(constructor)]
+    pub fn new() -> Self {
+        CancelToken { flag: Arc::new(AtomicBool::new(false)) }
+    }
+
+    #[napi]
+    pub fn cancel(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+    }
+}
+
+type EventCallback = ThreadsafeFunction<String, (), String, Status, false>;
+
+pub struct Job {
+    name: String,
+    options: String,
+    on_event: Option<Arc<EventCallback>>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Task for Job {
+    type Output = String;
+    type JsValue = String;
+
+    fn compute(&mut self) -> Result<String> {
+        let options: serde_json::Value = serde_json::from_str(&self.options)
+            .map_err(|e| Error::new(Status::InvalidArg, format!("options are not valid JSON: {e}")))?;
+        let sink = self.on_event.clone();
+        let ctx = JobCtx::new(
+            move |event| {
+                if let (Some(cb), Ok(json)) = (&sink, serde_json::to_string(&event)) {
+                    cb.call(json, ThreadsafeFunctionCallMode::NonBlocking);
+                }
+            },
+            self.cancel.clone(),
+        );
+        let outcome = catch_unwind(AssertUnwindSafe(|| biflow_core::jobs::run(&self.name, options, &ctx)));
+        // Release the callback now: a live threadsafe function keeps Node from exiting.
+        drop(ctx);
+        self.on_event = None;
+        match outcome {
+            Ok(Ok(value)) => Ok(value.to_string()),
+            Ok(Err(e)) if e.is::<Cancelled>() => Err(Error::new(Status::Cancelled, "cancelled")),
+            Ok(Err(e)) => Err(Error::new(Status::GenericFailure, format!("{e:#}"))),
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(Error::new(Status::GenericFailure, format!("internal error (panic): {msg}")))
+            }
+        }
+    }
+
+    fn resolve(&mut self, _env: Env, output: String) -> Result<String> {
+        Ok(output)
+    }
+}
+
+/// Run the core job `name` with JSON options; resolves to the job's JSON result.
+#[napi(ts_return_type = "Promise<string>")]
+pub fn run_job(
+    name: String,
+    options_json: String,
+    #[napi(ts_arg_type = "(eventJson: string) => void")] on_event: Option<EventCallback>,
+    token: Option<&CancelToken>,
+) -> AsyncTask<Job> {
+    AsyncTask::new(Job {
+        name,
+        options: options_json,
+        on_event: on_event.map(Arc::new),
+        cancel: token.map(|t| t.flag.clone()).unwrap_or_default(),
+    })
+}
+
+/// The version of the native core, to check that the addon matches the CLI.
+#[napi]
+pub fn core_version() -> String {
+    env!("CARGO_PKG_VERSION").to_string()
+}
