@@ -4,7 +4,7 @@ import {existsSync, readdirSync, readFileSync, statSync, writeFileSync} from 'no
 import {join} from 'node:path'
 import {describe, expect, it} from 'vitest'
 
-import {fixtures, runCli, runJson, tempDir} from './helpers.js'
+import {fixtures, runCli, runCliInterrupted, runJson, tempDir} from './helpers.js'
 
 const data = (name: string) => join(fixtures, 'data', name)
 
@@ -201,6 +201,17 @@ describe('data prepare: bad input', () => {
     const forced = runCli(['data', 'prepare', data('folder-labelled'), '--out', out, '--force'])
     expect(forced.code).toBe(0)
     expect(manifest(out).classes).toHaveLength(2)
+  })
+
+  it('stops on Ctrl-C and leaves nothing behind', async () => {
+    const parent = tempDir()
+    const out = join(parent, 'ds')
+    // upscaling all of MNIST to 64x64 takes many seconds: interrupt at the first progress event
+    const r = await runCliInterrupted(['data', 'prepare', 'builtin:mnist', '--out', out, '--size', '64'], /prepare: \d+\//)
+    expect(r.code).toBe(130)
+    expect(r.stderr).toMatch(/cancelled by the user/)
+    expect(existsSync(out)).toBe(false)
+    expect(readdirSync(parent)).toEqual([])
   })
 
   it('inspect refuses a folder that is not a dataset', () => {

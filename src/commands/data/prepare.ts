@@ -38,17 +38,15 @@ function fraction(input: string): number {
 }
 
 export default class DataPrepare extends BiflowCommand {
-  static description = `Prepare a dataset: decode images into compact uint8 shards with a manifest
-
-INPUT is detected automatically (or set with --format): an image folder (class subfolders become
-labels in sorted order; a flat folder is unlabelled), a .tar/.tar.gz/.tgz of such a tree (streamed,
-never extracted), a numpy .npz of uint8 images (N,H,W,C or N,C,H,W under data, arr_0 or x; labels
-under labels or y), a folder of MNIST idx files (gzipped or not), or builtin:mnist (the MNIST
-training set shipped with biflow).
-
---size N resizes the shorter side to N and crops the center N x N: box halving while the shorter
-side is at least 2N, then a Catmull-Rom bicubic filter (as the ADM/TARFlow pipelines). The dataset
-is written next to DIR and renamed into place only when complete: a failure leaves DIR as it was.`
+  static description = [
+    'Prepare a dataset: decode images into compact uint8 shards with a manifest',
+    '',
+    'INPUT is detected automatically (or set with --format): an image folder (class subfolders become labels in sorted order; a flat folder is unlabelled), a .tar/.tar.gz/.tgz of such a tree (streamed, never extracted), a numpy .npz of uint8 images (N,H,W,C or N,C,H,W under data, arr_0 or x; labels under labels or y), a folder of MNIST idx files (gzipped or not), or builtin:mnist (the MNIST training set shipped with biflow).',
+    '',
+    '--size N resizes the shorter side to N and crops the center N x N: 2x2 box halving while the shorter side is at least 2N, then a Catmull-Rom bicubic filter, as the ADM/TARFlow pipelines do. Without --size every image must have the same size.',
+    '',
+    'The dataset is built next to DIR and renamed into place only when complete: a failure or Ctrl-C leaves DIR as it was. Decoding runs in parallel on all cores.',
+  ].join('\n')
 
   static examples = [
     '<%= config.bin %> data prepare builtin:mnist --out data/mnist',
