@@ -15,6 +15,9 @@ fn opts<T: DeserializeOwned>(name: &str, options: Value) -> Result<T> {
 pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
     match name {
         "echo" => echo(opts(name, options)?, ctx),
+        "fid.eval" => crate::fid::eval::eval(opts(name, options)?, ctx),
+        "fid.convertWeights" => crate::fid::eval::convert_weights(opts(name, options)?, ctx),
+        "fid.formulaWeights" => crate::fid::eval::formula_weights(opts(name, options)?, ctx),
         _ => bail!("unknown job '{name}'"),
     }
 }

@@ -1,6 +1,8 @@
 //! biflow-core: all the maths and I/O of biflow. The Node shell (`biflow-node`) only forwards
 //! `jobs::run(name, options, ctx)` calls here.
 
+pub mod data;
+pub mod fid;
 pub mod io;
 pub mod job;
 pub mod jobs;
