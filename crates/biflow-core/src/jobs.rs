@@ -19,6 +19,9 @@ pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
         "data.inspect" => crate::data::inspect(opts(name, options)?, ctx),
         "data.synth" => synth(opts(name, options)?),
         "data.benchRead" => bench_read(opts(name, options)?),
+        "fid.eval" => crate::fid::eval::eval(opts(name, options)?, ctx),
+        "fid.convertWeights" => crate::fid::eval::convert_weights(opts(name, options)?, ctx),
+        "fid.formulaWeights" => crate::fid::eval::formula_weights(opts(name, options)?, ctx),
         _ => bail!("unknown job '{name}'"),
     }
 }

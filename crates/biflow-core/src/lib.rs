@@ -2,6 +2,7 @@
 //! `jobs::run(name, options, ctx)` calls here.
 
 pub mod data;
+pub mod fid;
 pub mod io;
 pub mod job;
 pub mod jobs;

@@ -1,0 +1,137 @@
+//! Where the FID Inception weights come from, and how they are read.
+//!
+//! Accepted files: the published `pt_inception-2015-12-05-6726825d.pth` (PyTorch LEGACY serialisation), any
+//! zip-format `.pth` state_dict with the same tensor names, or a `.safetensors` file (as written by
+//! `biflow fid convert-weights`). Lookup order: the explicit path, then `$BIFLOW_INCEPTION_WEIGHTS`, then
+//! the cache file `~/.cache/biflow/pt_inception-2015-12-05-6726825d.pth` (`$XDG_CACHE_HOME/biflow/...` when
+//! set), then the same name with `.safetensors`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use sha2::{Digest, Sha256};
+
+use super::inception::{tensor_specs, FidInception};
+
+pub const PUBLISHED_NAME: &str = "pt_inception-2015-12-05-6726825d.pth";
+pub const PUBLISHED_URL: &str =
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth";
+pub const PUBLISHED_SHA256_PREFIX: &str = "6726825d";
+pub const ENV_VAR: &str = "BIFLOW_INCEPTION_WEIGHTS";
+
+/// The cache directory: `$XDG_CACHE_HOME/biflow` or `~/.cache/biflow`.
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(x).join("biflow"));
+    }
+    std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| PathBuf::from(h).join(".cache").join("biflow"))
+}
+
+/// The weights file to use: `explicit`, else the environment variable, else the cache.
+pub fn resolve(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        ensure!(p.is_file(), "the Inception weights file {} does not exist", p.display());
+        return Ok(p.to_path_buf());
+    }
+    if let Some(v) = std::env::var_os(ENV_VAR).filter(|v| !v.is_empty()) {
+        let p = PathBuf::from(v);
+        ensure!(p.is_file(), "${ENV_VAR} points to {}, which does not exist", p.display());
+        return Ok(p);
+    }
+    let cache = cache_dir();
+    if let Some(dir) = &cache {
+        for name in [PUBLISHED_NAME.to_string(), PUBLISHED_NAME.replace(".pth", ".safetensors")] {
+            let p = dir.join(name);
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    let where_ = cache.map(|d| d.join(PUBLISHED_NAME).display().to_string()).unwrap_or_else(|| format!("~/.cache/biflow/{PUBLISHED_NAME}"));
+    bail!(
+        "no FID Inception weights: pass --inception-weights PATH, set ${ENV_VAR}, or place the file at {where_}. \
+         The weights are pytorch-fid's published file {PUBLISHED_NAME} (SHA-256 starting {PUBLISHED_SHA256_PREFIX}), \
+         from {PUBLISHED_URL}"
+    )
+}
+
+fn sha256_hex(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Read named f32 tensors from a `.pth` (zip or legacy) or `.safetensors` file.
+pub fn read_tensors(path: &Path) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    if path.file_name().and_then(|n| n.to_str()) == Some(PUBLISHED_NAME) {
+        let h = sha256_hex(path)?;
+        ensure!(
+            h.starts_with(PUBLISHED_SHA256_PREFIX),
+            "{} is named like the published FID weights but its SHA-256 is {h}, not {PUBLISHED_SHA256_PREFIX}...: \
+             the file is corrupt or incomplete; download it again from {PUBLISHED_URL}",
+            path.display()
+        );
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if is_safetensors(&bytes) {
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{} is not a valid .safetensors file", path.display()))?;
+        let mut out = Vec::new();
+        for (name, view) in st.tensors() {
+            let data: Vec<f32> = match view.dtype() {
+                safetensors::Dtype::F32 => view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                safetensors::Dtype::F64 => {
+                    view.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect()
+                }
+                safetensors::Dtype::F16 => view.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                safetensors::Dtype::BF16 => {
+                    view.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+                }
+                safetensors::Dtype::I64 => view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+                d => bail!("tensor '{name}' in {} has dtype {d:?}, which is not supported", path.display()),
+            };
+            out.push((name, view.shape().to_vec(), data));
+        }
+        Ok(out)
+    } else {
+        let sd = crate::io::pickle::read_state_dict_bytes(&bytes)
+            .with_context(|| format!("cannot load the Inception weights {}", path.display()))?;
+        Ok(sd.into_iter().map(|(n, t)| (n, t.shape, t.data)).collect())
+    }
+}
+
+fn is_safetensors(b: &[u8]) -> bool {
+    b.len() > 9 && !b.starts_with(b"PK") && b[0] != 0x80 && b[8] == b'{'
+}
+
+/// Load the network from a weights file.
+pub fn load(path: &Path) -> Result<FidInception> {
+    let t = read_tensors(path)?;
+    FidInception::from_tensors(t).with_context(|| format!("{} does not hold the FID Inception weights", path.display()))
+}
+
+/// Convert a weights file to `.safetensors` (float32, the original tensor names, `num_batches_tracked` and
+/// other extras dropped). Returns the number of tensors written.
+pub fn convert(input: &Path, output: &Path) -> Result<usize> {
+    let tensors = read_tensors(input)?;
+    let specs = tensor_specs();
+    let mut by_name: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> =
+        tensors.into_iter().map(|(n, s, d)| (n.strip_prefix("module.").map(str::to_string).unwrap_or(n), (s, d))).collect();
+    let mut kept = Vec::new();
+    for (name, shape) in &specs {
+        let Some((s, d)) = by_name.remove(name) else {
+            bail!("{} has no tensor '{name}': not the FID Inception weights", input.display());
+        };
+        ensure!(&s == shape, "tensor '{name}' has shape {s:?}, expected {shape:?}");
+        let bytes: Vec<u8> = d.iter().flat_map(|v| v.to_le_bytes()).collect();
+        kept.push((name.clone(), s, bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = kept
+        .iter()
+        .map(|(n, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, None).context("cannot serialise the weights")?;
+    crate::io::atomic::write(output, &bytes).with_context(|| format!("cannot write {}", output.display()))?;
+    Ok(kept.len())
+}

@@ -1,0 +1,80 @@
+import {Args, Flags} from '@oclif/core'
+
+import {BiflowCommand} from '../lib/command.js'
+
+interface SideInfo {
+  path: string
+  kind: string
+  images?: number
+  imagesPerSecond?: number
+}
+
+export interface EvalFidResult {
+  fid?: number
+  is?: number
+  isStd?: number
+  source: SideInfo
+  reference?: SideInfo
+  savedStats?: string | null
+  inceptionWeights?: string | null
+}
+
+export default class EvalFid extends BiflowCommand {
+  static description = `Compute the FID (pytorch-fid compatible) between SOURCE and REFERENCE
+
+SOURCE and REFERENCE can each be an image folder (png/jpg/webp, not recursive), an .npz of images
+(arr_0, uint8 N,H,W,C as the ADM reference batches, or float N,C,H,W in [-1,1]), an .npz of statistics
+(mu, sigma as written by --save-stats or pytorch-fid), or a prepared dataset directory (--split).
+
+The network is the FID Inception-v3 of pytorch-fid. Its weights are pytorch-fid's published
+pt_inception-2015-12-05-6726825d.pth (legacy PyTorch format), a zip-format .pth, or a .safetensors
+from "biflow fid convert-weights". They are looked up in this order: --inception-weights, the
+BIFLOW_INCEPTION_WEIGHTS variable, then ~/.cache/biflow/pt_inception-2015-12-05-6726825d.pth
+($XDG_CACHE_HOME/biflow when set). Download: https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth`
+
+  static examples = [
+    '<%= config.bin %> eval-fid samples/ reference-stats.npz --inception-weights pt_inception-2015-12-05-6726825d.pth',
+    '<%= config.bin %> eval-fid data/cifar10 --split train --save-stats cifar10-train.npz',
+    '<%= config.bin %> eval-fid samples.npz VIRTUAL_imagenet64_labeled.npz --json',
+    '<%= config.bin %> eval-fid samples/ --is --json',
+  ]
+
+  static args = {
+    source: Args.string({description: 'images to score: folder, .npz (images or mu/sigma), or dataset DIR', required: true}),
+    reference: Args.string({description: 'what to compare with (same kinds); optional with --save-stats or --is'}),
+  }
+
+  static flags = {
+    'inception-weights': Flags.string({
+      description: 'FID Inception weights (.pth legacy or zip, or .safetensors); default $BIFLOW_INCEPTION_WEIGHTS, then ~/.cache/biflow/',
+    }),
+    'save-stats': Flags.string({description: "write SOURCE's statistics (mu, sigma) to this .npz, as pytorch-fid's --save-stats"}),
+    'batch-size': Flags.integer({default: 32, min: 1, description: 'images per network batch'}),
+    split: Flags.string({options: ['train', 'val'], default: 'train', description: 'split of a prepared dataset directory'}),
+    num: Flags.integer({min: 1, description: 'score at most this many images of each image source'}),
+    is: Flags.boolean({default: false, description: 'also compute the Inception Score of SOURCE (10 splits)'}),
+    'is-splits': Flags.integer({default: 10, min: 1, description: 'number of splits for the Inception Score'}),
+  }
+
+  async run(): Promise<EvalFidResult> {
+    const {args, flags} = await this.parse(EvalFid)
+    if (!args.reference && !flags['save-stats'] && !flags.is) {
+      this.error('give a REFERENCE to compute the FID, or --save-stats OUT.npz, or --is', {exit: 2})
+    }
+    const r = await this.job<EvalFidResult>('fid.eval', {
+      source: args.source,
+      reference: args.reference,
+      inceptionWeights: flags['inception-weights'],
+      saveStats: flags['save-stats'],
+      batchSize: flags['batch-size'],
+      split: flags.split,
+      num: flags.num,
+      is: flags.is,
+      isSplits: flags['is-splits'],
+    })
+    if (r.fid !== undefined) this.log(`FID: ${r.fid.toFixed(4)}`)
+    if (r.is !== undefined) this.log(`IS: ${r.is.toFixed(4)} ± ${(r.isStd ?? 0).toFixed(4)}`)
+    if (r.savedStats) this.log(`statistics saved to ${r.savedStats}`)
+    return r
+  }
+}
