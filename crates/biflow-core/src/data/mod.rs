@@ -248,7 +248,7 @@ impl Dataset {
             }
         };
         ensure!(
-            val.len() == m.splits.val.count && val.windows(2).all(|w| w[0] < w[1]) && val.last().map_or(true, |&v| (v as usize) < m.count),
+            val.len() == m.splits.val.count && val.windows(2).all(|w| w[0] < w[1]) && val.last().is_none_or(|&v| (v as usize) < m.count),
             "dataset {} is damaged: the validation index does not match the manifest",
             dir.display()
         );
