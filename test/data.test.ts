@@ -75,6 +75,14 @@ describe('data prepare: every input kind', () => {
     expect(readFileSync(grid).subarray(1, 4).toString()).toBe('PNG')
   })
 
+  it('inspects an unlabelled dataset as a plain grid, with --json', () => {
+    const {out} = prepare(data('folder-flat'))
+    const r = runJson<{count: number; classes: unknown[]; grid: string; gridRows: number}>(['data', 'inspect', out, '--per-row', '2'])
+    expect(r).toMatchObject({count: 4, classes: [], gridRows: 2})
+    expect(r.grid).toBe(join(out, 'preview.png'))
+    expect(existsSync(r.grid)).toBe(true)
+  })
+
   it('uses the same val split for the same seed, another for another seed', () => {
     const a = prepare('builtin:mnist', '--limit', '200', '--val-fraction', '0.2', '--seed', '1')
     const b = prepare('builtin:mnist', '--limit', '200', '--val-fraction', '0.2', '--seed', '1')

@@ -57,6 +57,7 @@ pub struct Item {
 
 /// An input opened for reading.
 pub struct Source {
+    /// `rx` yields non-empty batches, then one empty batch at the end of the input.
     /// Number of items when known in advance (for the progress bar).
     pub total: Option<u64>,
     /// Class names in label order when known in advance (`None`: unlabelled or [`Label::Dir`]).
@@ -80,8 +81,15 @@ impl Drop for Source {
 fn spawn_reader(f: impl FnOnce(&SyncSender<Result<Vec<Item>>>) -> Result<()> + Send + 'static) -> (Receiver<Result<Vec<Item>>>, JoinHandle<()>) {
     let (tx, rx) = sync_channel(2);
     let handle = std::thread::spawn(move || {
-        if let Err(e) = f(&tx) {
-            let _ = tx.send(Err(e));
+        // An empty batch marks the end: a reader that dies without it (a panic) is an error, never
+        // a silently shorter dataset.
+        match f(&tx) {
+            Ok(()) => {
+                let _ = tx.send(Ok(Vec::new()));
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
         }
     });
     (rx, handle)

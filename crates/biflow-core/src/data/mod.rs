@@ -274,6 +274,11 @@ impl Dataset {
         self.len(split) == 0
     }
 
+    /// Number of classes (0 when unlabelled).
+    pub fn num_classes(&self) -> usize {
+        self.manifest.classes.len()
+    }
+
     /// Shape of one image: (channels, height, width).
     pub fn shape(&self) -> (usize, usize, usize) {
         (self.manifest.channels, self.manifest.height, self.manifest.width)

@@ -243,8 +243,11 @@ fn build(o: &PrepareOptions, kind: &str, source_name: &str, source: Source, stag
         ctx.check_cancelled()?;
         let batch = match source.rx.recv() {
             Ok(b) => b?,
-            Err(_) => break, // the reader finished
+            Err(_) => bail!("the reader of {source_name} stopped unexpectedly (internal error)"),
         };
+        if batch.is_empty() {
+            break; // the end of the input
+        }
         if target.is_none() {
             for item in &batch {
                 match decode::decode(item) {

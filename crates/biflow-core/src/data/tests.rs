@@ -373,3 +373,9 @@ fn large_synthetic_folder_round_trips_through_several_shards() {
     assert_eq!(px[0], img.get_pixel(0, 0)[0]);
     assert_eq!(px[64 + 8 + 3], img.get_pixel(3, 1)[1]);
 }
+
+#[test]
+fn dataset_is_shareable_between_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Dataset>();
+}
