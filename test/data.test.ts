@@ -178,6 +178,11 @@ describe('data prepare: bad input', () => {
     expect(prepare(data('mixed-sizes'), '--size', '6').m).toMatchObject({count: 2, height: 6, width: 6})
   })
 
+  it('rejects a colour image after a grey first one unless --channels is given', () => {
+    prepareFails(data('mixed-channels'), [], /b\.png is a colour image.*--channels 3/)
+    expect(prepare(data('mixed-channels'), '--channels', '1').m).toMatchObject({count: 2, channels: 1})
+  })
+
   it('rejects a truncated tar', () => {
     prepareFails(data('truncated.tar'), [], /truncated/)
   })

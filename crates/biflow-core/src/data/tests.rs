@@ -275,6 +275,8 @@ fn bad_inputs_are_one_clear_error_and_leave_nothing() {
     assert!(e.contains("float32") && e.contains("uint8"), "{e}");
     let e = err_of("rank5.npz", serde_json::json!({}));
     assert!(e.contains("shape"), "{e}");
+    let e = err_of("mixed-channels", serde_json::json!({}));
+    assert!(e.contains("b.png is a colour image") && e.contains("--channels 3"), "{e}");
     let e = err_of("folder-flat", serde_json::json!({"channels": 2}));
     assert!(e.contains("--channels"), "{e}");
 }
@@ -288,6 +290,9 @@ fn skip_bad_lists_skipped_files_and_sizes_resize() {
     let ds = Dataset::open(&out).unwrap();
     assert_eq!(ds.manifest.skipped.len(), 1);
     assert!(ds.manifest.skipped[0].path.ends_with("truncated.png"));
+    let out3 = tmp.path().join("o3");
+    prep(&fixture("mixed-channels"), &out3, serde_json::json!({"channels": 3})).unwrap();
+    assert_eq!(Dataset::open(&out3).unwrap().manifest.channels, 3);
     let out2 = tmp.path().join("o2");
     prep(&fixture("mixed-sizes"), &out2, serde_json::json!({"size": 5})).unwrap();
     assert_eq!(Dataset::open(&out2).unwrap().manifest.height, 5);
