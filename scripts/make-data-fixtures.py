@@ -45,7 +45,9 @@ def npz(path, members, compression):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with zipfile.ZipFile(path, 'w', compression=compression) as z:
         for name, blob in members:
-            z.writestr(name + '.npy', blob)
+            info = zipfile.ZipInfo(name + '.npy', date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = compression
+            z.writestr(info, blob)
 
 
 def main():
@@ -63,6 +65,9 @@ def main():
     # Different sizes (error without --size).
     write(os.path.join(ROOT, 'mixed-sizes', 'a.png'), png(8, 8, 3, lambda x, y: (x * 30, y * 30, 0)))
     write(os.path.join(ROOT, 'mixed-sizes', 'b.png'), png(12, 6, 4, lambda x, y: (x * 20, y * 40, 90, 255)))
+    # A grey first image, then a colour one (error without --channels).
+    write(os.path.join(ROOT, 'mixed-channels', 'a.png'), png(8, 8, 1, lambda x, y: (x * 30,)))
+    write(os.path.join(ROOT, 'mixed-channels', 'b.png'), png(8, 8, 3, lambda x, y: (x * 30, 0, y * 30)))
     # A truncated image among good ones.
     for i in range(2):
         write(os.path.join(ROOT, 'bad-image', 'good%d.png' % i), png(8, 8, 3, lambda x, y: (x, y, 7)))
@@ -72,12 +77,18 @@ def main():
 
     # Archives of the labelled folder (with a top folder, as `tar czf x.tgz folder-labelled`).
     src = os.path.join(ROOT, 'folder-labelled')
-    for name, mode in [('labelled.tar', 'w'), ('labelled.tar.gz', 'w:gz'), ('labelled.tgz', 'w:gz')]:
-        with tarfile.open(os.path.join(ROOT, name), mode, format=tarfile.USTAR_FORMAT) as t:
-            for cls in ['dog', 'cat']:  # out of order on purpose: classes are sorted by name
-                for i in range(3):
-                    t.add(os.path.join(src, cls, '%d.png' % i), arcname='folder-labelled/%s/%d.png' % (cls, i))
-    whole = open(os.path.join(ROOT, 'labelled.tar'), 'rb').read()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode='w', format=tarfile.USTAR_FORMAT) as t:
+        for cls in ['dog', 'cat']:  # out of order on purpose: classes are sorted by name
+            for i in range(3):
+                blob = open(os.path.join(src, cls, '%d.png' % i), 'rb').read()
+                info = tarfile.TarInfo('folder-labelled/%s/%d.png' % (cls, i))
+                info.size, info.mtime, info.mode = len(blob), 1577836800, 0o644
+                t.addfile(info, io.BytesIO(blob))
+    whole = buf.getvalue()
+    write(os.path.join(ROOT, 'labelled.tar'), whole)
+    for name in ['labelled.tar.gz', 'labelled.tgz']:
+        write(os.path.join(ROOT, name), gzip.compress(whole, mtime=0))
     write(os.path.join(ROOT, 'truncated.tar'), whole[:512 * 3 + 100])
 
     # npz: N,H,W,C uint8 with labels (stored), N,C,H,W with y (deflate), wrong dtype, wrong rank.

@@ -75,6 +75,14 @@ describe('data prepare: every input kind', () => {
     expect(readFileSync(grid).subarray(1, 4).toString()).toBe('PNG')
   })
 
+  it('inspects an unlabelled dataset as a plain grid, with --json', () => {
+    const {out} = prepare(data('folder-flat'))
+    const r = runJson<{count: number; classes: unknown[]; grid: string; gridRows: number}>(['data', 'inspect', out, '--per-row', '2'])
+    expect(r).toMatchObject({count: 4, classes: [], gridRows: 2})
+    expect(r.grid).toBe(join(out, 'preview.png'))
+    expect(existsSync(r.grid)).toBe(true)
+  })
+
   it('uses the same val split for the same seed, another for another seed', () => {
     const a = prepare('builtin:mnist', '--limit', '200', '--val-fraction', '0.2', '--seed', '1')
     const b = prepare('builtin:mnist', '--limit', '200', '--val-fraction', '0.2', '--seed', '1')
@@ -168,6 +176,11 @@ describe('data prepare: bad input', () => {
   it('rejects images of different sizes without --size, accepts them with it', () => {
     prepareFails(data('mixed-sizes'), [], /different sizes.*--size/)
     expect(prepare(data('mixed-sizes'), '--size', '6').m).toMatchObject({count: 2, height: 6, width: 6})
+  })
+
+  it('rejects a colour image after a grey first one unless --channels is given', () => {
+    prepareFails(data('mixed-channels'), [], /b\.png is a colour image.*--channels 3/)
+    expect(prepare(data('mixed-channels'), '--channels', '1').m).toMatchObject({count: 2, channels: 1})
   })
 
   it('rejects a truncated tar', () => {

@@ -57,6 +57,7 @@ pub struct Item {
 
 /// An input opened for reading.
 pub struct Source {
+    /// `rx` yields non-empty batches, then one empty batch at the end of the input.
     /// Number of items when known in advance (for the progress bar).
     pub total: Option<u64>,
     /// Class names in label order when known in advance (`None`: unlabelled or [`Label::Dir`]).
@@ -80,8 +81,15 @@ impl Drop for Source {
 fn spawn_reader(f: impl FnOnce(&SyncSender<Result<Vec<Item>>>) -> Result<()> + Send + 'static) -> (Receiver<Result<Vec<Item>>>, JoinHandle<()>) {
     let (tx, rx) = sync_channel(2);
     let handle = std::thread::spawn(move || {
-        if let Err(e) = f(&tx) {
-            let _ = tx.send(Err(e));
+        // An empty batch marks the end: a reader that dies without it (a panic) is an error, never
+        // a silently shorter dataset.
+        match f(&tx) {
+            Ok(()) => {
+                let _ = tx.send(Ok(Vec::new()));
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
         }
     });
     (rx, handle)
@@ -180,7 +188,8 @@ pub fn open_folder(root: &Path, limit: Option<usize>) -> Result<Source> {
     let top_level = files.iter().filter(|p| rel(p).components().count() == 1).count();
     let mut messages = Vec::new();
     if ignored > 0 {
-        messages.push(format!("ignored {ignored} files that are not {} images", ext_list()));
+        let files_word = if ignored == 1 { "file that is not an image" } else { "files that are not images" };
+        messages.push(format!("ignored {ignored} {files_word} ({} are read)", ext_list()));
     }
     let (names, labels): (Option<Vec<String>>, Vec<Label>) = if top_level == files.len() {
         (None, vec![Label::None; files.len()])
@@ -394,7 +403,7 @@ fn image_shape(what: &str, shape: &[usize]) -> Result<(usize, usize, usize, usiz
     let is_c = |c: usize| c == 1 || c == 3;
     Ok(match *shape {
         [n, h, w] => (n, h, w, 1, Layout::Hwc),
-        [n, a, b, c] if is_c(c) && !(is_c(a) && !is_c(b)) => (n, a, b, c, Layout::Hwc),
+        [n, a, b, c] if is_c(c) && (is_c(b) || !is_c(a)) => (n, a, b, c, Layout::Hwc),
         [n, c, h, w] if is_c(c) => (n, h, w, c, Layout::Chw),
         [n, d] => {
             let s = ((d / 3) as f64).sqrt().round() as usize;
