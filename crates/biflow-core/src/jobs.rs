@@ -15,6 +15,7 @@ fn opts<T: DeserializeOwned>(name: &str, options: Value) -> Result<T> {
 pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
     match name {
         "echo" => echo(opts(name, options)?, ctx),
+        "train" => crate::train::train_job(options, ctx),
         _ => bail!("unknown job '{name}'"),
     }
 }
