@@ -595,6 +595,10 @@ fn sha256_hex(bytes: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn refs(v: &[(String, HostTensor)]) -> Vec<(String, &HostTensor)> {
+    v.iter().map(|(n, t)| (n.clone(), t)).collect()
+}
+
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     f.write_all(bytes)?;
@@ -632,7 +636,6 @@ fn save_checkpoint(step: u64, st: &TrainState) -> Result<Checkpoint> {
         optim_t.push((format!("m.{}", s.name), HostTensor { shape: s.shape.clone(), data: s.mom.m.clone() }));
         optim_t.push((format!("v.{}", s.name), HostTensor { shape: s.shape.clone(), data: s.mom.v.clone() }));
     }
-    let refs = |v: &Vec<(String, HostTensor)>| v.iter().map(|(n, t)| (n.clone(), t)).collect::<Vec<_>>();
     let mut files = std::collections::BTreeMap::new();
     let ema_bytes = encode_safetensors(&refs(&ema))?;
     for (name, bytes) in [
@@ -691,7 +694,7 @@ pub fn load_checkpoint(c: &Checkpoint) -> Result<LoadedCheckpoint> {
     let text = fs::read_to_string(c.state_path()).with_context(|| format!("checkpoint {d} is incomplete: cannot read state.json"))?;
     let state: CheckpointState =
         serde_json::from_str(&text).with_context(|| format!("checkpoint {d} is corrupted: state.json is not a valid checkpoint state"))?;
-    let mut read = |name: &str| -> Result<Vec<(String, HostTensor)>> {
+    let read = |name: &str| -> Result<Vec<(String, HostTensor)>> {
         let path = c.dir.join(name);
         let bytes = fs::read(&path).with_context(|| format!("checkpoint {d} is incomplete: cannot read {name}"))?;
         let want = state.files.get(name).ok_or_else(|| anyhow!("checkpoint {d} is corrupted: state.json records no checksum for {name}"))?;
@@ -713,7 +716,7 @@ fn restore_slots(slots: &mut [Slot], ck: &LoadedCheckpoint, device: &Device) -> 
         bail!("the checkpoint holds {} tensors but the model has {} parameters", model.len(), slots.len());
     }
     for s in slots.iter_mut() {
-        let mut take = |map: &mut HashMap<String, HostTensor>, key: &str, what: &str| -> Result<Vec<f32>> {
+        let take = |map: &mut HashMap<String, HostTensor>, key: &str, what: &str| -> Result<Vec<f32>> {
             let t = map.remove(key).ok_or_else(|| anyhow!("the checkpoint's {what} lacks {key}"))?;
             if t.shape != s.shape {
                 bail!("the checkpoint's {what} has {key} with shape {:?}, the model wants {:?}", t.shape, s.shape);
@@ -1062,7 +1065,7 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
             last_ckpt = Some(save_checkpoint(step, &snapshot!(step))?);
             last_saved = Some(step);
         }
-        if now.duration_since(last_report).as_secs_f64() >= 0.1 || step == total {
+        if step - start_step <= 20 || now.duration_since(last_report).as_secs_f64() >= 0.1 || step == total {
             last_report = now;
             let sps = (step - start_step) as f64 / started.elapsed().as_secs_f64().max(1e-9);
             let eta = (total - step) as f64 / sps.max(1e-9);
