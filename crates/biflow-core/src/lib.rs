@@ -1,10 +1,12 @@
 //! biflow-core: all the maths and I/O of biflow. The Node shell (`biflow-node`) only forwards
 //! `jobs::run(name, options, ctx)` calls here.
 
+pub mod data;
 pub mod flow;
 pub mod io;
 pub mod job;
 pub mod jobs;
+pub mod ops;
 pub mod optim;
 pub mod run;
 pub mod train;

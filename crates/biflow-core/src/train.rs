@@ -13,12 +13,10 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device, Shape, Tensor, Var};
-use candle_nn::{Init, VarBuilder, VarMap};
+use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -110,14 +108,29 @@ impl<D: TrainData + ?Sized> TrainData for Box<D> {
     }
 }
 
-/// Open a prepared dataset folder for training.
-pub fn open_data(dir: &Path) -> Result<Box<dyn TrainData>> {
-    open_prepared(dir)
+/// A prepared dataset (`biflow data prepare`): its training split.
+impl TrainData for crate::data::Dataset {
+    fn shape(&self) -> (usize, usize, usize) {
+        crate::data::Dataset::shape(self)
+    }
+    fn num_classes(&self) -> usize {
+        self.manifest.classes.len()
+    }
+    fn len(&self) -> usize {
+        crate::data::Dataset::len(self, crate::data::Split::Train)
+    }
+    fn batch(&self, indices: &[usize]) -> Result<(Vec<f32>, Vec<i64>)> {
+        self.batch_f32(crate::data::Split::Train, indices)
+    }
 }
 
-#[allow(unused_variables)]
-fn open_prepared(dir: &Path) -> Result<Box<dyn TrainData>> {
-    bail!("reading prepared datasets is not wired in yet ({})", dir.display())
+/// Open a prepared dataset folder for training.
+pub fn open_data(dir: &Path) -> Result<Box<dyn TrainData>> {
+    let ds = crate::data::Dataset::open(dir)?;
+    if ds.is_empty(crate::data::Split::Train) {
+        bail!("the dataset {} has no training images", dir.display());
+    }
+    Ok(Box::new(ds))
 }
 
 /// Where the trainer is in the data: epoch `epoch`, `offset` images into that epoch's order.
@@ -455,59 +468,6 @@ fn check_resume_settings(given: &TrainSettings, run: &RunConfig, saved: &TrainOp
 // ---------------------------------------------------------------------------------------------
 // Model parameters
 
-/// A VarBuilder backend that creates variables with values drawn from a seeded host RNG (candle's own
-/// CPU randn cannot be seeded), following the initialisation hint each layer asks for.
-struct SeededInit {
-    map: VarMap,
-    rng: Mutex<ChaCha8Rng>,
-}
-
-impl candle_nn::var_builder::SimpleBackend for SeededInit {
-    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let mut data = self.map.data().lock().unwrap();
-        if let Some(v) = data.get(name) {
-            if v.shape() != &s {
-                candle_core::bail!("parameter {name} asked for with shape {s:?} but exists as {:?}", v.shape());
-            }
-            return Ok(v.as_tensor().clone());
-        }
-        let n = s.elem_count();
-        let mut rng = self.rng.lock().unwrap();
-        let values: Vec<f32> = match h {
-            Init::Const(c) => vec![c as f32; n],
-            Init::Randn { mean, stdev } => draw_normal(&mut rng, n, mean, stdev),
-            Init::Uniform { lo, up } => (0..n).map(|_| rng.gen_range(lo..up) as f32).collect(),
-            Init::Kaiming { dist, fan, non_linearity } => {
-                let std = non_linearity.gain() / (fan.for_shape(&s) as f64).sqrt();
-                match dist {
-                    candle_nn::init::NormalOrUniform::Uniform => {
-                        let b = 3f64.sqrt() * std;
-                        (0..n).map(|_| rng.gen_range(-b..b) as f32).collect()
-                    }
-                    candle_nn::init::NormalOrUniform::Normal => draw_normal(&mut rng, n, 0.0, std),
-                }
-            }
-        };
-        let var = Var::from_tensor(&Tensor::from_vec(values, s, dev)?.to_dtype(dtype)?)?;
-        let t = var.as_tensor().clone();
-        data.insert(name.to_string(), var);
-        Ok(t)
-    }
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
-        match self.map.data().lock().unwrap().get(name) {
-            Some(v) => Ok(v.as_tensor().clone()),
-            None => candle_core::bail!("parameter {name} has no shape to be created with"),
-        }
-    }
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.map.data().lock().unwrap().contains_key(name)
-    }
-}
-
-fn draw_normal(rng: &mut ChaCha8Rng, n: usize, mean: f64, std: f64) -> Vec<f32> {
-    (0..n).map(|_| (mean + std * rng.sample::<f64, _>(rand_distr::StandardNormal)) as f32).collect()
-}
-
 /// One trainable parameter with its host-side value, moments and EMA.
 struct Slot {
     name: String,
@@ -521,12 +481,7 @@ struct Slot {
 
 /// Build the model with seeded initial weights; parameters in name order.
 fn build_model(cfg: &FlowConfig, seed: u64, device: &Device) -> Result<(TarFlow, Vec<Slot>)> {
-    let map = VarMap::new();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(7);
-    let backend = SeededInit { map: map.clone(), rng: Mutex::new(rng) };
-    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
-    let model = TarFlow::new(vb, cfg).context("cannot build the model")?;
+    let (map, model) = crate::flow::new_trainable(cfg, seed, device).context("cannot build the model")?;
     let vars: HashMap<String, Var> = map.data().lock().unwrap().clone();
     let mut names: Vec<&String> = vars.keys().collect();
     names.sort();
