@@ -73,12 +73,12 @@ impl TrainData for MemData {
 }
 
 /// Only the first `limit` images of another dataset.
-struct Limited<D> {
-    inner: D,
+struct Limited<'a> {
+    inner: &'a dyn TrainData,
     limit: usize,
 }
 
-impl<D: TrainData> TrainData for Limited<D> {
+impl TrainData for Limited<'_> {
     fn shape(&self) -> (usize, usize, usize) {
         self.inner.shape()
     }
@@ -431,6 +431,34 @@ fn resolve(s: &TrainSettings, data: &dyn TrainData, data_dir: &str) -> Result<(T
     Ok((opts, model))
 }
 
+/// The settings that reproduce a run's resolved options and model.
+fn settings_of(t: &TrainOptions, m: &FlowConfig) -> TrainSettings {
+    TrainSettings {
+        data: Some(t.data.clone()),
+        batch_size: Some(t.batch_size),
+        steps: Some(t.steps),
+        epochs: None,
+        lr: Some(t.lr),
+        min_lr: Some(t.min_lr),
+        warmup: Some(t.warmup),
+        weight_decay: Some(t.weight_decay),
+        grad_clip: Some(t.grad_clip),
+        ema_decay: Some(t.ema_decay),
+        noise_std: Some(t.noise_std.unwrap_or(0.0)),
+        dequantize: Some(t.dequantize),
+        drop_label: Some(t.drop_label),
+        seed: Some(t.seed),
+        patch_size: Some(m.patch_size),
+        channels: Some(m.channels),
+        blocks: Some(m.num_blocks),
+        layers_per_block: Some(m.layers_per_block),
+        clip_scale: Some(m.clip_scale.unwrap_or(0.0)),
+        save_every: Some(t.save_every),
+        keep: Some(t.keep),
+        limit: t.limit,
+    }
+}
+
 /// On resume: every option the user gave must agree with the run, except the resumable ones.
 fn check_resume_settings(given: &TrainSettings, run: &RunConfig, saved: &TrainOptions) -> Result<()> {
     let given = serde_json::to_value(given)?;
@@ -450,7 +478,7 @@ fn check_resume_settings(given: &TrainSettings, run: &RunConfig, saved: &TrainOp
         let s = flat.get(k).cloned().unwrap_or(Value::Null);
         let same = match (v.as_f64(), s.as_f64()) {
             (Some(a), Some(b)) => a == b,
-            _ => *v == s || (k == "noiseStd" && v.as_f64() == Some(0.0) && s.is_null()),
+            _ => *v == s || ((k == "noiseStd" || k == "clipScale") && v.as_f64() == Some(0.0) && s.is_null()),
         };
         if !same {
             problems.push(format!("{k} = {s} in the run, {v} asked for"));
@@ -800,44 +828,57 @@ pub fn train_job(options: Value, ctx: &JobCtx) -> Result<Value> {
         (None, false) => bail!("train needs --data DIR (a dataset made by `biflow data prepare`)"),
     };
     let data = open_data(Path::new(&data_dir))?;
-    let data: Box<dyn TrainData> = match settings.limit {
-        Some(l) if l > 0 => Box::new(Limited { inner: data, limit: l }),
-        _ => data,
-    };
     train_with(&args, &settings, &data_dir, data.as_ref(), ctx)
 }
 
 /// Train on `data`: a new run in `args.out`, or continue it with `args.resume`.
 pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, data: &dyn TrainData, ctx: &JobCtx) -> Result<Value> {
     let device = Device::Cpu;
-    let (mut opts, mut model_cfg) = resolve(settings, data, data_dir)?;
-
-    // The run folder: new, or the one being resumed with its checkpoint.
-    let (run, resume_from) = if args.resume {
-        let mut run = Run::open(&args.out).with_context(|| "--resume needs an existing run folder as --out".to_string())?;
+    // On resume, the run's own options are the base; the user's must agree with them (except the
+    // resumable ones, see RESUMABLE).
+    let prior = if args.resume {
+        let run = Run::open(&args.out).context("--resume needs an existing run folder as --out")?;
         let saved: TrainOptions = serde_json::from_value(run.config.train.clone())
             .map_err(|_| anyhow!("{} was not made by biflow train; it cannot be resumed", args.out.display()))?;
         check_resume_settings(settings, &run.config, &saved)?;
-        if run.config.model.img_size != model_cfg.img_size
-            || run.config.model.in_channels != model_cfg.in_channels
-            || run.config.model.num_classes != model_cfg.num_classes
-        {
+        Some((run, saved))
+    } else {
+        None
+    };
+    let effective = match &prior {
+        Some((run, saved)) => {
+            let mut base = settings_of(saved, &run.config.model);
+            if settings.steps.is_some() || settings.epochs.is_some() {
+                base.steps = None;
+            }
+            settings.clone().or(base)
+        }
+        None => settings.clone(),
+    };
+    let limited;
+    let data: &dyn TrainData = match effective.limit {
+        Some(l) if l > 0 && l < data.len() => {
+            limited = Limited { inner: data, limit: l };
+            &limited
+        }
+        _ => data,
+    };
+    let (mut opts, model_cfg) = resolve(&effective, data, data_dir)?;
+    if let Some((_, saved)) = &prior {
+        if settings.steps.is_none() && settings.epochs.is_none() {
+            opts.epochs = saved.epochs;
+        }
+    }
+
+    // The run folder: new, or the one being resumed with its checkpoint.
+    let (run, resume_from) = if let Some((mut run, saved)) = prior {
+        if run.config.model != model_cfg {
             bail!(
-                "--resume: the data ({}x{}x{}, {} classes) does not match the run's model ({}x{}x{}, {} classes)",
+                "--resume: the data ({}x{}x{}, {} classes) does not fit the run's model ({}x{}x{}, {} classes)",
                 model_cfg.in_channels, model_cfg.img_size, model_cfg.img_size, model_cfg.num_classes,
                 run.config.model.in_channels, run.config.model.img_size, run.config.model.img_size, run.config.model.num_classes
             );
         }
-        model_cfg = run.config.model.clone();
-        let mut o = saved.clone();
-        o.data = opts.data.clone();
-        o.save_every = settings.save_every.unwrap_or(saved.save_every).max(1);
-        o.keep = settings.keep.unwrap_or(saved.keep).max(1);
-        if settings.steps.is_some() || settings.epochs.is_some() {
-            o.steps = opts.steps;
-            o.epochs = opts.epochs;
-        }
-        opts = o;
         run.sweep_temporaries()?;
         let Some(ck) = run.latest_checkpoint()? else {
             bail!("--resume: {} has no checkpoint to resume from", run.dir.display());
@@ -846,7 +887,7 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
         if loaded.state.model != model_cfg {
             bail!("checkpoint {} was written for another model than the run's config.json", ck.dir.display());
         }
-        if opts.steps != saved.steps || opts.save_every != saved.save_every || opts.keep != saved.keep || opts.data != saved.data {
+        if opts != saved {
             run.config.train = serde_json::to_value(&opts)?;
             run.write_config()?;
         }
@@ -900,6 +941,8 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
     let mut last_bpd = None;
     let mut rate_ema: Option<f64> = None;
     let mut last_step_time = Instant::now();
+    // Where the time goes (seconds, this session): batch assembly, forward, backward, optimiser, checkpoints.
+    let mut phase = [0f64; 5];
 
     ctx.start("train", Some(total - start_step));
     macro_rules! snapshot {
@@ -931,6 +974,7 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
         }
 
         // The batch: data order, augmentation noise and label drops all from seeded host RNGs.
+        let t0 = Instant::now();
         let idx = loader.next_indices();
         let (mut xs, mut ys) = data.batch(&idx)?;
         if xs.len() != per_image * idx.len() {
@@ -959,9 +1003,11 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
         };
         let x = Tensor::from_vec(xs, (idx.len(), c, hgt, wid), &device)?;
 
+        let t1 = Instant::now();
         let out = model.forward(&x, labels.as_ref())?;
         let loss = nll_loss(&out)?;
         let mut loss_v = loss.to_scalar::<f32>()? as f64;
+        let t2 = Instant::now();
         if args.debug_nan_at_step == Some(step + 1) {
             loss_v = f64::NAN;
         }
@@ -974,6 +1020,7 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
             };
             bail!("training stopped: the loss became {loss_v} at step {}; {keep} (try a lower --lr, or --clip-scale)", step + 1);
         }
+        let t2b = Instant::now();
         let grads = loss.backward()?;
         let mut host_grads = Vec::with_capacity(slots.len());
         for s in &slots {
@@ -983,6 +1030,7 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
             };
             host_grads.push(g);
         }
+        let t3 = Instant::now();
         let gnorm = optim::global_norm(host_grads.iter().map(|g| g.as_slice()));
         if !gnorm.is_finite() {
             ctx.end();
@@ -1004,6 +1052,11 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
         }
         last_loss = Some(loss_v);
         last_bpd = Some(bpd_v);
+        let t4 = Instant::now();
+        phase[0] += (t1 - t0).as_secs_f64();
+        phase[1] += (t2 - t1).as_secs_f64() + (t2b - t2).as_secs_f64();
+        phase[2] += (t3 - t2b).as_secs_f64();
+        phase[3] += (t4 - t3).as_secs_f64();
 
         let now = Instant::now();
         let dt = now.duration_since(last_step_time).as_secs_f64().max(1e-9);
@@ -1017,8 +1070,10 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
         writeln!(metrics_file, "{line}").context("cannot append to metrics.jsonl")?;
 
         if step % opts.save_every == 0 || step == total {
+            let tc = Instant::now();
             last_ckpt = Some(save_checkpoint(step, &snapshot!(step))?);
             last_saved = Some(step);
+            phase[4] += tc.elapsed().as_secs_f64();
         }
         if step - start_step <= 20 || now.duration_since(last_report).as_secs_f64() >= 0.1 || step == total {
             last_report = now;
@@ -1050,5 +1105,6 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
         "imagesPerSec": sps * opts.batch_size as f64,
         "seconds": secs,
         "parameters": slots.iter().map(|s| s.value.len()).sum::<usize>(),
+        "phaseSeconds": {"data": phase[0], "forward": phase[1], "backward": phase[2], "optimizer": phase[3], "checkpoints": phase[4]},
     }))
 }
