@@ -24,6 +24,8 @@ fn main() -> anyhow::Result<()> {
     let (size, ch, patch, c, blocks, layers, batch) = match name {
         "tiny" => (32, 1, 4, 256, 4, 2, 64),
         "paper" => (64, 4, 4, 512, 8, 1, 16),
+        // The model of the MNIST loss test.
+        "small" => (32, 1, 4, 64, 2, 1, 32),
         _ => anyhow::bail!("unknown config '{name}' (tiny|paper)"),
     };
     let n = batch * 4;
