@@ -1,9 +1,10 @@
+import {spawn} from 'node:child_process'
 import {existsSync, readFileSync, readdirSync, writeFileSync} from 'node:fs'
 import {join} from 'node:path'
 import {beforeAll, describe, expect, it} from 'vitest'
 
 import {native} from '../src/lib/native.js'
-import {runCli, runCliInterrupted, runJson, tempDir} from './helpers.js'
+import {root, runCli, runCliInterrupted, runJson, tempDir} from './helpers.js'
 
 // A tiny model on a tiny prepared dataset (8x8 synthetic PNGs, 2 classes): every run takes seconds.
 const model = ['--patch-size', '2', '--channels', '64', '--blocks', '2', '--layers-per-block', '1', '--batch-size', '8']
@@ -64,6 +65,28 @@ describe('biflow train', () => {
     const done = runJson<TrainResult>(['train', '--out', out, '--resume', '--steps', String(stopped + 3)])
     expect(done.resumedFrom).toBe(stopped)
     expect(done.steps).toBe(stopped + 3)
+  })
+
+  it('resumes from the last checkpoint after SIGKILL', async () => {
+    const out = join(work, 'k')
+    const args = ['train', '--data', data, '--out', out, ...model, '--steps', '100000', '--save-every', '2', '--json']
+    await new Promise<void>((resolve) => {
+      const child = spawn(process.execPath, [join(root, 'bin', 'run.js'), ...args], {cwd: root})
+      let err = ''
+      child.stderr.on('data', (d) => {
+        err += d
+        if (/"step":(7|8|9|\d\d)/.test(err)) child.kill('SIGKILL')
+      })
+      child.on('close', () => resolve())
+    })
+    const cks = checkpoints(out)
+    expect(cks.length).toBeGreaterThan(0)
+    const last = Number(cks.at(-1)!.slice(5))
+    const done = runJson<TrainResult>(['train', '--out', out, '--resume', '--steps', String(last + 2)])
+    expect(done.resumedFrom).toBe(last)
+    expect(done.steps).toBe(last + 2)
+    const steps = readFileSync(join(out, 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l).step)
+    expect(steps).toEqual([...Array(last + 2).keys()].map((i) => i + 1))
   })
 
   it('refuses a corrupted checkpoint and a mismatched --resume with clear errors', () => {
