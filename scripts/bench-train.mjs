@@ -15,7 +15,8 @@ const result = {}
 for (const name of configs) {
   console.error(`bench:train ${name} (${steps} steps)...`)
   // One process per configuration so that the peak memory is that configuration's.
-  const out = execFileSync(bin, [name, steps, '3'], {cwd: root, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit']})
+  const warm = String(Math.min(3, Math.max(1, Math.floor(Number(steps) / 3))))
+  const out = execFileSync(bin, [name, steps, warm], {cwd: root, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit']})
   result[name] = JSON.parse(out.trim().split('\n').at(-1))
 }
 

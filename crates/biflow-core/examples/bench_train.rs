@@ -16,6 +16,15 @@ fn vm_hwm_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// CPU seconds (user + system) this process has used so far, from /proc/self/stat.
+fn cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let name = args.get(1).map(String::as_str).unwrap_or("tiny");
@@ -51,7 +60,9 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("run");
     let a = TrainArgs { out: out.clone(), resume: false, config: None, settings: s.clone(), debug_nan_at_step: None };
+    let cpu0 = cpu_seconds();
     let r = train_with(&a, &s, "random", &data, &JobCtx::silent())?;
+    let cpu = cpu_seconds().zip(cpu0).map(|(b, a)| b - a);
     let times: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))?
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["time"].as_f64().unwrap())
@@ -71,6 +82,10 @@ fn main() -> anyhow::Result<()> {
         "secondsPerStep": 1.0 / sps,
         "phaseSeconds": r["phaseSeconds"],
         "peakRssMiB": vm_hwm_mib(),
+        // CPU time of the whole run (all steps, checkpoint included) per step: less sensitive than wall
+        // time to other processes sharing the machine.
+        "cpuSecondsPerStepAllSteps": cpu.map(|c| c / steps as f64),
+        "loadAverage": std::fs::read_to_string("/proc/loadavg").ok().map(|s| s.split_whitespace().next().unwrap_or("").to_string()),
     });
     println!("{out}");
     Ok(())
