@@ -33,6 +33,7 @@ function formatEta(seconds: number): string {
 export class ProgressRenderer {
   private bar?: cliProgress.SingleBar
   private lastPlain = 0
+  private lastDone = -1
 
   constructor(
     private readonly mode: ProgressMode,
@@ -48,6 +49,7 @@ export class ProgressRenderer {
 
     switch (event.type) {
       case 'start': {
+        this.lastDone = -1
         if (this.mode === 'bar') {
           this.bar = new cliProgress.SingleBar(
             {
@@ -74,8 +76,10 @@ export class ProgressRenderer {
           this.bar.update(event.done, payload)
         } else if (this.mode === 'plain') {
           const now = Date.now()
-          if (now - this.lastPlain >= 2000 || event.done === event.total) {
+          const finished = event.done === event.total && event.done !== this.lastDone
+          if (now - this.lastPlain >= 2000 || finished) {
             this.lastPlain = now
+            this.lastDone = event.done
             const of = event.total ? `/${event.total}` : ''
             this.write(`${event.phase}: ${event.done}${of}  ${payload.rate}/s  eta ${payload.etaText}  ${payload.metrics}`.trimEnd())
           }

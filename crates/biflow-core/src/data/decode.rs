@@ -150,8 +150,14 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>, ignored: &mut usize) -> Result<()> {
             continue;
         }
         let p = e.path();
-        let meta = std::fs::metadata(&p).with_context(|| format!("cannot read {}", p.display()))?;
-        if meta.is_dir() {
+        let ft = e.file_type().with_context(|| format!("cannot read {}", p.display()))?;
+        // only symbolic links need another look to see what they point to
+        let is_dir = if ft.is_symlink() {
+            std::fs::metadata(&p).with_context(|| format!("cannot read {} (a broken link?)", p.display()))?.is_dir()
+        } else {
+            ft.is_dir()
+        };
+        if is_dir {
             walk(&p, out, ignored)?;
         } else if is_image_name(&name) {
             out.push(p);
@@ -561,7 +567,23 @@ pub fn decode(item: &Item) -> Result<DynamicImage> {
     }
 }
 
+/// A JPEG decoder fills a cut-off scan with grey instead of failing: require the end-of-image
+/// marker after the last start-of-scan (an embedded thumbnail's EOI comes before the main scan).
+fn check_jpeg_complete(bytes: &[u8]) -> Result<()> {
+    if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return Ok(());
+    }
+    let eoi = bytes.windows(2).rposition(|w| w == [0xFF, 0xD9]);
+    let complete = match eoi {
+        Some(p) => !bytes[p..].windows(2).any(|w| w == [0xFF, 0xDA]),
+        None => false,
+    };
+    ensure!(complete, "the JPEG is truncated (no end-of-image marker after its image data)");
+    Ok(())
+}
+
 fn decode_bytes(bytes: &[u8]) -> Result<DynamicImage> {
+    check_jpeg_complete(bytes)?;
     let img = image::load_from_memory(bytes)?;
     ensure!(img.width() > 0 && img.height() > 0, "the image is empty");
     Ok(match img {

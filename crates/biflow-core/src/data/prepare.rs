@@ -301,7 +301,7 @@ fn build(o: &PrepareOptions, kind: &str, source_name: &str, source: Source, stag
             }
             done += 1;
         }
-        if last_report.elapsed().as_millis() >= 100 || source.total == Some(done) {
+        if last_report.elapsed().as_millis() >= 100 {
             ctx.progress(done, source.total, crate::metrics!["skipped" => skipped.len()]);
             last_report = Instant::now();
         }

@@ -148,3 +148,228 @@ fn label_remap_is_applied_and_checksummed() {
     assert_eq!(got, vec![1, 0, 1, -1]);
     assert_eq!(s.checksum.len(), 64);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Decoders, through the data.prepare job, on the fixtures in fixtures/data/
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data").join(name)
+}
+
+fn prep(input: &Path, out: &Path, extra: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    let mut o = serde_json::json!({ "input": input.to_str().unwrap(), "out": out.to_str().unwrap() });
+    for (k, v) in extra.as_object().unwrap() {
+        o[k] = v.clone();
+    }
+    crate::jobs::run("data.prepare", o, &crate::JobCtx::silent())
+}
+
+fn no_leftovers(parent: &Path) {
+    let names: Vec<String> = std::fs::read_dir(parent).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| !n.starts_with('.')), "staging left behind: {names:?}");
+}
+
+#[test]
+fn labelled_folder_tar_and_tgz_give_the_same_dataset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sums = Vec::new();
+    for (i, input) in ["folder-labelled", "labelled.tar", "labelled.tar.gz", "labelled.tgz"].iter().enumerate() {
+        let out = tmp.path().join(format!("ds{i}"));
+        let r = prep(&fixture(input), &out, serde_json::json!({})).unwrap();
+        assert_eq!(r["count"], 6, "{input}");
+        let ds = Dataset::open(&out).unwrap();
+        let m = &ds.manifest;
+        assert_eq!((m.channels, m.height, m.width), (3, 8, 8));
+        assert_eq!(m.classes, vec![ClassInfo { name: "cat".into(), count: 3 }, ClassInfo { name: "dog".into(), count: 3 }]);
+        // class "dog" pixels have red channel 200; the record's first plane is red
+        for j in 0..6 {
+            let (px, l) = ds.get(Split::Train, j).unwrap();
+            assert_eq!(px[0], if l == 1 { 200 } else { 0 }, "{input} record {j}");
+        }
+        ds.verify().unwrap();
+        sums.push((input.to_string(), m.checksum.value.clone()));
+    }
+    // the folder is read in sorted order; the archives list dog before cat, so only the label
+    // counts agree, not the order; the two gzip archives hold the same tar
+    assert_eq!(sums[2].1, sums[3].1);
+    assert_eq!(sums[1].1, sums[2].1);
+    no_leftovers(tmp.path());
+}
+
+#[test]
+fn flat_folder_is_unlabelled_and_resizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("flat");
+    prep(&fixture("folder-flat"), &out, serde_json::json!({"size": 4, "channels": 3, "valFraction": 0.25, "seed": 3})).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+    assert!(ds.manifest.classes.is_empty());
+    assert_eq!((ds.manifest.channels, ds.manifest.height), (3, 4));
+    assert_eq!((ds.len(Split::Train), ds.len(Split::Val)), (3, 1));
+    let (px, l) = ds.get(Split::Train, 0).unwrap();
+    assert_eq!((px.len(), l), (48, -1));
+    // grey replicated to RGB: the three planes are equal
+    assert_eq!(px[..16], px[16..32]);
+}
+
+#[test]
+fn npz_layouts_and_compression() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    prep(&fixture("images-nhwc.npz"), &a, serde_json::json!({})).unwrap();
+    let ds = Dataset::open(&a).unwrap();
+    assert_eq!((ds.manifest.channels, ds.manifest.height, ds.manifest.width, ds.manifest.count), (3, 6, 6, 5));
+    assert_eq!(ds.manifest.classes.iter().map(|c| c.count).collect::<Vec<_>>(), vec![2, 2, 1]);
+    let (px, l) = ds.get(Split::Train, 1).unwrap();
+    // value at (i, y, x, c) = (i*50 + y*6 + x + c) % 256, stored as C,H,W
+    assert_eq!(l, 1);
+    assert_eq!(px[0], 50);
+    assert_eq!(px[36 + 7], (50 + 6 + 1 + 1) as u8);
+
+    let b = tmp.path().join("b");
+    prep(&fixture("images-nchw-deflate.npz"), &b, serde_json::json!({"limit": 4})).unwrap();
+    let ds = Dataset::open(&b).unwrap();
+    assert_eq!(ds.manifest.count, 4);
+    assert_eq!(ds.manifest.classes.len(), 4);
+    let (px, l) = ds.get(Split::Train, 2).unwrap();
+    assert_eq!(l, 1);
+    assert_eq!(px[36 * 2 + 6 + 1], (100 + 40 + 6 + 1) as u8);
+}
+
+#[test]
+fn mnist_idx_gzipped_or_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    prep(&fixture("mnist-gz"), &a, serde_json::json!({})).unwrap();
+    let ds = Dataset::open(&a).unwrap();
+    assert_eq!((ds.manifest.channels, ds.manifest.height, ds.manifest.count, ds.manifest.classes.len()), (1, 28, 10, 10));
+    assert_eq!(ds.manifest.source.kind, "idx");
+    let (px, l) = ds.get(Split::Train, 3).unwrap();
+    assert_eq!(l, 3);
+    assert_eq!(px[1], (((3 * 17 + 1) % 7) * 36) as u8);
+    let b = tmp.path().join("b");
+    prep(&fixture("mnist-plain"), &b, serde_json::json!({"channels": 3, "size": 4})).unwrap();
+    let ds = Dataset::open(&b).unwrap();
+    assert_eq!((ds.manifest.channels, ds.manifest.height, ds.manifest.count, ds.manifest.classes.len()), (3, 4, 6, 3));
+}
+
+fn err_of(input: &str, extra: serde_json::Value) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let e = format!("{:#}", prep(&fixture(input), &out, extra).unwrap_err());
+    assert!(!out.exists(), "{input}: output left behind after: {e}");
+    no_leftovers(tmp.path());
+    e
+}
+
+#[test]
+fn bad_inputs_are_one_clear_error_and_leave_nothing() {
+    let e = err_of("bad-image", serde_json::json!({}));
+    assert!(e.contains("truncated.png") && e.contains("--skip-bad"), "{e}");
+    let e = err_of("mixed-sizes", serde_json::json!({}));
+    assert!(e.contains("different sizes") && e.contains("--size"), "{e}");
+    let e = err_of("empty", serde_json::json!({}));
+    assert!(e.contains("no images found"), "{e}");
+    let e = err_of("truncated.tar", serde_json::json!({}));
+    assert!(e.contains("truncated"), "{e}");
+    let e = err_of("float.npz", serde_json::json!({}));
+    assert!(e.contains("float32") && e.contains("uint8"), "{e}");
+    let e = err_of("rank5.npz", serde_json::json!({}));
+    assert!(e.contains("shape"), "{e}");
+    let e = err_of("folder-flat", serde_json::json!({"channels": 2}));
+    assert!(e.contains("--channels"), "{e}");
+}
+
+#[test]
+fn skip_bad_lists_skipped_files_and_sizes_resize() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let r = prep(&fixture("bad-image"), &out, serde_json::json!({"skipBad": true})).unwrap();
+    assert_eq!((r["count"].as_u64(), r["skipped"].as_u64()), (Some(2), Some(1)));
+    let ds = Dataset::open(&out).unwrap();
+    assert_eq!(ds.manifest.skipped.len(), 1);
+    assert!(ds.manifest.skipped[0].path.ends_with("truncated.png"));
+    let out2 = tmp.path().join("o2");
+    prep(&fixture("mixed-sizes"), &out2, serde_json::json!({"size": 5})).unwrap();
+    assert_eq!(Dataset::open(&out2).unwrap().manifest.height, 5);
+}
+
+#[test]
+fn existing_output_needs_force_and_survives_failures() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    prep(&fixture("folder-flat"), &out, serde_json::json!({})).unwrap();
+    let before = std::fs::read(out.join(MANIFEST)).unwrap();
+    let e = format!("{:#}", prep(&fixture("folder-labelled"), &out, serde_json::json!({})).unwrap_err());
+    assert!(e.contains("already exists") && e.contains("--force"), "{e}");
+    // a failing run with --force leaves the old dataset untouched
+    prep(&fixture("mixed-sizes"), &out, serde_json::json!({"force": true})).unwrap_err();
+    assert_eq!(std::fs::read(out.join(MANIFEST)).unwrap(), before);
+    prep(&fixture("folder-labelled"), &out, serde_json::json!({"force": true})).unwrap();
+    assert_eq!(Dataset::open(&out).unwrap().manifest.classes.len(), 2);
+    no_leftovers(tmp.path());
+}
+
+#[test]
+fn jpeg_and_webp_decode() {
+    use super::decode::{decode, Item, Label, Payload};
+    let img = image::RgbImage::from_fn(16, 12, |x, y| image::Rgb([(x * 15) as u8, (y * 20) as u8, 128]));
+    for fmt in [image::ImageFormat::Jpeg, image::ImageFormat::WebP, image::ImageFormat::Png] {
+        let mut buf = Vec::new();
+        image::DynamicImage::ImageRgb8(img.clone()).write_to(&mut std::io::Cursor::new(&mut buf), fmt).unwrap();
+        let item = Item { name: "x".into(), payload: Payload::Bytes(buf.clone()), label: Label::None };
+        let d = decode(&item).unwrap().to_rgb8();
+        assert_eq!(d.dimensions(), (16, 12), "{fmt:?}");
+        let diff = d.get_pixel(8, 6)[0] as i32 - img.get_pixel(8, 6)[0] as i32;
+        assert!(diff.abs() < 12, "{fmt:?}: {diff}");
+        for keep in [buf.len() / 3, buf.len() * 9 / 10] {
+            let item = Item { name: "cut.img".into(), payload: Payload::Bytes(buf[..keep].to_vec()), label: Label::None };
+            let e = format!("{:#}", decode(&item).unwrap_err());
+            assert!(e.contains("cut.img"), "{fmt:?}: {e}");
+        }
+    }
+}
+
+#[test]
+fn inspect_writes_a_grid_with_a_row_per_class() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    prep(&fixture("folder-labelled"), &out, serde_json::json!({})).unwrap();
+    let r = crate::jobs::run("data.inspect", serde_json::json!({"dir": out.to_str().unwrap(), "perRow": 4, "verify": true}), &crate::JobCtx::silent()).unwrap();
+    assert_eq!(r["gridRows"], 2);
+    let grid = image::open(out.join("preview.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (4 * 10 + 2, 2 * 10 + 2));
+}
+
+#[test]
+fn cancelled_prepare_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let ctx = crate::JobCtx::new(|_| {}, cancel);
+    let o = serde_json::json!({ "input": fixture("folder-labelled").to_str().unwrap(), "out": out.to_str().unwrap() });
+    let e = crate::jobs::run("data.prepare", o, &ctx).unwrap_err();
+    assert!(e.is::<crate::Cancelled>(), "{e:#}");
+    assert!(!out.exists());
+    no_leftovers(tmp.path());
+}
+
+#[test]
+fn large_synthetic_folder_round_trips_through_several_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pngs = tmp.path().join("pngs");
+    synth_pngs(&pngs, 600, 8, 3, 9).unwrap();
+    let out = tmp.path().join("ds");
+    let r = prep(&pngs, &out, serde_json::json!({"recordsPerShard": 64, "valFraction": 0.1})).unwrap();
+    assert_eq!(r["count"], 600);
+    let ds = Dataset::open(&out).unwrap();
+    assert_eq!(ds.manifest.shards.len(), 10);
+    assert_eq!(ds.manifest.classes.len(), 3);
+    assert_eq!((ds.len(Split::Train), ds.len(Split::Val)), (540, 60));
+    ds.verify().unwrap();
+    // the record of file class001/000001.png is the decoded PNG, as C,H,W
+    let img = image::open(pngs.join("class001/000001.png")).unwrap().to_rgb8();
+    let r = (0..600).find(|&r| ds.record(r).1 == 1).unwrap();
+    let (px, _) = ds.record(r);
+    assert_eq!(px[0], img.get_pixel(0, 0)[0]);
+    assert_eq!(px[64 + 8 + 3], img.get_pixel(3, 1)[1]);
+}
