@@ -22,6 +22,7 @@ pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
         "fid.eval" => crate::fid::eval::eval(opts(name, options)?, ctx),
         "fid.convertWeights" => crate::fid::eval::convert_weights(opts(name, options)?, ctx),
         "fid.formulaWeights" => crate::fid::eval::formula_weights(opts(name, options)?, ctx),
+        "train" => crate::train::train_job(options, ctx),
         _ => bail!("unknown job '{name}'"),
     }
 }

@@ -3,8 +3,13 @@
 
 pub mod data;
 pub mod fid;
+pub mod flow;
 pub mod io;
 pub mod job;
 pub mod jobs;
+pub mod ops;
+pub mod optim;
+pub mod run;
+pub mod train;
 
 pub use job::{Cancelled, Event, JobCtx};
