@@ -15,6 +15,9 @@ fn opts<T: DeserializeOwned>(name: &str, options: Value) -> Result<T> {
 pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
     match name {
         "echo" => echo(opts(name, options)?, ctx),
+        "import-tarflow" => crate::import::import_tarflow(opts(name, options)?, ctx),
+        "sample" => crate::sample::sample(opts(name, options)?, ctx),
+        "eval-bpd" => crate::bpd::eval_bpd(opts(name, options)?, ctx),
         _ => bail!("unknown job '{name}'"),
     }
 }

@@ -1,8 +1,14 @@
 //! biflow-core: all the maths and I/O of biflow. The Node shell (`biflow-node`) only forwards
 //! `jobs::run(name, options, ctx)` calls here.
 
+pub mod bpd;
+pub mod flow;
+pub mod import;
 pub mod io;
 pub mod job;
 pub mod jobs;
+pub mod ops;
+pub mod runstub;
+pub mod sample;
 
 pub use job::{Cancelled, Event, JobCtx};

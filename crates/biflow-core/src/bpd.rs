@@ -1,0 +1,112 @@
+//! `biflow eval-bpd`: bits per dimension of data under the forward flow.
+
+use std::path::Path;
+
+use anyhow::{bail, ensure, Result};
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::flow::{bits_per_dim, TarFlow};
+use crate::io::npy::read_npy;
+use crate::job::JobCtx;
+
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BpdOptions {
+    pub model: String,
+    #[serde(default)]
+    pub data: Option<String>,
+    #[serde(default)]
+    pub input: Option<String>,
+    /// Labels of the --input samples (.npy of integers); default: none (mean class embedding).
+    #[serde(default)]
+    pub labels: Option<String>,
+    #[serde(default)]
+    pub per_sample: bool,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+}
+
+/// Bits/dim of images (N, C, H, W) in [-1, 1] (already dequantised), in batches: one value per sample.
+pub fn evaluate(
+    model: &TarFlow,
+    images: &[f32],
+    labels: Option<&[i64]>,
+    batch_size: usize,
+    ctx: &JobCtx,
+) -> Result<Vec<f64>> {
+    let cfg = model.config();
+    let per = cfg.image_dim();
+    let n = images.len() / per;
+    let mut out = Vec::with_capacity(n);
+    ctx.start("bpd", Some(n as u64));
+    let mut lo = 0;
+    while lo < n {
+        ctx.check_cancelled()?;
+        let m = batch_size.min(n - lo);
+        let x = Tensor::from_vec(
+            images[lo * per..(lo + m) * per].to_vec(),
+            (m, cfg.in_channels, cfg.img_size, cfg.img_size),
+            model.device(),
+        )?;
+        let y = match labels {
+            Some(l) => Some(Tensor::from_vec(l[lo..lo + m].to_vec(), m, model.device())?),
+            None => None,
+        };
+        let fo = model.forward(&x, y.as_ref())?;
+        let b: Vec<f32> = bits_per_dim(&fo, cfg)?.to_vec1()?;
+        out.extend(b.into_iter().map(|v| v as f64));
+        lo += m;
+        let mean = out.iter().sum::<f64>() / out.len() as f64;
+        ctx.progress(lo as u64, Some(n as u64), crate::metrics!["bpd" => mean]);
+    }
+    ctx.end();
+    Ok(out)
+}
+
+pub fn eval_bpd(o: BpdOptions, ctx: &JobCtx) -> Result<Value> {
+    let device = Device::Cpu;
+    let run = crate::runstub::open(Path::new(&o.model))?;
+    let model = run.load_flow(&device)?;
+    let cfg = model.config().clone();
+    let (images, labels): (Vec<f32>, Option<Vec<i64>>) = match (&o.input, &o.data) {
+        (Some(_), Some(_)) => bail!("give either --data or --input, not both"),
+        (None, None) => bail!("give the data to evaluate: --data DIR or --input X.npy"),
+        (Some(p), None) => {
+            let a = read_npy(Path::new(p))?;
+            let want = [cfg.in_channels, cfg.img_size, cfg.img_size];
+            ensure!(
+                a.shape.len() == 4 && a.shape[1..] == want,
+                "--input {p} has shape {:?}; this model takes N,{},{},{} images in [-1, 1]",
+                a.shape,
+                want[0],
+                want[1],
+                want[2]
+            );
+            let x = a.to_f32();
+            ensure!(x.iter().all(|v| v.is_finite()), "--input {p} contains non-finite values");
+            let labels = match &o.labels {
+                Some(lp) => {
+                    let l = read_npy(Path::new(lp))?.to_i64();
+                    ensure!(l.len() == a.shape[0], "--labels {lp} has {} labels for {} images", l.len(), a.shape[0]);
+                    Some(l)
+                }
+                None => None,
+            };
+            (x, labels)
+        }
+        (None, Some(_)) => bail!("--data is not supported yet in this build: export the images to .npy and use --input"),
+    };
+    ensure!(!images.is_empty(), "no images to evaluate");
+    let labels = if cfg.num_classes == 0 { None } else { labels };
+    let per = evaluate(&model, &images, labels.as_deref(), o.batch_size.unwrap_or(64).max(1), ctx)?;
+    let mean = per.iter().sum::<f64>() / per.len() as f64;
+    let mut r = json!({ "bpd": mean, "num": per.len() });
+    if o.per_sample {
+        r["perSampleBpd"] = json!(per);
+    }
+    Ok(r)
+}

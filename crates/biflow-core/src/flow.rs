@@ -1,0 +1,657 @@
+//! The forward model F: TARFlow (Zhai et al. 2024), as in the reference `transformer_flow.py`.
+//!
+//! An image in [-1,1]^(C,H,W) is cut into T = (H/p)^2 patch tokens of size D = C*p*p (channel order
+//! (c, ph, pw), like `torch.nn.functional.unfold`). B blocks follow; block i reverses the token order
+//! when i is odd and restores it at its end. Each block is a causal transformer whose output, shifted
+//! right by one token, gives the affine parameters (a, b) of token t from tokens < t:
+//! `y = (x - b) * exp(-a)`, with per-dimension log-determinant `-mean(a)`.
+//!
+//! Parameter names follow the reference `state_dict`, so imported checkpoints load as they are.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal, Uniform};
+use serde::{Deserialize, Serialize};
+
+use crate::ops;
+
+/// Attention head size, fixed by the reference.
+pub const HEAD_DIM: usize = 64;
+/// MLP expansion factor, fixed by the reference.
+pub const MLP_EXPANSION: usize = 4;
+/// LayerNorm epsilon (PyTorch's default).
+pub const LN_EPS: f64 = 1e-5;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowConfig {
+    pub img_size: usize,
+    pub in_channels: usize,
+    pub patch_size: usize,
+    pub channels: usize,
+    pub num_blocks: usize,
+    pub layers_per_block: usize,
+    /// Number of classes; 0 = unconditional.
+    #[serde(default)]
+    pub num_classes: usize,
+    /// Soft clip `c * tanh(a / c)` of the log-scales a (BiFlow's forward-side norm control); None = off.
+    #[serde(default)]
+    pub clip_scale: Option<f64>,
+}
+
+impl FlowConfig {
+    /// T: the number of patch tokens.
+    pub fn num_tokens(&self) -> usize {
+        let s = self.img_size / self.patch_size.max(1);
+        s * s
+    }
+    /// D: the size of one token.
+    pub fn token_dim(&self) -> usize {
+        self.in_channels * self.patch_size * self.patch_size
+    }
+    /// C*H*W: the number of dimensions of one image.
+    pub fn image_dim(&self) -> usize {
+        self.in_channels * self.img_size * self.img_size
+    }
+    pub fn num_heads(&self) -> usize {
+        self.channels / HEAD_DIM
+    }
+    /// Check that the numbers make a model.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.img_size > 0 && self.in_channels > 0, "image size and channels must be positive");
+        ensure!(self.patch_size > 0, "patch size must be positive");
+        ensure!(
+            self.img_size % self.patch_size == 0,
+            "image size {} is not a multiple of the patch size {}",
+            self.img_size,
+            self.patch_size
+        );
+        ensure!(self.num_tokens() >= 2, "the model needs at least 2 tokens (image size / patch size >= 2)");
+        ensure!(
+            self.channels > 0 && self.channels % HEAD_DIM == 0,
+            "channels ({}) must be a positive multiple of the head size {HEAD_DIM}",
+            self.channels
+        );
+        ensure!(self.num_blocks > 0, "the model needs at least one block");
+        ensure!(self.layers_per_block > 0, "each block needs at least one layer");
+        if let Some(c) = self.clip_scale {
+            ensure!(c.is_finite() && c > 0.0, "clip scale must be a positive number, got {c}");
+        }
+        Ok(())
+    }
+}
+
+/// y = x W^T + b over the last dimension, for inputs of any rank.
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    fn new(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
+        Ok(Linear { weight: vb.get((d_out, d_in), "weight")?, bias: vb.get(d_out, "bias")? })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let d_in = *dims.last().unwrap();
+        let rows = x.elem_count() / d_in;
+        let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// LayerNorm over the last dimension with an affine weight and bias (differentiable).
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        Ok(LayerNorm { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")? })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, LN_EPS)
+    }
+}
+
+/// One layer's key/value cache for causal decoding: (N, H, T, hd) buffers filled token by token.
+struct KvCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+/// Multi-head causal self-attention: LayerNorm -> qkv -> softmax(q k^T / sqrt(64)) v -> proj.
+pub struct Attention {
+    norm: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        Ok(Attention {
+            norm: LayerNorm::new(vb.pp("norm"), channels)?,
+            qkv: Linear::new(vb.pp("qkv"), channels, 3 * channels)?,
+            proj: Linear::new(vb.pp("proj"), channels, channels)?,
+            heads: channels / HEAD_DIM,
+        })
+    }
+
+    /// Full causal attention over x: (N, T, C).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, t, c) = x.dims3()?;
+        let h = self.norm.forward(x)?;
+        // qkv laid out [q heads | k heads | v heads]: (N, T, 3, H, hd) -> (3, N, H, T, hd).
+        let qkv = self.qkv.forward(&h)?.reshape((n, t, 3, self.heads, HEAD_DIM))?.permute((2, 0, 3, 1, 4))?;
+        let q = qkv.i(0)?.contiguous()?;
+        let k = qkv.i(1)?.contiguous()?;
+        let v = qkv.i(2)?.contiguous()?;
+        let scores = q.matmul(&k.t()?)?; // (N, H, T, T)
+        let att = ops::causal_softmax(&scores, 1.0 / (HEAD_DIM as f64).sqrt())?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((n, t, c))?;
+        self.proj.forward(&y)
+    }
+
+    /// One decoding step: x (N, 1, C) is the token at position `cache.len`; attends to the cache and
+    /// itself. `scale` is per sample (N) so that a batch can mix attention temperatures.
+    fn step(&self, x: &Tensor, cache: &mut KvCache, scale: &Tensor) -> Result<Tensor> {
+        let (n, _, c) = x.dims3()?;
+        let h = self.norm.forward(x)?;
+        let qkv = self.qkv.forward(&h)?.reshape((n, 3, self.heads, 1, HEAD_DIM))?;
+        let q = qkv.i((.., 0))?.contiguous()?; // (N, H, 1, hd)
+        let k = qkv.i((.., 1))?.contiguous()?;
+        let v = qkv.i((.., 2))?.contiguous()?;
+        cache.k.slice_set(&k, 2, cache.len)?;
+        cache.v.slice_set(&v, 2, cache.len)?;
+        cache.len += 1;
+        let ks = cache.k.narrow(2, 0, cache.len)?;
+        let vs = cache.v.narrow(2, 0, cache.len)?;
+        let scores = q.matmul(&ks.t()?)?.broadcast_mul(&scale.reshape((n, 1, 1, 1))?)?; // (N, H, 1, t)
+        let att = candle_nn::ops::softmax_last_dim(&scores)?; // inference only: no gradient needed
+        let y = att.matmul(&vs)?.reshape((n, c))?.reshape((n, 1, c))?;
+        self.proj.forward(&y)
+    }
+}
+
+/// LayerNorm -> Linear(c, 4c) -> exact GELU -> Linear(4c, c).
+pub struct Mlp {
+    norm: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        Ok(Mlp {
+            norm: LayerNorm::new(vb.pp("norm"), channels)?,
+            fc1: Linear::new(vb.pp("main.0"), channels, channels * MLP_EXPANSION)?,
+            fc2: Linear::new(vb.pp("main.2"), channels * MLP_EXPANSION, channels)?,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.fc1.forward(&self.norm.forward(x)?)?;
+        self.fc2.forward(&h.gelu_erf()?)
+    }
+}
+
+/// A pre-LN transformer layer: x + attn(x), then + mlp(x).
+pub struct AttentionBlock {
+    attention: Attention,
+    mlp: Mlp,
+}
+
+impl AttentionBlock {
+    fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        Ok(AttentionBlock { attention: Attention::new(vb.pp("attention"), channels)?, mlp: Mlp::new(vb.pp("mlp"), channels)? })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = (x + self.attention.forward(x)?)?;
+        Ok((&x + self.mlp.forward(&x)?)?)
+    }
+    fn step(&self, x: &Tensor, cache: &mut KvCache, scale: &Tensor) -> Result<Tensor> {
+        let x = (x + self.attention.step(x, cache, scale)?)?;
+        Ok((&x + self.mlp.forward(&x)?)?)
+    }
+}
+
+/// One flow block (the reference's MetaBlock): an autoregressive affine transform of the tokens.
+pub struct FlowBlock {
+    proj_in: Linear,
+    pos_embed: Tensor,           // (T, C)
+    class_embed: Option<Tensor>, // (K, 1, C)
+    layers: Vec<AttentionBlock>,
+    proj_out: Linear,
+    flip: bool,
+    token_dim: usize,
+    clip_scale: Option<f64>,
+}
+
+impl FlowBlock {
+    fn new(vb: VarBuilder, cfg: &FlowConfig, index: usize) -> Result<Self> {
+        let (t, d, c) = (cfg.num_tokens(), cfg.token_dim(), cfg.channels);
+        let class_embed = if cfg.num_classes > 0 { Some(vb.get((cfg.num_classes, 1, c), "class_embed")?) } else { None };
+        let layers = (0..cfg.layers_per_block)
+            .map(|j| AttentionBlock::new(vb.pp(format!("attn_blocks.{j}")), c))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(FlowBlock {
+            proj_in: Linear::new(vb.pp("proj_in"), d, c)?,
+            pos_embed: vb.get((t, c), "pos_embed")?,
+            class_embed,
+            layers,
+            proj_out: Linear::new(vb.pp("proj_out"), c, 2 * d)?,
+            flip: index % 2 == 1,
+            token_dim: d,
+            clip_scale: cfg.clip_scale,
+        })
+    }
+
+    /// Reverse the token order (dim 1 of N,T,D; dim 0 of T,C) when this block flips.
+    fn permute(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        if self.flip {
+            Ok(x.flip(&[dim])?)
+        } else {
+            Ok(x.clone())
+        }
+    }
+
+    /// The class embedding for each sample, (N, 1, C): the mean embedding for label -1 or no labels.
+    fn class_embedding(&self, labels: Option<&Tensor>, n: usize) -> Result<Option<Tensor>> {
+        let Some(table) = &self.class_embed else { return Ok(None) };
+        let k = table.dim(0)?;
+        let table = table.squeeze(1)?; // (K, C)
+        let mean = table.mean_keepdim(0)?; // (1, C)
+        match labels {
+            None => Ok(Some(mean.unsqueeze(0)?.broadcast_as((n, 1, table.dim(1)?))?)),
+            Some(y) => {
+                // Index K (one past the last class) is the mean embedding.
+                let idx = label_indices(y, k)?;
+                let full = Tensor::cat(&[&table, &mean], 0)?;
+                Ok(Some(full.index_select(&idx, 0)?.unsqueeze(1)?))
+            }
+        }
+    }
+
+    /// Soft clip of the log-scales, when configured.
+    fn clip(&self, a: &Tensor) -> Result<Tensor> {
+        match self.clip_scale {
+            Some(c) => Ok(((a / c)?.tanh()? * c)?),
+            None => Ok(a.clone()),
+        }
+    }
+
+    /// x: (N, T, D) -> (y, logdet (N)).
+    pub fn forward(&self, x: &Tensor, labels: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let (n, t, d) = x.dims3()?;
+        let x_in = self.permute(x, 1)?;
+        let pos = self.permute(&self.pos_embed, 0)?;
+        let mut h = self.proj_in.forward(&x_in)?.broadcast_add(&pos)?;
+        if let Some(ce) = self.class_embedding(labels, n)? {
+            h = h.broadcast_add(&ce)?;
+        }
+        for layer in &self.layers {
+            h = layer.forward(&h)?;
+        }
+        let o = self.proj_out.forward(&h)?; // (N, T, 2D)
+        // Shift right by one token: token t gets the parameters computed from tokens < t.
+        let o = Tensor::cat(&[&Tensor::zeros((n, 1, 2 * d), o.dtype(), o.device())?, &o.narrow(1, 0, t - 1)?], 1)?;
+        let a = self.clip(&o.narrow(2, 0, d)?)?;
+        let b = o.narrow(2, d, d)?;
+        let y = ops::affine_forward(&x_in, &a, &b)?;
+        let logdet = a.mean_keepdim(2)?.mean_keepdim(1)?.flatten_all()?.neg()?;
+        Ok((self.permute(&y, 1)?, logdet))
+    }
+
+    /// The affine parameters (a, b), each (N, D), for the token after the one fed in (N, 1, D) at
+    /// position `pos` (in this block's permuted order), using and extending the KV caches.
+    fn step(
+        &self,
+        x_tok: &Tensor,
+        pos: usize,
+        class: Option<&Tensor>,
+        caches: &mut [KvCache],
+        scale: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let n = x_tok.dim(0)?;
+        let t = self.pos_embed.dim(0)?;
+        let p = if self.flip { t - 1 - pos } else { pos };
+        let mut h = self.proj_in.forward(x_tok)?.broadcast_add(&self.pos_embed.narrow(0, p, 1)?)?;
+        if let Some(ce) = class {
+            h = h.broadcast_add(ce)?;
+        }
+        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+            h = layer.step(&h, cache, scale)?;
+        }
+        let o = self.proj_out.forward(&h)?.reshape((n, 2 * self.token_dim))?;
+        let a = self.clip(&o.narrow(1, 0, self.token_dim)?)?;
+        let b = o.narrow(1, self.token_dim, self.token_dim)?;
+        Ok((a, b))
+    }
+}
+
+/// Map labels (N, i64; -1 = dropped) to rows of [class_embed; mean] (index K for -1).
+fn label_indices(y: &Tensor, k: usize) -> Result<Tensor> {
+    let v: Vec<i64> = y.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
+    let mut idx = Vec::with_capacity(v.len());
+    for l in v {
+        if l == -1 {
+            idx.push(k as u32);
+        } else if l >= 0 && (l as usize) < k {
+            idx.push(l as u32);
+        } else {
+            bail!("label {l} is out of range: the model has {k} classes (use -1 for no label)");
+        }
+    }
+    let len = idx.len();
+    Ok(Tensor::from_vec(idx, len, y.device())?)
+}
+
+/// The output of the forward model.
+pub struct FlowOutput {
+    /// The noise tokens z = x^B: (N, T, D).
+    pub z: Tensor,
+    /// Per sample, the sum over blocks of the per-dimension-mean log-determinants: (N).
+    pub logdets: Tensor,
+    /// The output of every block, x^1 .. x^B, each (N, T, D).
+    pub trajectory: Vec<Tensor>,
+}
+
+/// Settings of exact (causal-decoding) sampling.
+#[derive(Clone, Debug)]
+pub struct ReverseOptions {
+    /// Classifier-free guidance weight w (0 = off).
+    pub guidance: f64,
+    /// Anneal the guidance weight as w (i+1)/(T-1).
+    pub annealed: bool,
+    /// Attention temperature of the guiding (unconditional) pass.
+    pub attn_temp: f64,
+}
+
+impl Default for ReverseOptions {
+    fn default() -> Self {
+        ReverseOptions { guidance: 0.0, annealed: false, attn_temp: 1.0 }
+    }
+}
+
+/// TARFlow: patchify, then B flow blocks with alternating token order.
+pub struct TarFlow {
+    cfg: FlowConfig,
+    blocks: Vec<FlowBlock>,
+    /// The reference's prior variance buffer `var` (T, D), used to scale z before decoding.
+    var: Option<Tensor>,
+    device: Device,
+}
+
+impl TarFlow {
+    /// Build the model with parameters from `vb` (reference state_dict names).
+    pub fn new(vb: VarBuilder, cfg: &FlowConfig) -> Result<TarFlow> {
+        cfg.validate()?;
+        let blocks = (0..cfg.num_blocks)
+            .map(|i| FlowBlock::new(vb.pp(format!("blocks.{i}")), cfg, i))
+            .collect::<Result<Vec<_>>>()
+            .context("the weights do not match the model configuration")?;
+        let var = if vb.contains_tensor("var") { Some(vb.get((cfg.num_tokens(), cfg.token_dim()), "var")?) } else { None };
+        Ok(TarFlow { cfg: cfg.clone(), blocks, var, device: vb.device().clone() })
+    }
+
+    pub fn config(&self) -> &FlowConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Images (N, C, H, W) -> tokens (N, T, D), channel order (c, ph, pw) inside a patch.
+    pub fn patchify(&self, x: &Tensor) -> Result<Tensor> {
+        patchify(x, self.cfg.patch_size)
+    }
+
+    /// Tokens (N, T, D) -> images (N, C, H, W).
+    pub fn unpatchify(&self, x: &Tensor) -> Result<Tensor> {
+        unpatchify(x, self.cfg.patch_size, self.cfg.in_channels, self.cfg.img_size)
+    }
+
+    /// x: (N, C, H, W) in [-1, 1]; labels (N, i64, -1 = dropped) or None.
+    pub fn forward(&self, x: &Tensor, labels: Option<&Tensor>) -> Result<FlowOutput> {
+        let (_, c, h, w) = x.dims4().context("the flow takes images shaped N,C,H,W")?;
+        ensure!(
+            c == self.cfg.in_channels && h == self.cfg.img_size && w == self.cfg.img_size,
+            "the model takes {}x{}x{} images, got {c}x{h}x{w}",
+            self.cfg.in_channels,
+            self.cfg.img_size,
+            self.cfg.img_size
+        );
+        self.forward_tokens(&self.patchify(x)?, labels)
+    }
+
+    /// The forward pass on patch tokens (N, T, D).
+    pub fn forward_tokens(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Result<FlowOutput> {
+        let n = tokens.dim(0)?;
+        if let Some(y) = labels {
+            ensure!(y.elem_count() == n, "got {} labels for {n} samples", y.elem_count());
+        }
+        let labels = if self.cfg.num_classes == 0 { None } else { labels };
+        let mut x = tokens.clone();
+        let mut logdets: Option<Tensor> = None;
+        let mut trajectory = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let (y, ld) = block.forward(&x, labels)?;
+            logdets = Some(match logdets {
+                None => ld,
+                Some(s) => (s + ld)?,
+            });
+            trajectory.push(y.clone());
+            x = y;
+        }
+        Ok(FlowOutput { z: x, logdets: logdets.unwrap(), trajectory })
+    }
+
+    /// The exact inverse: noise tokens z (N, T, D) -> tokens x (N, T, D), by causal decoding with a KV
+    /// cache (B*(T-1) sequential steps), with optional classifier-free guidance. `on_step(done, total)`
+    /// is called after each step and may return an error to stop (cancellation).
+    pub fn reverse_tokens(
+        &self,
+        z: &Tensor,
+        labels: Option<&Tensor>,
+        opts: &ReverseOptions,
+        mut on_step: impl FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Tensor> {
+        let (n, t, d) = z.dims3()?;
+        ensure!(
+            t == self.cfg.num_tokens() && d == self.cfg.token_dim(),
+            "noise tokens must be N,{},{} for this model, got N,{t},{d}",
+            self.cfg.num_tokens(),
+            self.cfg.token_dim()
+        );
+        if let Some(y) = labels {
+            ensure!(y.elem_count() == n, "got {} labels for {n} samples", y.elem_count());
+        }
+        ensure!(opts.attn_temp > 0.0, "attention temperature must be positive");
+        let z = z.to_dtype(DType::F32)?.to_device(&self.device)?;
+        let z = match &self.var {
+            Some(v) => z.broadcast_mul(&v.sqrt()?)?,
+            None => z,
+        };
+        let labels = if self.cfg.num_classes == 0 { None } else { labels };
+        let guided = opts.guidance != 0.0;
+        // With guidance, the batch is doubled: [conditional | guiding (mean class, attn_temp)].
+        let nb = if guided { 2 * n } else { n };
+        let base_scale = 1.0 / (HEAD_DIM as f64).sqrt();
+        let mut scales = vec![base_scale as f32; n];
+        if guided {
+            scales.extend(std::iter::repeat((base_scale / opts.attn_temp) as f32).take(n));
+        }
+        let scale = Tensor::from_vec(scales, nb, &self.device)?;
+        let total = self.blocks.len() * (t - 1);
+        let mut done = 0;
+        // Host copy of the tokens, updated one token at a time.
+        let mut x: Vec<f32> = z.flatten_all()?.to_vec1()?;
+        let heads = self.cfg.num_heads();
+        for block in self.blocks.iter().rev() {
+            let class = {
+                let cond = block.class_embedding(labels, n)?;
+                match (cond, guided) {
+                    (Some(c), true) => Some(Tensor::cat(&[&c, &block.class_embedding(None, n)?.unwrap()], 0)?),
+                    (c, _) => c,
+                }
+            };
+            let mut caches = (0..block.layers.len())
+                .map(|_| -> Result<KvCache> {
+                    Ok(KvCache {
+                        k: Tensor::zeros((nb, heads, t, HEAD_DIM), DType::F32, &self.device)?,
+                        v: Tensor::zeros((nb, heads, t, HEAD_DIM), DType::F32, &self.device)?,
+                        len: 0,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            // Work in this block's token order.
+            let perm = |i: usize| if block.flip { t - 1 - i } else { i };
+            for i in 0..t - 1 {
+                let mut tok = Vec::with_capacity(nb * d);
+                for s in 0..n {
+                    let off = (s * t + perm(i)) * d;
+                    tok.extend_from_slice(&x[off..off + d]);
+                }
+                if guided {
+                    tok.extend_from_within(0..n * d);
+                }
+                let tok = Tensor::from_vec(tok, (nb, 1, d), &self.device)?;
+                let (a, b) = block.step(&tok, i, class.as_ref(), &mut caches, &scale)?;
+                let (a, b) = if guided {
+                    let g = if opts.annealed { opts.guidance * (i + 1) as f64 / (t - 1) as f64 } else { opts.guidance };
+                    let (ac, au) = (a.narrow(0, 0, n)?, a.narrow(0, n, n)?);
+                    let (bc, bu) = (b.narrow(0, 0, n)?, b.narrow(0, n, n)?);
+                    (((&ac - &au)? * g + &ac)?, ((&bc - &bu)? * g + &bc)?)
+                } else {
+                    (a, b)
+                };
+                let a: Vec<f32> = a.flatten_all()?.to_vec1()?;
+                let b: Vec<f32> = b.flatten_all()?.to_vec1()?;
+                for s in 0..n {
+                    let off = (s * t + perm(i + 1)) * d;
+                    for j in 0..d {
+                        let xv = &mut x[off + j];
+                        *xv = *xv * a[s * d + j].exp() + b[s * d + j];
+                    }
+                }
+                done += 1;
+                on_step(done, total)?;
+            }
+        }
+        Ok(Tensor::from_vec(x, (n, t, d), &self.device)?)
+    }
+
+    /// The exact inverse to images: z tokens (N, T, D) -> (N, C, H, W).
+    pub fn reverse(
+        &self,
+        z: &Tensor,
+        labels: Option<&Tensor>,
+        opts: &ReverseOptions,
+        on_step: impl FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Tensor> {
+        self.unpatchify(&self.reverse_tokens(z, labels, opts, on_step)?)
+    }
+}
+
+/// Images (N, C, H, W) -> tokens (N, (H/p)*(W/p), C*p*p), like `unfold(x, p, stride=p).transpose(1, 2)`.
+pub fn patchify(x: &Tensor, p: usize) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (gh, gw) = (h / p, w / p);
+    Ok(x.reshape((n, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((n, gh * gw, c * p * p))?)
+}
+
+/// Tokens (N, T, C*p*p) -> images (N, C, H, W): the inverse of [`patchify`] (square images).
+pub fn unpatchify(x: &Tensor, p: usize, c: usize, img: usize) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    let g = img / p;
+    Ok(x.reshape((n, g, g, c, p, p))?.permute((0, 3, 1, 4, 2, 5))?.reshape((n, c, img, img))?)
+}
+
+/// The maximum-likelihood loss `0.5 * mean(z^2) - mean(logdets)`, a scalar.
+pub fn nll_loss(out: &FlowOutput) -> Result<Tensor> {
+    let prior = (out.z.sqr()?.mean_all()? * 0.5)?;
+    Ok((prior - out.logdets.mean_all()?)?)
+}
+
+/// Bits per dimension per sample (N), for data in [-1, 1] with uniform dequantisation:
+/// `(-(sum(-0.5 (z^2 + log 2 pi)) - D log 128) / D - logdets) / ln 2`, D = C*H*W.
+pub fn bits_per_dim(out: &FlowOutput, cfg: &FlowConfig) -> Result<Tensor> {
+    let dim = cfg.image_dim() as f64;
+    let n = out.z.dim(0)?;
+    let log_2pi = (2.0 * std::f64::consts::PI).ln();
+    let log_p = ((out.z.sqr()? + log_2pi)? * -0.5)?.reshape((n, ()))?.sum(1)?; // (N)
+    let nll = (((log_p - dim * 128f64.ln())? / dim)?.neg()? - &out.logdets)?;
+    Ok((nll / std::f64::consts::LN_2)?)
+}
+
+/// Fresh parameters like the reference's initialisation, from a seeded host RNG (reproducible):
+/// Linear weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)), embeddings N(0, 0.01^2),
+/// LayerNorm weight 1 and bias 0, proj_out weight 0.
+pub fn initial_parameters(cfg: &FlowConfig, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
+    cfg.validate()?;
+    let mut rng = rand_chacha_like(seed);
+    let (t, d, c) = (cfg.num_tokens(), cfg.token_dim(), cfg.channels);
+    let mut out = HashMap::new();
+    let linear = |out: &mut HashMap<String, Tensor>, rng: &mut rand::rngs::StdRng, name: &str, d_in: usize, d_out: usize, zero_w: bool| -> Result<()> {
+        let bound = 1.0 / (d_in as f32).sqrt();
+        let u = Uniform::new(-bound, bound);
+        let w: Vec<f32> = if zero_w { vec![0.0; d_in * d_out] } else { (0..d_in * d_out).map(|_| u.sample(rng)).collect() };
+        let b: Vec<f32> = (0..d_out).map(|_| u.sample(rng)).collect();
+        out.insert(format!("{name}.weight"), Tensor::from_vec(w, (d_out, d_in), device)?);
+        out.insert(format!("{name}.bias"), Tensor::from_vec(b, d_out, device)?);
+        Ok(())
+    };
+    let normal = Normal::new(0.0f32, 0.01).unwrap();
+    for i in 0..cfg.num_blocks {
+        let p = format!("blocks.{i}");
+        linear(&mut out, &mut rng, &format!("{p}.proj_in"), d, c, false)?;
+        let pos: Vec<f32> = (0..t * c).map(|_| normal.sample(&mut rng)).collect();
+        out.insert(format!("{p}.pos_embed"), Tensor::from_vec(pos, (t, c), device)?);
+        if cfg.num_classes > 0 {
+            let ce: Vec<f32> = (0..cfg.num_classes * c).map(|_| normal.sample(&mut rng)).collect();
+            out.insert(format!("{p}.class_embed"), Tensor::from_vec(ce, (cfg.num_classes, 1, c), device)?);
+        }
+        for j in 0..cfg.layers_per_block {
+            let l = format!("{p}.attn_blocks.{j}");
+            for norm in ["attention.norm", "mlp.norm"] {
+                out.insert(format!("{l}.{norm}.weight"), Tensor::ones(c, DType::F32, device)?);
+                out.insert(format!("{l}.{norm}.bias"), Tensor::zeros(c, DType::F32, device)?);
+            }
+            linear(&mut out, &mut rng, &format!("{l}.attention.qkv"), c, 3 * c, false)?;
+            linear(&mut out, &mut rng, &format!("{l}.attention.proj"), c, c, false)?;
+            linear(&mut out, &mut rng, &format!("{l}.mlp.main.0"), c, MLP_EXPANSION * c, false)?;
+            linear(&mut out, &mut rng, &format!("{l}.mlp.main.2"), MLP_EXPANSION * c, c, false)?;
+        }
+        linear(&mut out, &mut rng, &format!("{p}.proj_out"), c, 2 * d, true)?;
+    }
+    Ok(out)
+}
+
+fn rand_chacha_like(seed: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// A trainable model: a VarMap holding seeded initial parameters, and the model built over it.
+pub fn new_trainable(cfg: &FlowConfig, seed: u64, device: &Device) -> Result<(VarMap, TarFlow)> {
+    let varmap = VarMap::new();
+    let params = initial_parameters(cfg, seed, device)?;
+    {
+        let mut data = varmap.data().lock().unwrap();
+        for (name, t) in params {
+            data.insert(name, candle_core::Var::from_tensor(&t)?);
+        }
+    }
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let model = TarFlow::new(vb, cfg)?;
+    Ok((varmap, model))
+}
