@@ -18,7 +18,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 pub fn causal_softmax(s: &Tensor, scale: f64) -> Result<Tensor> {
     let t = s.dim(D::Minus1)?;
     let mask: Vec<f32> = (0..t * t).map(|k| if k % t > k / t { f32::NEG_INFINITY } else { 0.0 }).collect();
-    let mask = Tensor::from_vec(mask, (t, t), s.device())?;
+    let mask = Tensor::from_vec(mask, (t, t), s.device())?.to_dtype(s.dtype())?;
     let s = (s * scale)?.broadcast_add(&mask)?;
     let m = s.max_keepdim(D::Minus1)?.detach();
     let e = s.broadcast_sub(&m)?.exp()?;
