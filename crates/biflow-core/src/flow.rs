@@ -200,7 +200,7 @@ impl Mlp {
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.fc1.forward(&self.norm.forward(x)?)?;
-        self.fc2.forward(&h.gelu_erf()?)
+        self.fc2.forward(&ops::gelu(&h)?)
     }
 }
 
