@@ -34,7 +34,8 @@ describe('the native bridge', () => {
 
   it('cancels a running job on Ctrl-C and exits non-zero', async () => {
     const r = await runCliInterrupted(['selftest', '--steps', '100000', '--sleep-ms', '5', '--json'], /"progress"/)
-    expect(r.code).toBe(130)
-    expect(r.stderr).toMatch(/cancelled by the user/)
+    expect(r.code, r.stderr + r.stdout).toBe(130)
+    // with --json the error is the JSON object on stdout
+    expect(JSON.parse(r.stdout).error.message).toMatch(/cancelled by the user/)
   })
 })

@@ -15,6 +15,6 @@ export abstract class BiflowCommand extends Command {
   protected async catch(error: Error & {exitCode?: number}): Promise<unknown> {
     if (error instanceof Errors.CLIError || process.env.DEBUG) return super.catch(error)
     const exit = error instanceof JobCancelled ? 130 : 1
-    return super.catch(new Errors.CLIError(error.message, {exit}))
+    return super.catch(Object.assign(new Errors.CLIError(error.message, {exit}), {exitCode: exit}))
   }
 }

@@ -38,14 +38,18 @@ export async function runJob<T>(name: string, options: object, jobOptions: JobOp
     token.cancel()
   }
 
+  // The core sends `closed` after its last event; the result may arrive before the events do.
+  let onClosed = () => {}
+  const closed = new Promise<void>((resolve) => (onClosed = resolve))
+  const onEvent = (eventJson: string) => {
+    const event = JSON.parse(eventJson) as CoreEvent | {type: 'closed'}
+    if (event.type === 'closed') onClosed()
+    else renderer.handle(event)
+  }
+
   process.on('SIGINT', onSigint)
   try {
-    const result = await core.runJob(
-      name,
-      JSON.stringify(options),
-      (eventJson) => renderer.handle(JSON.parse(eventJson) as CoreEvent),
-      token,
-    )
+    const result = await core.runJob(name, JSON.stringify(options), onEvent, token).finally(() => closed)
     return JSON.parse(result) as T
   } catch (error) {
     if ((error as {code?: string}).code === 'Cancelled') throw new JobCancelled()

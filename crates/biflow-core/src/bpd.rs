@@ -7,6 +7,10 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use rand::SeedableRng;
+use rand_distr::Distribution;
+
+use crate::data::{Dataset, Split};
 use crate::flow::{bits_per_dim, TarFlow};
 use crate::io::npy::read_npy;
 use crate::job::JobCtx;
@@ -22,6 +26,12 @@ pub struct BpdOptions {
     /// Labels of the --input samples (.npy of integers); default: none (mean class embedding).
     #[serde(default)]
     pub labels: Option<String>,
+    /// Split of a --data dataset: "val" or "train" (default: val when the dataset has one).
+    #[serde(default)]
+    pub split: Option<String>,
+    /// Evaluate at most this many images.
+    #[serde(default)]
+    pub limit: Option<usize>,
     #[serde(default)]
     pub per_sample: bool,
     #[serde(default)]
@@ -69,7 +79,7 @@ pub fn evaluate(
 
 pub fn eval_bpd(o: BpdOptions, ctx: &JobCtx) -> Result<Value> {
     let device = Device::Cpu;
-    let run = crate::runstub::open(Path::new(&o.model))?;
+    let run = crate::run::Run::open(Path::new(&o.model))?;
     let model = run.load_flow(&device)?;
     let cfg = model.config().clone();
     let (images, labels): (Vec<f32>, Option<Vec<i64>>) = match (&o.input, &o.data) {
@@ -98,7 +108,39 @@ pub fn eval_bpd(o: BpdOptions, ctx: &JobCtx) -> Result<Value> {
             };
             (x, labels)
         }
-        (None, Some(_)) => bail!("--data is not supported yet in this build: export the images to .npy and use --input"),
+        (None, Some(dir)) => {
+            ensure!(o.labels.is_none(), "--labels applies to --input only: datasets carry their own labels");
+            let ds = Dataset::open(Path::new(dir))?;
+            let (c, h, w) = ds.shape();
+            ensure!(
+                c == cfg.in_channels && h == cfg.img_size && w == cfg.img_size,
+                "dataset {dir} holds {c}x{h}x{w} images; this model takes {}x{}x{}",
+                cfg.in_channels,
+                cfg.img_size,
+                cfg.img_size
+            );
+            let split = match o.split.as_deref() {
+                Some("val") => Split::Val,
+                Some("train") => Split::Train,
+                Some(s) => bail!("unknown split '{s}': use val or train"),
+                None if !ds.is_empty(Split::Val) => Split::Val,
+                None => Split::Train,
+            };
+            let n = o.limit.map_or(ds.len(split), |l| l.min(ds.len(split)));
+            ensure!(n > 0, "the {split:?} split of {dir} is empty");
+            // Seeded uniform dequantisation: pixel k -> (k + u) / 256 * 2 - 1, u ~ U[0, 1).
+            let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
+            let u = rand_distr::Uniform::new(0.0f32, 1.0);
+            let mut x = Vec::with_capacity(n * c * h * w);
+            let mut labels = Vec::with_capacity(n);
+            for i in 0..n {
+                let (px, label) = ds.get(split, i)?;
+                x.extend(px.iter().map(|&k| (k as f32 + u.sample(&mut rng)) / 128.0 - 1.0));
+                labels.push(label);
+            }
+            let labelled = labels.iter().any(|&l| l >= 0);
+            (x, labelled.then_some(labels))
+        }
     };
     ensure!(!images.is_empty(), "no images to evaluate");
     let labels = if cfg.num_classes == 0 { None } else { labels };

@@ -17,11 +17,12 @@ use sha2::{Digest, Sha256};
 use crate::flow::{FlowConfig, TarFlow, HEAD_DIM};
 use crate::job::JobCtx;
 
-/// Read a reference state_dict (.pth, PyTorch zip format) as named f32 tensors on the CPU, with
+/// Read a reference state_dict (.pth; only tensor rebuilds are accepted in the pickle) as named f32
+/// tensors on the CPU, with
 /// `module.` / `_orig_mod.` prefixes (DDP, torch.compile) removed.
 pub fn read_reference_state(path: &Path) -> Result<Vec<(String, Tensor)>> {
     ensure!(path.exists(), "checkpoint {} does not exist", path.display());
-    let entries = standin_pickle::read_state_dict(path)
+    let entries = crate::io::pickle::read_state_dict(path)
         .with_context(|| format!("cannot read {} as a PyTorch state_dict", path.display()))?;
     let mut out = Vec::with_capacity(entries.len());
     for (name, t) in entries {
@@ -36,26 +37,6 @@ pub fn read_reference_state(path: &Path) -> Result<Vec<(String, Tensor)>> {
         out.push((name.to_string(), tensor));
     }
     Ok(out)
-}
-
-/// TEMPORARY stand-in for `crate::io::pickle` (being written on branch `fid`), same API; it does
-/// not yet refuse foreign pickle globals. Replaced once that file is committed.
-mod standin_pickle {
-    use anyhow::Result;
-    pub struct PthTensor {
-        pub shape: Vec<usize>,
-        pub data: Vec<f32>,
-    }
-    pub fn read_state_dict(path: &std::path::Path) -> Result<Vec<(String, PthTensor)>> {
-        let all = candle_core::pickle::read_all(path)?;
-        all.into_iter()
-            .map(|(n, t)| {
-                let shape = t.dims().to_vec();
-                let data = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
-                Ok((n, PthTensor { shape, data }))
-            })
-            .collect()
-    }
 }
 
 fn is_square(n: usize) -> Option<usize> {
@@ -238,4 +219,76 @@ pub fn import_tarflow(o: ImportOptions, ctx: &JobCtx) -> Result<Value> {
     std::fs::rename(&tmp, &out).with_context(|| format!("cannot move the new run into {}", out.display()))?;
     ctx.message(format!("imported a {}-block TARFlow ({} parameters) into {}", cfg.num_blocks, params, out.display()));
     Ok(json!({ "run": out.display().to_string(), "model": cfg, "parameters": params }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tarflow-reference/tiny-cond.pth")
+    }
+
+    fn opts(ckpt: &Path, out: &Path) -> ImportOptions {
+        ImportOptions { checkpoint: ckpt.display().to_string(), out: out.display().to_string(), img_size: None, in_channels: None, force: false }
+    }
+
+    #[test]
+    fn infers_the_configuration_from_shapes() {
+        let state: HashMap<String, Tensor> = read_reference_state(&fixture()).unwrap().into_iter().collect();
+        let cfg = infer_config(&state, None, None).unwrap();
+        assert_eq!(
+            cfg,
+            FlowConfig { img_size: 8, in_channels: 3, patch_size: 2, channels: 128, num_blocks: 4, layers_per_block: 1, num_classes: 3, clip_scale: None }
+        );
+        // D = 12 could also be 12 channels with patch 1: the flags settle it, and contradictions are errors.
+        let c12 = infer_config(&state, None, Some(12)).unwrap();
+        assert_eq!((c12.in_channels, c12.patch_size, c12.img_size), (12, 1, 4));
+        assert_eq!(infer_config(&state, Some(4), None).unwrap().in_channels, 12);
+        let e = infer_config(&state, Some(8), Some(12)).unwrap_err().to_string();
+        assert!(e.contains("disagree"), "{e}");
+        assert!(infer_config(&state, None, Some(5)).is_err());
+    }
+
+    #[test]
+    fn a_pickle_naming_another_global_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let evil = dir.path().join("evil.pth");
+        // {'x': os.system('echo pwned')} in a zip-format checkpoint.
+        let mut p = vec![0x80, 2, b'}', b'('];
+        p.extend(b"X\x01\x00\x00\x00x");
+        p.extend(b"cos\nsystem\n");
+        p.extend(b"X\x0a\x00\x00\x00echo pwned\x85R");
+        p.extend(b"u.");
+        {
+            let f = std::fs::File::create(&evil).unwrap();
+            let mut z = zip::ZipWriter::new(f);
+            let o = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+            z.start_file("evil/data.pkl", o).unwrap();
+            std::io::Write::write_all(&mut z, &p).unwrap();
+            z.finish().unwrap();
+        }
+        let out = dir.path().join("run");
+        let msg = format!("{:#}", import_tarflow(opts(&evil, &out), &JobCtx::silent()).unwrap_err());
+        assert!(msg.contains("os.system"), "{msg}");
+        assert!(!out.exists(), "a refused import must not leave a run behind");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporaries left");
+    }
+
+    #[test]
+    fn imports_a_run_that_loads_and_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        let r = import_tarflow(opts(&fixture(), &out), &JobCtx::silent()).unwrap();
+        assert_eq!(r["parameters"].as_u64().unwrap(), 821_856);
+        let run = crate::run::Run::open(&out).unwrap();
+        assert_eq!(run.config.noise_std, None);
+        let model = run.load_flow(&Device::Cpu).unwrap();
+        assert_eq!(model.config().num_classes, 3);
+        let e = import_tarflow(opts(&fixture(), &out), &JobCtx::silent()).unwrap_err().to_string();
+        assert!(e.contains("--force"), "{e}");
+        let mut o = opts(&fixture(), &out);
+        o.force = true;
+        import_tarflow(o, &JobCtx::silent()).unwrap();
+    }
 }

@@ -15,6 +15,9 @@ fn opts<T: DeserializeOwned>(name: &str, options: Value) -> Result<T> {
 pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
     match name {
         "echo" => echo(opts(name, options)?, ctx),
+        "data.prepare" => crate::data::prepare(opts(name, options)?, ctx),
+        "data.inspect" => crate::data::inspect(opts(name, options)?, ctx),
+        "data.synth" => synth(opts(name, options)?),
         "import-tarflow" => crate::import::import_tarflow(opts(name, options)?, ctx),
         "sample" => crate::sample::sample(opts(name, options)?, ctx),
         "eval-bpd" => crate::bpd::eval_bpd(opts(name, options)?, ctx),
@@ -50,4 +53,27 @@ fn echo(o: EchoOptions, ctx: &JobCtx) -> Result<Value> {
         bail!(msg);
     }
     Ok(serde_json::json!({ "steps": o.steps }))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SynthOptions {
+    out: String,
+    count: usize,
+    #[serde(default = "default_synth_size")]
+    size: u32,
+    #[serde(default)]
+    classes: usize,
+    #[serde(default)]
+    seed: u64,
+}
+
+fn default_synth_size() -> u32 {
+    32
+}
+
+/// Hidden (benchmarks, tests): write `count` random PNGs of `size` x `size` into `out`.
+fn synth(o: SynthOptions) -> Result<Value> {
+    let bytes = crate::data::synth_pngs(std::path::Path::new(&o.out), o.count, o.size, o.classes, o.seed)?;
+    Ok(serde_json::json!({ "count": o.count, "bytes": bytes }))
 }

@@ -2,13 +2,14 @@
 //! `jobs::run(name, options, ctx)` calls here.
 
 pub mod bpd;
+pub mod data;
 pub mod flow;
 pub mod import;
 pub mod io;
 pub mod job;
 pub mod jobs;
 pub mod ops;
-pub mod runstub;
+pub mod run;
 pub mod sample;
 
 pub use job::{Cancelled, Event, JobCtx};

@@ -149,7 +149,7 @@ pub fn sample(o: SampleOptions, ctx: &JobCtx) -> Result<Value> {
     ensure!(matches!(o.format.as_str(), "png" | "npz" | "npy"), "unknown format '{}': use png, npz or npy", o.format);
     ensure!(o.guidance.is_finite() && o.guidance >= 0.0, "--guidance must be a number >= 0");
     let device = Device::Cpu;
-    let run = crate::runstub::open(Path::new(&o.model))?;
+    let run = crate::run::Run::open(Path::new(&o.model))?;
     let model = run.load_flow(&device)?;
     let cfg = model.config().clone();
     let (t, d) = (cfg.num_tokens(), cfg.token_dim());
@@ -176,7 +176,7 @@ pub fn sample(o: SampleOptions, ctx: &JobCtx) -> Result<Value> {
     };
     ensure!(n > 0, "nothing to sample: --num must be at least 1");
     let labels = make_labels(&o.labels, n, cfg.num_classes)?;
-    let sigma = o.noise_std.or(run.noise_std);
+    let sigma = o.noise_std.or(run.config.noise_std);
     let denoise_on = match o.denoise {
         Some(false) => false,
         Some(true) => {

@@ -12,6 +12,18 @@ use napi_derive::napi;
 
 use biflow_core::{Cancelled, JobCtx};
 
+/// A panic becomes a JS Error carrying its message (see `Job::compute`); the default hook would also
+/// print it, so print only when a backtrace was asked for.
+#[napi_derive::module_init]
+fn quiet_panics() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::env::var_os("RUST_BACKTRACE").is_some() {
+            default_hook(info);
+        }
+    }));
+}
+
 /// Set from JS to cancel the job it was passed to.
 #[napi]
 pub struct CancelToken {
@@ -40,26 +52,37 @@ pub struct Job {
     cancel: Arc<AtomicBool>,
 }
 
+/// Sends the `closed` event when the job is over, then releases the callback: a live threadsafe
+/// function would keep Node from exiting.
+struct ClosedOnDrop(Arc<EventCallback>);
+
+impl Drop for ClosedOnDrop {
+    fn drop(&mut self) {
+        self.0.call(r#"{"type":"closed"}"#.to_string(), ThreadsafeFunctionCallMode::Blocking);
+    }
+}
+
 impl Task for Job {
     type Output = String;
     type JsValue = String;
 
     fn compute(&mut self) -> Result<String> {
-        let options: serde_json::Value = serde_json::from_str(&self.options)
-            .map_err(|e| Error::new(Status::InvalidArg, format!("options are not valid JSON: {e}")))?;
-        let sink = self.on_event.clone();
-        let ctx = JobCtx::new(
-            move |event| {
-                if let (Some(cb), Ok(json)) = (&sink, serde_json::to_string(&event)) {
-                    cb.call(json, ThreadsafeFunctionCallMode::NonBlocking);
-                }
-            },
-            self.cancel.clone(),
-        );
-        let outcome = catch_unwind(AssertUnwindSafe(|| biflow_core::jobs::run(&self.name, options, &ctx)));
-        // Release the callback now: a live threadsafe function keeps Node from exiting.
-        drop(ctx);
-        self.on_event = None;
+        // Events and the result travel on different queues; the last event tells JS that every
+        // earlier one was delivered, whatever happens below.
+        let _closed = self.on_event.take().map(|cb| ClosedOnDrop(cb));
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            let options: serde_json::Value = serde_json::from_str(&self.options)?;
+            let sink = _closed.as_ref().map(|c| c.0.clone());
+            let ctx = JobCtx::new(
+                move |event| {
+                    if let (Some(cb), Ok(json)) = (&sink, serde_json::to_string(&event)) {
+                        cb.call(json, ThreadsafeFunctionCallMode::Blocking);
+                    }
+                },
+                self.cancel.clone(),
+            );
+            biflow_core::jobs::run(&self.name, options, &ctx)
+        }));
         match outcome {
             Ok(Ok(value)) => Ok(value.to_string()),
             Ok(Err(e)) if e.is::<Cancelled>() => Err(Error::new(Status::Cancelled, "cancelled")),

@@ -159,35 +159,7 @@ impl Array {
 
     /// Parse a `.npy` byte stream.
     pub fn read(r: &mut impl Read) -> Result<Array> {
-        let mut magic = [0u8; 8];
-        r.read_exact(&mut magic).context("not a .npy array: file too short")?;
-        ensure!(&magic[..6] == b"\x93NUMPY", "not a .npy array: bad magic bytes");
-        let header_len = if magic[6] == 1 {
-            let mut b = [0u8; 2];
-            r.read_exact(&mut b)?;
-            u16::from_le_bytes(b) as usize
-        } else {
-            let mut b = [0u8; 4];
-            r.read_exact(&mut b)?;
-            u32::from_le_bytes(b) as usize
-        };
-        ensure!(header_len < 1 << 20, ".npy header is implausibly long ({header_len} bytes)");
-        let mut header = vec![0u8; header_len];
-        r.read_exact(&mut header).context("truncated .npy header")?;
-        let header = String::from_utf8_lossy(&header);
-        let descr = header_field(&header, "descr").context("malformed .npy header: no descr")?;
-        let descr = descr.trim_matches(|c| c == '\'' || c == '"');
-        let dtype = DType::from_descr(descr)?;
-        let fortran = header_field(&header, "fortran_order").context("malformed .npy header: no fortran_order")?;
-        ensure!(fortran.trim() == "False", "Fortran-ordered .npy arrays are not supported; save with np.ascontiguousarray");
-        let shape_src = header_field(&header, "shape").context("malformed .npy header: no shape")?;
-        let shape = shape_src
-            .trim_matches(|c| c == '(' || c == ')')
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse::<usize>().with_context(|| format!("malformed .npy shape '{shape_src}'")))
-            .collect::<Result<Vec<_>>>()?;
+        let (shape, dtype) = read_header(r)?;
         let nbytes = shape
             .iter()
             .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
@@ -215,6 +187,41 @@ impl Array {
         w.write_all(&self.data)?;
         Ok(())
     }
+}
+
+/// Parse a `.npy` header, leaving `r` at the start of the data (for reading large arrays in pieces).
+/// Returns the shape and dtype; the data is C-ordered little-endian.
+pub fn read_header(r: &mut impl Read) -> Result<(Vec<usize>, DType)> {
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic).context("not a .npy array: file too short")?;
+    ensure!(&magic[..6] == b"\x93NUMPY", "not a .npy array: bad magic bytes");
+    let header_len = if magic[6] == 1 {
+        let mut b = [0u8; 2];
+        r.read_exact(&mut b)?;
+        u16::from_le_bytes(b) as usize
+    } else {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b)?;
+        u32::from_le_bytes(b) as usize
+    };
+    ensure!(header_len < 1 << 20, ".npy header is implausibly long ({header_len} bytes)");
+    let mut header = vec![0u8; header_len];
+    r.read_exact(&mut header).context("truncated .npy header")?;
+    let header = String::from_utf8_lossy(&header);
+    let descr = header_field(&header, "descr").context("malformed .npy header: no descr")?;
+    let descr = descr.trim_matches(|c| c == '\'' || c == '"');
+    let dtype = DType::from_descr(descr)?;
+    let fortran = header_field(&header, "fortran_order").context("malformed .npy header: no fortran_order")?;
+    ensure!(fortran.trim() == "False", "Fortran-ordered .npy arrays are not supported; save with np.ascontiguousarray");
+    let shape_src = header_field(&header, "shape").context("malformed .npy header: no shape")?;
+    let shape = shape_src
+        .trim_matches(|c| c == '(' || c == ')')
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>().with_context(|| format!("malformed .npy shape '{shape_src}'")))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((shape, dtype))
 }
 
 /// The text after `'key':` in a numpy header dict, up to the next top-level comma.
@@ -288,7 +295,19 @@ impl<R: Read + Seek> Npz<R> {
         self.zip.index_for_name(&format!("{name}.npy")).is_some()
     }
 
-    /// A member opened as a stream: the header is parsed, the data is left to read.
+    /// A member opened as a stream: the header is parsed (shape, dtype) and the data is left to read.
+    pub fn open_member(&mut self, name: &str) -> Result<(Vec<usize>, DType, impl Read + '_)> {
+        let what = self.what.clone();
+        if !self.contains(name) {
+            bail!("{what} has no array '{name}' (it has: {})", self.names().join(", "));
+        }
+        let member = self.zip.by_name(&format!("{name}.npy")).with_context(|| format!("cannot read '{name}' in {what}"))?;
+        let mut r = std::io::BufReader::with_capacity(1 << 20, member);
+        let (shape, dtype) = read_header(&mut r).with_context(|| format!("cannot read '{name}' in {what}"))?;
+        Ok((shape, dtype, r))
+    }
+
+    /// Read a whole member.
     pub fn read(&mut self, name: &str) -> Result<Array> {
         let what = self.what.clone();
         if !self.contains(name) {

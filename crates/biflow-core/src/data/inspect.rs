@@ -1,0 +1,121 @@
+//! The `data.inspect` job: a dataset's manifest summary and a PNG grid of sample images (a row per
+//! class when labelled).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::Dataset;
+use crate::job::JobCtx;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InspectOptions {
+    pub dir: String,
+    /// The grid PNG (default DIR/preview.png).
+    #[serde(default)]
+    pub grid: Option<String>,
+    /// Images per row (default 8).
+    #[serde(default)]
+    pub per_row: Option<usize>,
+    /// Rows at most (classes shown when labelled; default 10).
+    #[serde(default)]
+    pub rows: Option<usize>,
+    /// Recompute the checksum.
+    #[serde(default)]
+    pub verify: bool,
+}
+
+const GAP: usize = 2;
+
+/// Pick the records to show: a row per class (the first records of each), or the first records.
+fn pick(ds: &Dataset, per_row: usize, rows: usize) -> Vec<Vec<usize>> {
+    let m = &ds.manifest;
+    if !m.labelled() {
+        let n = m.count.min(per_row * rows);
+        return (0..n).collect::<Vec<_>>().chunks(per_row).map(|c| c.to_vec()).collect();
+    }
+    let shown = m.classes.len().min(rows);
+    let mut out = vec![Vec::new(); shown];
+    let mut missing: usize = m.classes.iter().take(shown).map(|c| c.count.min(per_row)).sum();
+    for r in 0..m.count {
+        if missing == 0 {
+            break;
+        }
+        let (_, label) = ds.record(r);
+        if label >= 0 && (label as usize) < shown && out[label as usize].len() < per_row {
+            out[label as usize].push(r);
+            missing -= 1;
+        }
+    }
+    out
+}
+
+/// Write a grid of the chosen records as a PNG (grey or RGB as the dataset).
+fn write_grid(ds: &Dataset, rows: &[Vec<usize>], per_row: usize, path: &Path) -> Result<()> {
+    let (c, h, w) = ds.shape();
+    let gw = per_row * (w + GAP) + GAP;
+    let gh = rows.len().max(1) * (h + GAP) + GAP;
+    let mut canvas = vec![40u8; gw * gh * c];
+    for (ri, row) in rows.iter().enumerate() {
+        for (ci, &r) in row.iter().enumerate() {
+            let (px, _) = ds.record(r);
+            let (x0, y0) = (GAP + ci * (w + GAP), GAP + ri * (h + GAP));
+            for y in 0..h {
+                for x in 0..w {
+                    for k in 0..c {
+                        canvas[((y0 + y) * gw + x0 + x) * c + k] = px[k * h * w + y * w + x];
+                    }
+                }
+            }
+        }
+    }
+    let mut buf = Vec::new();
+    let color = if c == 1 { image::ExtendedColorType::L8 } else { image::ExtendedColorType::Rgb8 };
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new(&mut buf),
+        &canvas,
+        gw as u32,
+        gh as u32,
+        color,
+    )
+    .context("cannot encode the sample grid")?;
+    crate::io::atomic::write(path, &buf).with_context(|| format!("cannot write {}", path.display()))
+}
+
+pub fn inspect(o: InspectOptions, ctx: &JobCtx) -> Result<Value> {
+    let dir = PathBuf::from(&o.dir);
+    let ds = Dataset::open(&dir)?;
+    let per_row = o.per_row.unwrap_or(8);
+    let rows = o.rows.unwrap_or(10);
+    ensure!((1..=256).contains(&per_row), "--per-row must be between 1 and 256");
+    ensure!((1..=1000).contains(&rows), "--rows must be between 1 and 1000");
+    if o.verify {
+        ctx.message("verifying the checksum...");
+        ds.verify()?;
+    }
+    let grid = o.grid.map(PathBuf::from).unwrap_or_else(|| dir.join("preview.png"));
+    let chosen = pick(&ds, per_row, rows);
+    write_grid(&ds, &chosen, per_row, &grid)?;
+    let m = &ds.manifest;
+    Ok(json!({
+        "dir": dir.display().to_string(),
+        "version": m.version,
+        "count": m.count,
+        "height": m.height,
+        "width": m.width,
+        "channels": m.channels,
+        "classes": m.classes,
+        "train": m.splits.train.count,
+        "val": m.splits.val.count,
+        "source": m.source,
+        "shards": m.shards.len(),
+        "checksum": m.checksum.value,
+        "verified": o.verify,
+        "skipped": m.skipped,
+        "grid": grid.display().to_string(),
+        "gridRows": chosen.len(),
+    }))
+}

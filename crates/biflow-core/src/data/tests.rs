@@ -1,0 +1,342 @@
+//! Writer/reader round trips, checksums, splits, bounded memory, and every decoder on tiny inputs.
+
+use std::path::Path;
+
+use super::prepare::{choose_val, write_manifest};
+use super::*;
+
+/// Write `records` (pixels, label) as a dataset in `dir` through the shard writer.
+fn write_dataset(dir: &Path, shape: (usize, usize, usize), records: &[(Vec<u8>, i64)], classes: usize, val: &[u32], per_shard: usize) -> Manifest {
+    let (c, h, w) = shape;
+    let mut wr = ShardWriter::create(dir, c * h * w, per_shard).unwrap();
+    let mut counts = vec![0; classes];
+    for (px, l) in records {
+        wr.push(px, *l).unwrap();
+        if *l >= 0 {
+            counts[*l as usize] += 1;
+        }
+    }
+    let s = wr.finish(None, val).unwrap();
+    let m = Manifest {
+        format: FORMAT_NAME.into(),
+        version: FORMAT_VERSION,
+        count: s.count,
+        height: h,
+        width: w,
+        channels: c,
+        classes: (0..classes).map(|i| ClassInfo { name: format!("c{i}"), count: counts[i] }).collect(),
+        splits: Splits {
+            train: SplitInfo { count: s.count - val.len() },
+            val: SplitInfo { count: val.len() },
+            val_fraction: 0.0,
+            seed: 0,
+            method: "test".into(),
+        },
+        source: SourceInfo { kind: "test".into(), input: "test".into(), size: None, resize: "none".into(), limit: None },
+        record_bytes: c * h * w,
+        records_per_shard: s.records_per_shard,
+        shards: s.shards,
+        labels_file: s.labels_file,
+        val_file: s.val_file,
+        checksum: Checksum { algorithm: "sha256".into(), value: s.checksum, covers: "test".into() },
+        skipped: vec![],
+    };
+    write_manifest(dir, &m).unwrap();
+    m
+}
+
+fn rec(i: usize, n: usize) -> Vec<u8> {
+    (0..n).map(|k| ((i * 31 + k * 7) % 256) as u8).collect()
+}
+
+#[test]
+fn shard_round_trip_with_splits_and_checksum() {
+    let dir = tempfile::tempdir().unwrap();
+    let shape = (3, 4, 5);
+    let records: Vec<(Vec<u8>, i64)> = (0..23).map(|i| (rec(i, 60), (i % 3) as i64)).collect();
+    let val = vec![2u32, 7, 19];
+    write_dataset(dir.path(), shape, &records, 3, &val, 5);
+    let ds = Dataset::open(dir.path()).unwrap();
+    assert_eq!(ds.manifest.shards.len(), 5);
+    assert_eq!(ds.len(Split::Train), 20);
+    assert_eq!(ds.len(Split::Val), 3);
+    let (px, l) = ds.get(Split::Val, 1).unwrap();
+    assert_eq!((px, l), records[7].clone());
+    // train index 2 skips val record 2 -> record 3
+    let (px, l) = ds.get(Split::Train, 2).unwrap();
+    assert_eq!((px, l), records[3].clone());
+    let (last, _) = ds.get(Split::Train, 19).unwrap();
+    assert_eq!(last, records[22].0);
+    assert!(ds.get(Split::Train, 20).unwrap_err().to_string().contains("out of range"));
+    // batch_f32: x/127.5 - 1, C,H,W concatenated
+    let (x, labels) = ds.batch_f32(Split::Train, &[0, 2]).unwrap();
+    assert_eq!(x.len(), 120);
+    assert_eq!(labels, vec![0, 0]);
+    assert!((x[60] - (records[3].0[0] as f32 / 127.5 - 1.0)).abs() < 1e-6);
+    ds.verify().unwrap();
+
+    // corrupt one byte: verify fails; truncate a shard: open fails
+    let shard = dir.path().join(&ds.manifest.shards[1].file);
+    drop(ds);
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[3] ^= 1;
+    std::fs::write(&shard, &bytes).unwrap();
+    let err = Dataset::open(dir.path()).unwrap().verify().unwrap_err().to_string();
+    assert!(err.contains("checksum"), "{err}");
+    bytes.pop();
+    std::fs::write(&shard, &bytes).unwrap();
+    let err = Dataset::open(dir.path()).err().unwrap().to_string();
+    assert!(err.contains("damaged"), "{err}");
+}
+
+#[test]
+fn open_rejects_what_is_not_a_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Dataset::open(dir.path()).err().unwrap().to_string();
+    assert!(err.contains("not a biflow dataset"), "{err}");
+    std::fs::write(dir.path().join("manifest.json"), "{\"format\": \"other\"}").unwrap();
+    let err = Dataset::open(dir.path()).err().unwrap().to_string();
+    assert!(err.contains("not a biflow dataset"), "{err}");
+    std::fs::write(dir.path().join("manifest.json"), "{\"format\": \"biflow-dataset\", \"version\": 99}").unwrap();
+    let err = Dataset::open(dir.path()).err().unwrap().to_string();
+    assert!(err.contains("version 99"), "{err}");
+}
+
+#[test]
+fn writer_memory_stays_bounded_on_a_large_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let rb = 48; // 4x4x3
+    let mut wr = ShardWriter::create(dir.path(), rb, 50_000).unwrap();
+    let cap = wr.buffer_capacity();
+    let mut peak = 0;
+    let px = vec![9u8; rb];
+    for i in 0..200_000 {
+        wr.push(&px, (i % 10) as i64).unwrap();
+        peak = peak.max(wr.buffered_bytes());
+    }
+    assert!(peak <= cap, "buffered {peak} > capacity {cap}");
+    assert!(peak < 2 << 20, "buffered {peak} bytes for 200k records");
+    let s = wr.finish(None, &[]).unwrap();
+    assert_eq!(s.count, 200_000);
+    assert_eq!(s.shards.len(), 4);
+    let total: u64 = s.shards.iter().map(|sh| std::fs::metadata(dir.path().join(&sh.file)).unwrap().len()).sum();
+    assert_eq!(total, 200_000 * rb as u64);
+}
+
+#[test]
+fn val_split_is_deterministic_and_exact() {
+    let a = choose_val(1000, 0.1, 7);
+    assert_eq!(a.len(), 100);
+    assert_eq!(a, choose_val(1000, 0.1, 7));
+    assert_ne!(a, choose_val(1000, 0.1, 8));
+    assert!(a.windows(2).all(|w| w[0] < w[1]) && *a.last().unwrap() < 1000);
+    assert!(choose_val(1000, 0.0, 7).is_empty());
+    assert_eq!(choose_val(3, 0.01, 1).len(), 1);
+}
+
+#[test]
+fn label_remap_is_applied_and_checksummed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut wr = ShardWriter::create(dir.path(), 2, 10).unwrap();
+    for l in [0i64, 1, 0, -1] {
+        wr.push(&[1, 2], l).unwrap();
+    }
+    let remap = |l: i32| if l < 0 { l } else { 1 - l };
+    let s = wr.finish(Some(&remap), &[]).unwrap();
+    let labels = std::fs::read(dir.path().join(LABELS_FILE)).unwrap();
+    let got: Vec<i32> = labels.chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(got, vec![1, 0, 1, -1]);
+    assert_eq!(s.checksum.len(), 64);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decoders, through the data.prepare job, on the fixtures in fixtures/data/
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data").join(name)
+}
+
+fn prep(input: &Path, out: &Path, extra: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    let mut o = serde_json::json!({ "input": input.to_str().unwrap(), "out": out.to_str().unwrap() });
+    for (k, v) in extra.as_object().unwrap() {
+        o[k] = v.clone();
+    }
+    crate::jobs::run("data.prepare", o, &crate::JobCtx::silent())
+}
+
+fn no_leftovers(parent: &Path) {
+    let names: Vec<String> = std::fs::read_dir(parent).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| !n.starts_with('.')), "staging left behind: {names:?}");
+}
+
+#[test]
+fn labelled_folder_tar_and_tgz_give_the_same_dataset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sums = Vec::new();
+    for (i, input) in ["folder-labelled", "labelled.tar", "labelled.tar.gz", "labelled.tgz"].iter().enumerate() {
+        let out = tmp.path().join(format!("ds{i}"));
+        let r = prep(&fixture(input), &out, serde_json::json!({})).unwrap();
+        assert_eq!(r["count"], 6, "{input}");
+        let ds = Dataset::open(&out).unwrap();
+        let m = &ds.manifest;
+        assert_eq!((m.channels, m.height, m.width), (3, 8, 8));
+        assert_eq!(m.classes, vec![ClassInfo { name: "cat".into(), count: 3 }, ClassInfo { name: "dog".into(), count: 3 }]);
+        // class "dog" pixels have red channel 200; the record's first plane is red
+        for j in 0..6 {
+            let (px, l) = ds.get(Split::Train, j).unwrap();
+            assert_eq!(px[0], if l == 1 { 200 } else { 0 }, "{input} record {j}");
+        }
+        ds.verify().unwrap();
+        sums.push((input.to_string(), m.checksum.value.clone()));
+    }
+    // the folder is read in sorted order; the archives list dog before cat, so only the label
+    // counts agree, not the order; the two gzip archives hold the same tar
+    assert_eq!(sums[2].1, sums[3].1);
+    assert_eq!(sums[1].1, sums[2].1);
+    no_leftovers(tmp.path());
+}
+
+#[test]
+fn flat_folder_is_unlabelled_and_resizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("flat");
+    prep(&fixture("folder-flat"), &out, serde_json::json!({"size": 4, "channels": 3, "valFraction": 0.25, "seed": 3})).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+    assert!(ds.manifest.classes.is_empty());
+    assert_eq!((ds.manifest.channels, ds.manifest.height), (3, 4));
+    assert_eq!((ds.len(Split::Train), ds.len(Split::Val)), (3, 1));
+    let (px, l) = ds.get(Split::Train, 0).unwrap();
+    assert_eq!((px.len(), l), (48, -1));
+    // grey replicated to RGB: the three planes are equal
+    assert_eq!(px[..16], px[16..32]);
+}
+
+#[test]
+fn npz_layouts_and_compression() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    prep(&fixture("images-nhwc.npz"), &a, serde_json::json!({})).unwrap();
+    let ds = Dataset::open(&a).unwrap();
+    assert_eq!((ds.manifest.channels, ds.manifest.height, ds.manifest.width, ds.manifest.count), (3, 6, 6, 5));
+    assert_eq!(ds.manifest.classes.iter().map(|c| c.count).collect::<Vec<_>>(), vec![2, 2, 1]);
+    let (px, l) = ds.get(Split::Train, 1).unwrap();
+    // value at (i, y, x, c) = (i*50 + y*6 + x + c) % 256, stored as C,H,W
+    assert_eq!(l, 1);
+    assert_eq!(px[0], 50);
+    assert_eq!(px[36 + 7], (50 + 6 + 1 + 1) as u8);
+
+    let b = tmp.path().join("b");
+    prep(&fixture("images-nchw-deflate.npz"), &b, serde_json::json!({"limit": 4})).unwrap();
+    let ds = Dataset::open(&b).unwrap();
+    assert_eq!(ds.manifest.count, 4);
+    assert_eq!(ds.manifest.classes.len(), 4);
+    let (px, l) = ds.get(Split::Train, 2).unwrap();
+    assert_eq!(l, 1);
+    assert_eq!(px[36 * 2 + 6 + 1], (100 + 40 + 6 + 1) as u8);
+}
+
+#[test]
+fn mnist_idx_gzipped_or_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    prep(&fixture("mnist-gz"), &a, serde_json::json!({})).unwrap();
+    let ds = Dataset::open(&a).unwrap();
+    assert_eq!((ds.manifest.channels, ds.manifest.height, ds.manifest.count, ds.manifest.classes.len()), (1, 28, 10, 10));
+    assert_eq!(ds.manifest.source.kind, "idx");
+    let (px, l) = ds.get(Split::Train, 3).unwrap();
+    assert_eq!(l, 3);
+    assert_eq!(px[1], (((3 * 17 + 1) % 7) * 36) as u8);
+    let b = tmp.path().join("b");
+    prep(&fixture("mnist-plain"), &b, serde_json::json!({"channels": 3, "size": 4})).unwrap();
+    let ds = Dataset::open(&b).unwrap();
+    assert_eq!((ds.manifest.channels, ds.manifest.height, ds.manifest.count, ds.manifest.classes.len()), (3, 4, 6, 3));
+}
+
+fn err_of(input: &str, extra: serde_json::Value) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let e = format!("{:#}", prep(&fixture(input), &out, extra).unwrap_err());
+    assert!(!out.exists(), "{input}: output left behind after: {e}");
+    no_leftovers(tmp.path());
+    e
+}
+
+#[test]
+fn bad_inputs_are_one_clear_error_and_leave_nothing() {
+    let e = err_of("bad-image", serde_json::json!({}));
+    assert!(e.contains("truncated.png") && e.contains("--skip-bad"), "{e}");
+    let e = err_of("mixed-sizes", serde_json::json!({}));
+    assert!(e.contains("different sizes") && e.contains("--size"), "{e}");
+    let e = err_of("empty", serde_json::json!({}));
+    assert!(e.contains("no images found"), "{e}");
+    let e = err_of("truncated.tar", serde_json::json!({}));
+    assert!(e.contains("truncated"), "{e}");
+    let e = err_of("float.npz", serde_json::json!({}));
+    assert!(e.contains("float32") && e.contains("uint8"), "{e}");
+    let e = err_of("rank5.npz", serde_json::json!({}));
+    assert!(e.contains("shape"), "{e}");
+    let e = err_of("folder-flat", serde_json::json!({"channels": 2}));
+    assert!(e.contains("--channels"), "{e}");
+}
+
+#[test]
+fn skip_bad_lists_skipped_files_and_sizes_resize() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let r = prep(&fixture("bad-image"), &out, serde_json::json!({"skipBad": true})).unwrap();
+    assert_eq!((r["count"].as_u64(), r["skipped"].as_u64()), (Some(2), Some(1)));
+    let ds = Dataset::open(&out).unwrap();
+    assert_eq!(ds.manifest.skipped.len(), 1);
+    assert!(ds.manifest.skipped[0].path.ends_with("truncated.png"));
+    let out2 = tmp.path().join("o2");
+    prep(&fixture("mixed-sizes"), &out2, serde_json::json!({"size": 5})).unwrap();
+    assert_eq!(Dataset::open(&out2).unwrap().manifest.height, 5);
+}
+
+#[test]
+fn existing_output_needs_force_and_survives_failures() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    prep(&fixture("folder-flat"), &out, serde_json::json!({})).unwrap();
+    let before = std::fs::read(out.join(MANIFEST)).unwrap();
+    let e = format!("{:#}", prep(&fixture("folder-labelled"), &out, serde_json::json!({})).unwrap_err());
+    assert!(e.contains("already exists") && e.contains("--force"), "{e}");
+    // a failing run with --force leaves the old dataset untouched
+    prep(&fixture("mixed-sizes"), &out, serde_json::json!({"force": true})).unwrap_err();
+    assert_eq!(std::fs::read(out.join(MANIFEST)).unwrap(), before);
+    prep(&fixture("folder-labelled"), &out, serde_json::json!({"force": true})).unwrap();
+    assert_eq!(Dataset::open(&out).unwrap().manifest.classes.len(), 2);
+    no_leftovers(tmp.path());
+}
+
+#[test]
+fn jpeg_and_webp_decode() {
+    use super::decode::{decode, Item, Label, Payload};
+    let img = image::RgbImage::from_fn(16, 12, |x, y| image::Rgb([(x * 15) as u8, (y * 20) as u8, 128]));
+    for fmt in [image::ImageFormat::Jpeg, image::ImageFormat::WebP, image::ImageFormat::Png] {
+        let mut buf = Vec::new();
+        image::DynamicImage::ImageRgb8(img.clone()).write_to(&mut std::io::Cursor::new(&mut buf), fmt).unwrap();
+        let item = Item { name: "x".into(), payload: Payload::Bytes(buf.clone()), label: Label::None };
+        let d = decode(&item).unwrap().to_rgb8();
+        assert_eq!(d.dimensions(), (16, 12), "{fmt:?}");
+        let diff = d.get_pixel(8, 6)[0] as i32 - img.get_pixel(8, 6)[0] as i32;
+        assert!(diff.abs() < 12, "{fmt:?}: {diff}");
+        buf.truncate(buf.len() / 3);
+        let item = Item { name: "cut.img".into(), payload: Payload::Bytes(buf), label: Label::None };
+        if fmt != image::ImageFormat::Jpeg {
+            let e = format!("{:#}", decode(&item).unwrap_err());
+            assert!(e.contains("cut.img"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn inspect_writes_a_grid_with_a_row_per_class() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ds");
+    prep(&fixture("folder-labelled"), &out, serde_json::json!({})).unwrap();
+    let r = crate::jobs::run("data.inspect", serde_json::json!({"dir": out.to_str().unwrap(), "perRow": 4, "verify": true}), &crate::JobCtx::silent()).unwrap();
+    assert_eq!(r["gridRows"], 2);
+    let grid = image::open(out.join("preview.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (4 * 10 + 2, 2 * 10 + 2));
+}
