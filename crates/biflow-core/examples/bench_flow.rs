@@ -26,6 +26,14 @@ fn config(name: &str) -> (FlowConfig, usize) {
     }
 }
 
+/// CPU seconds (user + system) used by this process so far: robust to other load on the machine.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let which = args.first().cloned().unwrap_or_else(|| "all".into());
@@ -46,7 +54,11 @@ fn main() -> anyhow::Result<()> {
             // Warm-up step, then timed steps.
             let mut fwd = 0.0;
             let mut bwd = 0.0;
+            let mut cpu0 = 0.0;
             for s in 0..=steps {
+                if s == 1 {
+                    cpu0 = cpu_seconds();
+                }
                 let t0 = Instant::now();
                 let loss = nll_loss(&model.forward(&x, Some(&y))?)?;
                 let _ = loss.to_scalar::<f32>()?;
@@ -59,11 +71,13 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             let per = (fwd + bwd) / steps as f64;
+            let cpu = (cpu_seconds() - cpu0) / steps as f64;
             println!(
                 "{}",
                 serde_json::json!({"config": name, "what": "forward+backward", "batch": batch, "steps": steps,
                     "forwardS": fwd / steps as f64, "backwardS": bwd / steps as f64,
-                    "stepsPerSecond": 1.0 / per, "imagesPerSecond": batch as f64 / per})
+                    "stepsPerSecond": 1.0 / per, "imagesPerSecond": batch as f64 / per, "cpuSecondsPerStep": cpu,
+                    "threads": rayon::current_num_threads()})
             );
         }
         if what == "all" || what == "sample" {
@@ -73,13 +87,13 @@ fn main() -> anyhow::Result<()> {
             let z = Tensor::from_vec(z, (num, t, d), &dev)?;
             let y = Tensor::from_vec((0..num as i64).map(|i| i % 10).collect::<Vec<_>>(), num, &dev)?;
             for guidance in [0.0, 1.0] {
-                let t0 = Instant::now();
+                let (t0, c0) = (Instant::now(), cpu_seconds());
                 let _x = model.reverse(&z, Some(&y), &ReverseOptions { guidance, ..Default::default() }, |_, _| Ok(()))?;
                 let s = t0.elapsed().as_secs_f64();
                 println!(
                     "{}",
                     serde_json::json!({"config": name, "what": "exact-sample", "num": num, "guidance": guidance,
-                        "seconds": s, "imagesPerSecond": num as f64 / s})
+                        "seconds": s, "imagesPerSecond": num as f64 / s, "cpuSeconds": cpu_seconds() - c0})
                 );
             }
         }

@@ -395,6 +395,7 @@ impl TarFlow {
     /// Build the model with parameters from `vb` (reference state_dict names).
     pub fn new(vb: VarBuilder, cfg: &FlowConfig) -> Result<TarFlow> {
         cfg.validate()?;
+        ops::tune_allocator();
         let blocks = (0..cfg.num_blocks)
             .map(|i| FlowBlock::new(vb.pp(format!("blocks.{i}")), cfg, i))
             .collect::<Result<Vec<_>>>()
