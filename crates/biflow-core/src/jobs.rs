@@ -23,6 +23,9 @@ pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
         "fid.convertWeights" => crate::fid::eval::convert_weights(opts(name, options)?, ctx),
         "fid.formulaWeights" => crate::fid::eval::formula_weights(opts(name, options)?, ctx),
         "train" => crate::train::train_job(options, ctx),
+        "import-tarflow" => crate::import::import_tarflow(opts(name, options)?, ctx),
+        "sample" => crate::sample::sample(opts(name, options)?, ctx),
+        "eval-bpd" => crate::bpd::eval_bpd(opts(name, options)?, ctx),
         _ => bail!("unknown job '{name}'"),
     }
 }

@@ -1,15 +1,18 @@
 //! biflow-core: all the maths and I/O of biflow. The Node shell (`biflow-node`) only forwards
 //! `jobs::run(name, options, ctx)` calls here.
 
+pub mod bpd;
 pub mod data;
 pub mod fid;
 pub mod flow;
+pub mod import;
 pub mod io;
 pub mod job;
 pub mod jobs;
 pub mod ops;
 pub mod optim;
 pub mod run;
+pub mod sample;
 pub mod train;
 
 pub use job::{Cancelled, Event, JobCtx};
