@@ -11,10 +11,18 @@ export abstract class BiflowCommand extends Command {
     return runJob<T>(name, options, {json: this.jsonEnabled()})
   }
 
-  /** Errors from the core are user-facing sentences: print them without a stack (DEBUG=1 keeps it). */
-  protected async catch(error: Error & {exitCode?: number}): Promise<unknown> {
-    if (error instanceof Errors.CLIError || process.env.DEBUG) return super.catch(error)
-    const exit = error instanceof JobCancelled ? 130 : 1
-    return super.catch(Object.assign(new Errors.CLIError(error.message, {exit}), {exitCode: exit}))
+  /**
+   * Errors are user-facing sentences: printed whole (not wrapped, so paths and URLs stay intact) and
+   * without a stack (DEBUG=1 keeps oclif's own handling). A cancelled job exits 130.
+   */
+  protected async catch(error: Error & {oclif?: {exit?: number}}): Promise<unknown> {
+    if (process.env.DEBUG) return super.catch(error)
+    const exit = error instanceof JobCancelled ? 130 : (error.oclif?.exit ?? 1)
+    if (this.jsonEnabled()) {
+      return super.catch(Object.assign(new Errors.CLIError(error.message, {exit}), {exitCode: exit}))
+    }
+
+    process.exitCode = exit
+    this.logToStderr(`Error: ${error.message}`)
   }
 }
