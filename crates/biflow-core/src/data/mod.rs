@@ -14,6 +14,7 @@
 //! The checksum is SHA-256 over the shard files in order, then `labels.bin`, then `val.idx`.
 //! Readers map the files into memory ([`Dataset`]); nothing is loaded whole.
 
+pub mod bench;
 mod decode;
 mod inspect;
 mod prepare;
