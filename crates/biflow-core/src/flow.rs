@@ -178,7 +178,8 @@ impl Attention {
         let vs = cache.v.narrow(2, 0, cache.len)?;
         let scores = q.matmul(&ks.t()?)?.broadcast_mul(&scale.reshape((n, 1, 1, 1))?)?; // (N, H, 1, t)
         let att = candle_nn::ops::softmax_last_dim(&scores)?; // inference only: no gradient needed
-        let y = att.matmul(&vs)?.reshape((n, c))?.reshape((n, 1, c))?;
+        // (N, H, 1, hd) has the memory layout of (N, 1, H, hd): heads merge by a reshape.
+        let y = att.matmul(&vs)?.reshape((n, 1, c))?;
         self.proj.forward(&y)
     }
 }
@@ -395,6 +396,7 @@ impl TarFlow {
     /// Build the model with parameters from `vb` (reference state_dict names).
     pub fn new(vb: VarBuilder, cfg: &FlowConfig) -> Result<TarFlow> {
         cfg.validate()?;
+        ops::tune_allocator();
         let blocks = (0..cfg.num_blocks)
             .map(|i| FlowBlock::new(vb.pp(format!("blocks.{i}")), cfg, i))
             .collect::<Result<Vec<_>>>()
@@ -600,7 +602,7 @@ pub fn bits_per_dim(out: &FlowOutput, cfg: &FlowConfig) -> Result<Tensor> {
 /// LayerNorm weight 1 and bias 0, proj_out weight 0.
 pub fn initial_parameters(cfg: &FlowConfig, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
     cfg.validate()?;
-    let mut rng = rand_chacha_like(seed);
+    let mut rng = seeded_rng(seed);
     let (t, d, c) = (cfg.num_tokens(), cfg.token_dim(), cfg.channels);
     let mut out = HashMap::new();
     let linear = |out: &mut HashMap<String, Tensor>, rng: &mut rand::rngs::StdRng, name: &str, d_in: usize, d_out: usize, zero_w: bool| -> Result<()> {
@@ -638,7 +640,7 @@ pub fn initial_parameters(cfg: &FlowConfig, seed: u64, device: &Device) -> Resul
     Ok(out)
 }
 
-fn rand_chacha_like(seed: u64) -> rand::rngs::StdRng {
+fn seeded_rng(seed: u64) -> rand::rngs::StdRng {
     rand::rngs::StdRng::seed_from_u64(seed)
 }
 
