@@ -276,6 +276,19 @@ mod tests {
     }
 
     #[test]
+    fn a_truncated_checkpoint_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = std::fs::read(fixture()).unwrap();
+        let cut = dir.path().join("cut.pth");
+        std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        let msg = format!("{:#}", import_tarflow(opts(&cut, &dir.path().join("run")), &JobCtx::silent()).unwrap_err());
+        assert!(msg.contains("cut.pth"), "{msg}");
+        assert!(!dir.path().join("run").exists());
+        let missing = import_tarflow(opts(&dir.path().join("nope.pth"), &dir.path().join("run")), &JobCtx::silent()).unwrap_err();
+        assert!(missing.to_string().contains("does not exist"), "{missing}");
+    }
+
+    #[test]
     fn imports_a_run_that_loads_and_refuses_to_overwrite() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("run");
