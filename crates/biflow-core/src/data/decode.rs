@@ -57,6 +57,7 @@ pub struct Item {
 
 /// An input opened for reading.
 pub struct Source {
+    /// `rx` yields non-empty batches, then one empty batch at the end of the input.
     /// Number of items when known in advance (for the progress bar).
     pub total: Option<u64>,
     /// Class names in label order when known in advance (`None`: unlabelled or [`Label::Dir`]).
@@ -80,8 +81,15 @@ impl Drop for Source {
 fn spawn_reader(f: impl FnOnce(&SyncSender<Result<Vec<Item>>>) -> Result<()> + Send + 'static) -> (Receiver<Result<Vec<Item>>>, JoinHandle<()>) {
     let (tx, rx) = sync_channel(2);
     let handle = std::thread::spawn(move || {
-        if let Err(e) = f(&tx) {
-            let _ = tx.send(Err(e));
+        // An empty batch marks the end: a reader that dies without it (a panic) is an error, never
+        // a silently shorter dataset.
+        match f(&tx) {
+            Ok(()) => {
+                let _ = tx.send(Ok(Vec::new()));
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
         }
     });
     (rx, handle)
@@ -150,8 +158,14 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>, ignored: &mut usize) -> Result<()> {
             continue;
         }
         let p = e.path();
-        let meta = std::fs::metadata(&p).with_context(|| format!("cannot read {}", p.display()))?;
-        if meta.is_dir() {
+        let ft = e.file_type().with_context(|| format!("cannot read {}", p.display()))?;
+        // only symbolic links need another look to see what they point to
+        let is_dir = if ft.is_symlink() {
+            std::fs::metadata(&p).with_context(|| format!("cannot read {} (a broken link?)", p.display()))?.is_dir()
+        } else {
+            ft.is_dir()
+        };
+        if is_dir {
             walk(&p, out, ignored)?;
         } else if is_image_name(&name) {
             out.push(p);
@@ -174,7 +188,8 @@ pub fn open_folder(root: &Path, limit: Option<usize>) -> Result<Source> {
     let top_level = files.iter().filter(|p| rel(p).components().count() == 1).count();
     let mut messages = Vec::new();
     if ignored > 0 {
-        messages.push(format!("ignored {ignored} files that are not {} images", ext_list()));
+        let files_word = if ignored == 1 { "file that is not an image" } else { "files that are not images" };
+        messages.push(format!("ignored {ignored} {files_word} ({} are read)", ext_list()));
     }
     let (names, labels): (Option<Vec<String>>, Vec<Label>) = if top_level == files.len() {
         (None, vec![Label::None; files.len()])
@@ -388,7 +403,7 @@ fn image_shape(what: &str, shape: &[usize]) -> Result<(usize, usize, usize, usiz
     let is_c = |c: usize| c == 1 || c == 3;
     Ok(match *shape {
         [n, h, w] => (n, h, w, 1, Layout::Hwc),
-        [n, a, b, c] if is_c(c) && !(is_c(a) && !is_c(b)) => (n, a, b, c, Layout::Hwc),
+        [n, a, b, c] if is_c(c) && (is_c(b) || !is_c(a)) => (n, a, b, c, Layout::Hwc),
         [n, c, h, w] if is_c(c) => (n, h, w, c, Layout::Chw),
         [n, d] => {
             let s = ((d / 3) as f64).sqrt().round() as usize;
@@ -561,7 +576,23 @@ pub fn decode(item: &Item) -> Result<DynamicImage> {
     }
 }
 
+/// A JPEG decoder fills a cut-off scan with grey instead of failing: require the end-of-image
+/// marker after the last start-of-scan (an embedded thumbnail's EOI comes before the main scan).
+fn check_jpeg_complete(bytes: &[u8]) -> Result<()> {
+    if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return Ok(());
+    }
+    let eoi = bytes.windows(2).rposition(|w| w == [0xFF, 0xD9]);
+    let complete = match eoi {
+        Some(p) => !bytes[p..].windows(2).any(|w| w == [0xFF, 0xDA]),
+        None => false,
+    };
+    ensure!(complete, "the JPEG is truncated (no end-of-image marker after its image data)");
+    Ok(())
+}
+
 fn decode_bytes(bytes: &[u8]) -> Result<DynamicImage> {
+    check_jpeg_complete(bytes)?;
     let img = image::load_from_memory(bytes)?;
     ensure!(img.width() > 0 && img.height() > 0, "the image is empty");
     Ok(match img {

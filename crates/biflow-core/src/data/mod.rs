@@ -49,6 +49,26 @@ pub enum Split {
     Val,
 }
 
+impl std::fmt::Display for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Split::Train => "train",
+            Split::Val => "val",
+        })
+    }
+}
+
+impl std::str::FromStr for Split {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Split> {
+        match s {
+            "train" => Ok(Split::Train),
+            "val" => Ok(Split::Val),
+            _ => bail!("unknown split '{s}' (expected train or val)"),
+        }
+    }
+}
+
 /// A class: its name (the folder name for image folders, the label number for arrays) and how many
 /// records carry it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,7 +268,7 @@ impl Dataset {
             }
         };
         ensure!(
-            val.len() == m.splits.val.count && val.windows(2).all(|w| w[0] < w[1]) && val.last().map_or(true, |&v| (v as usize) < m.count),
+            val.len() == m.splits.val.count && val.windows(2).all(|w| w[0] < w[1]) && val.last().is_none_or(|&v| (v as usize) < m.count),
             "dataset {} is damaged: the validation index does not match the manifest",
             dir.display()
         );
@@ -274,6 +294,11 @@ impl Dataset {
         self.len(split) == 0
     }
 
+    /// Number of classes (0 when unlabelled).
+    pub fn num_classes(&self) -> usize {
+        self.manifest.classes.len()
+    }
+
     /// Shape of one image: (channels, height, width).
     pub fn shape(&self) -> (usize, usize, usize) {
         (self.manifest.channels, self.manifest.height, self.manifest.width)
@@ -291,7 +316,7 @@ impl Dataset {
         let idx = self.index(split);
         match idx.get(index) {
             Some(&r) => Ok(r as usize),
-            None => bail!("image {index} is out of range: the {split:?} split has {} images", idx.len()),
+            None => bail!("image {index} is out of range: the {split} split has {} images", idx.len()),
         }
     }
 
@@ -310,19 +335,26 @@ impl Dataset {
         Ok((px.to_vec(), label))
     }
 
-    /// A batch of images as f32 C,H,W in [-1, 1] (x/127.5 - 1) concatenated, plus labels; fast path.
+    /// A batch of images as f32 C,H,W in [-1, 1] (x/127.5 - 1) concatenated, plus labels; fast path
+    /// (large batches are converted on several threads).
     pub fn batch_f32(&self, split: Split, indices: &[usize]) -> Result<(Vec<f32>, Vec<i64>)> {
+        use rayon::prelude::*;
         let table = to_unit_table();
         let rb = self.manifest.record_bytes;
+        let records = indices.iter().map(|&i| self.record_index(split, i)).collect::<Result<Vec<_>>>()?;
         let mut out = vec![0f32; indices.len() * rb];
-        let mut labels = Vec::with_capacity(indices.len());
-        for (k, &i) in indices.iter().enumerate() {
-            let (px, label) = self.record(self.record_index(split, i)?);
-            for (o, &p) in out[k * rb..(k + 1) * rb].iter_mut().zip(px) {
+        let fill = |(o, &r): (&mut [f32], &usize)| {
+            let (px, _) = self.record(r);
+            for (o, &p) in o.iter_mut().zip(px) {
                 *o = table[p as usize];
             }
-            labels.push(label);
+        };
+        if out.len() >= 1 << 20 {
+            out.par_chunks_mut(rb).zip(records.par_iter()).for_each(fill);
+        } else {
+            out.chunks_mut(rb).zip(records.iter()).for_each(fill);
         }
+        let labels = records.iter().map(|&r| self.record(r).1).collect();
         Ok((out, labels))
     }
 

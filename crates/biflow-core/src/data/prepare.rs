@@ -98,6 +98,9 @@ enum ItemError {
 #[derive(Clone, Copy)]
 struct Target {
     channels: usize,
+    /// --channels was given (otherwise the first image decided, and a colour image after a grey
+    /// first one is an error rather than a silent conversion to grey).
+    explicit_channels: bool,
     height: usize,
     width: usize,
     first: (usize, usize),
@@ -105,6 +108,12 @@ struct Target {
 
 /// Resize (with --size), convert channels, and lay out as C,H,W.
 fn process(img: DynamicImage, item: &Item, target: &Target, size: Option<usize>, first_name: &str) -> Result<Vec<u8>, ItemError> {
+    if !target.explicit_channels && target.channels == 1 && img.color().channel_count() >= 3 {
+        return Err(ItemError::Fatal(anyhow::anyhow!(
+            "{} is a colour image but the first image, {first_name}, is grey; pass --channels 3 to keep colour or --channels 1 to convert everything to grey",
+            item.name
+        )));
+    }
     let img = match size {
         Some(n) => resize::resize_center_crop(img, n as u32),
         None => {
@@ -243,8 +252,11 @@ fn build(o: &PrepareOptions, kind: &str, source_name: &str, source: Source, stag
         ctx.check_cancelled()?;
         let batch = match source.rx.recv() {
             Ok(b) => b?,
-            Err(_) => break, // the reader finished
+            Err(_) => bail!("the reader of {source_name} stopped unexpectedly (internal error)"),
         };
+        if batch.is_empty() {
+            break; // the end of the input
+        }
         if target.is_none() {
             for item in &batch {
                 match decode::decode(item) {
@@ -252,7 +264,7 @@ fn build(o: &PrepareOptions, kind: &str, source_name: &str, source: Source, stag
                         let channels = o.channels.unwrap_or(if img.color().channel_count() == 1 { 1 } else { 3 });
                         let (w, h) = (img.width() as usize, img.height() as usize);
                         let (height, width) = o.size.map_or((h, w), |n| (n, n));
-                        target = Some(Target { channels, height, width, first: (w, h) });
+                        target = Some(Target { channels, explicit_channels: o.channels.is_some(), height, width, first: (w, h) });
                         first_name = item.name.clone();
                         let rb = channels * height * width;
                         let rps = o.records_per_shard.unwrap_or_else(|| default_records_per_shard(rb));
@@ -301,7 +313,7 @@ fn build(o: &PrepareOptions, kind: &str, source_name: &str, source: Source, stag
             }
             done += 1;
         }
-        if last_report.elapsed().as_millis() >= 100 || source.total == Some(done) {
+        if last_report.elapsed().as_millis() >= 100 {
             ctx.progress(done, source.total, crate::metrics!["skipped" => skipped.len()]);
             last_report = Instant::now();
         }
