@@ -6,6 +6,8 @@ import {fixtures, runCli, runJson, tempDir} from './helpers.js'
 
 const ref = join(fixtures, 'fid-reference')
 const FID_AB = 598.7282851342064
+// oclif wraps error lines (' ›   ' continuation prefixes): undo that before matching.
+const flat = (s: string) => s.replace(/\n ›   /g, '')
 
 describe('biflow eval-fid', () => {
   const dir = tempDir('biflow-fid-')
@@ -42,7 +44,7 @@ describe('biflow eval-fid', () => {
     // 2048-dimensional statistics against the 256-dimensional fixture: a clear error.
     const bad = runCli(['eval-fid', stats, join(ref, 'stats-a.npz')])
     expect(bad.code).not.toBe(0)
-    expect(bad.stderr).toMatch(/different dimensions/)
+    expect(flat(bad.stderr)).toMatch(/different dimensions/)
   }, 120_000)
 
   it('converts weights to safetensors and refuses weights that are not the FID network', () => {
@@ -52,7 +54,7 @@ describe('biflow eval-fid', () => {
     expect(readFileSync(out).length).toBe(readFileSync(weights).length)
     const subset = runCli(['fid', 'convert-weights', join(ref, 'fid-inception-formula-subset.pth'), join(dir, 'x.safetensors')])
     expect(subset.code).not.toBe(0)
-    expect(subset.stderr).toMatch(/has no tensor 'Conv2d_2a_3x3.conv.weight'/)
+    expect(flat(subset.stderr)).toMatch(/has no tensor 'Conv2d_2a_3x3.conv.weight'/)
   })
 
   it('refuses a .pth whose pickle names a foreign global', () => {
@@ -70,7 +72,7 @@ describe('biflow eval-fid', () => {
     writeFileSync(path, evil)
     const r = runCli(['eval-fid', join(ref, 'images'), join(ref, 'stats-a.npz'), '--inception-weights', path])
     expect(r.code).not.toBe(0)
-    expect(r.stderr).toMatch(/refusing the pickle global 'os\.system'/)
+    expect(flat(r.stderr)).toMatch(/refusing the pickle global 'os\.system'/)
   })
 
   it('fails clearly on a truncated weights file, an empty folder, and missing weights', () => {
@@ -79,18 +81,18 @@ describe('biflow eval-fid', () => {
     writeFileSync(cut, full.subarray(0, full.length - 1000))
     const t = runCli(['fid', 'convert-weights', cut, join(dir, 'y.safetensors')])
     expect(t.code).not.toBe(0)
-    expect(t.stderr).toMatch(/truncated/)
+    expect(flat(t.stderr)).toMatch(/truncated/)
 
     const empty = join(dir, 'empty')
     mkdirSync(empty)
     const e = runCli(['eval-fid', empty, join(ref, 'stats-a.npz'), '--inception-weights', weights])
     expect(e.code).not.toBe(0)
-    expect(e.stderr).toMatch(/holds no images/)
+    expect(flat(e.stderr)).toMatch(/holds no images/)
 
     const m = runCli(['eval-fid', join(ref, 'images'), join(ref, 'stats-a.npz')], {env})
     expect(m.code).not.toBe(0)
-    expect(m.stderr).toMatch(/pytorch-fid\/releases\/download\/fid_weights\/pt_inception-2015-12-05-6726825d\.pth/)
-    expect(m.stderr).toMatch(/6726825d/)
+    expect(flat(m.stderr)).toMatch(/pytorch-fid\/releases\/download\/fid_weights\/pt_inception-2015-12-05-6726825d\.pth/)
+    expect(flat(m.stderr)).toMatch(/6726825d/)
 
     const nothing = runCli(['eval-fid', join(ref, 'images')])
     expect(nothing.code).not.toBe(0)
