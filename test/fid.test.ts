@@ -47,6 +47,24 @@ describe('biflow eval-fid', () => {
     expect(flat(bad.stderr)).toMatch(/different dimensions/)
   }, 120_000)
 
+  it('scores exact samples of a model run, streaming, and needs --num for it', () => {
+    const run = join(dir, 'tiny-run')
+    runJson(['import', 'tarflow', join(fixtures, 'tarflow-reference', 'tiny-cond.pth'), '--out', run])
+    const stats = join(dir, 'run-stats.npz')
+    const r = runJson<{source: {images: number; kind: string}}>([
+      'eval-fid', run, '--num', '3', '--seed', '7', '--save-stats', stats, '--inception-weights', weights,
+    ])
+    expect(r.source).toMatchObject({kind: 'run', images: 3})
+    // the same seed draws the same samples: FID ~0 against their own statistics
+    const same = runJson<{fid: number}>(['eval-fid', run, stats, '--num', '3', '--seed', '7', '--inception-weights', weights])
+    expect(Math.abs(same.fid)).toBeLessThan(1e-6)
+    const other = runJson<{fid: number}>(['eval-fid', run, stats, '--num', '3', '--seed', '8', '--inception-weights', weights])
+    expect(other.fid).toBeGreaterThan(1e-3)
+    const noNum = runCli(['eval-fid', run, stats, '--inception-weights', weights])
+    expect(noNum.code).not.toBe(0)
+    expect(noNum.stderr).toMatch(/is a model run: give --num N/)
+  }, 180_000)
+
   it('converts weights to safetensors and refuses weights that are not the FID network', () => {
     const out = join(dir, 'converted.safetensors')
     const ok = runJson<{tensors: number}>(['fid', 'convert-weights', weights, out])

@@ -122,6 +122,14 @@ describe('forward flow: import, exact sampling, bits/dim', () => {
     const npz = join(dir, 'npz')
     runJson(['sample', '--model', run, '--num', '2', '--format', 'npz', '--out', npz])
     expect(readFileSync(join(npz, 'samples.npz')).subarray(0, 2).toString()).toBe('PK')
+    // never written into a folder that holds files, unless --force
+    const before = readFileSync(join(a, 'samples.npy'))
+    const again = runCli(['sample', '--model', run, '--num', '2', '--seed', '4', '--format', 'npy', '--out', a])
+    expect(again.code).toBe(1)
+    expect(again.stderr).toMatch(/exists and is not empty.*--force/)
+    expect(readFileSync(join(a, 'samples.npy')).equals(before)).toBe(true)
+    runJson(['sample', '--model', run, '--num', '2', '--seed', '4', '--format', 'npy', '--out', a, '--force'])
+    expect(readFileSync(join(a, 'samples.npy')).equals(before)).toBe(false)
   })
 
   it('rejects the reverse method until a distilled model exists, and bad labels', () => {

@@ -24,7 +24,9 @@ export default class EvalFid extends BiflowCommand {
 
 SOURCE and REFERENCE can each be an image folder (png/jpg/webp, not recursive), an .npz of images
 (arr_0, uint8 N,H,W,C as the ADM reference batches, or float N,C,H,W in [-1,1]), an .npz of statistics
-(mu, sigma as written by --save-stats or pytorch-fid), or a prepared dataset directory (--split).
+(mu, sigma as written by --save-stats or pytorch-fid), a prepared dataset directory (--split), or a
+model RUN: --num N exact samples are drawn (--seed, --guidance) and scored batch by batch, never all
+held in memory.
 
 The network is the FID Inception-v3 of pytorch-fid. Its weights are pytorch-fid's published
 pt_inception-2015-12-05-6726825d.pth (legacy PyTorch format), a zip-format .pth, or a .safetensors
@@ -37,10 +39,11 @@ BIFLOW_INCEPTION_WEIGHTS variable, then ~/.cache/biflow/pt_inception-2015-12-05-
     '<%= config.bin %> eval-fid data/cifar10 --split train --save-stats cifar10-train.npz',
     '<%= config.bin %> eval-fid samples.npz VIRTUAL_imagenet64_labeled.npz --json',
     '<%= config.bin %> eval-fid samples/ --is --json',
+    '<%= config.bin %> eval-fid runs/mnist data/mnist --num 10000 --seed 1 --json',
   ]
 
   static args = {
-    source: Args.string({description: 'images to score: folder, .npz (images or mu/sigma), or dataset DIR', required: true}),
+    source: Args.string({description: 'images to score: folder, .npz (images or mu/sigma), dataset DIR, or model RUN (with --num)', required: true}),
     reference: Args.string({description: 'what to compare with (same kinds); optional with --save-stats or --is'}),
   }
 
@@ -51,7 +54,9 @@ BIFLOW_INCEPTION_WEIGHTS variable, then ~/.cache/biflow/pt_inception-2015-12-05-
     'save-stats': Flags.string({description: "write SOURCE's statistics (mu, sigma) to this .npz, as pytorch-fid's --save-stats"}),
     'batch-size': Flags.integer({default: 32, min: 1, description: 'images per network batch'}),
     split: Flags.string({options: ['train', 'val'], default: 'train', description: 'split of a prepared dataset directory'}),
-    num: Flags.integer({min: 1, description: 'score at most this many images of each image source'}),
+    num: Flags.integer({min: 1, description: 'score at most this many images of each image source (the number of samples for a RUN)'}),
+    seed: Flags.integer({default: 0, description: 'seed of the noise when a side is a model RUN'}),
+    guidance: Flags.string({default: '0', description: 'classifier-free guidance weight when a side is a model RUN'}),
     is: Flags.boolean({default: false, description: 'also compute the Inception Score of SOURCE (10 splits)'}),
     'is-splits': Flags.integer({default: 10, min: 1, description: 'number of splits for the Inception Score'}),
   }
@@ -71,6 +76,8 @@ BIFLOW_INCEPTION_WEIGHTS variable, then ~/.cache/biflow/pt_inception-2015-12-05-
       num: flags.num,
       is: flags.is,
       isSplits: flags['is-splits'],
+      seed: flags.seed,
+      guidance: Number(flags.guidance),
     })
     if (r.fid !== undefined) this.log(`FID: ${r.fid.toFixed(4)}`)
     if (r.is !== undefined) this.log(`IS: ${r.is.toFixed(4)} ± ${(r.isStd ?? 0).toFixed(4)}`)

@@ -34,6 +34,7 @@ export default class Sample extends BiflowCommand {
     seed: Flags.integer({description: 'random seed for the noise', default: 0}),
     format: Flags.string({description: 'png: one file per image plus grid.png; npz: uint8 N,H,W,C under arr_0; npy: float32 N,C,H,W', options: ['png', 'npz', 'npy'], default: 'png'}),
     'batch-size': Flags.integer({description: 'images decoded at once', min: 1, default: 64}),
+    force: Flags.boolean({description: 'write into --out even when it already holds files (same-named files are replaced)'}),
   }
 
   async run(): Promise<SampleResult> {
@@ -67,6 +68,7 @@ export default class Sample extends BiflowCommand {
       seed: flags.seed,
       format: flags.format,
       batchSize: flags['batch-size'],
+      force: flags.force,
     })
     this.log(
       `wrote ${result.num} images to ${result.out} (${result.format}${result.denoised ? ', denoised' : ''}, ${result.imagesPerSecond.toFixed(2)} images/s)`,

@@ -44,6 +44,148 @@ pub struct SampleOptions {
     pub format: String,
     #[serde(default)]
     pub batch_size: Option<usize>,
+    /// Write into a non-empty --out folder.
+    #[serde(default)]
+    pub force: bool,
+}
+
+impl SampleOptions {
+    /// Defaults for sampling `num` images from the run `model` (no output folder: a streaming consumer).
+    pub fn streaming(model: &str, num: usize, seed: u64, guidance: f64) -> SampleOptions {
+        SampleOptions {
+            model: model.to_string(),
+            out: String::new(),
+            num: Some(num),
+            method: default_method(),
+            guidance,
+            annealed: false,
+            attn_temp: 1.0,
+            denoise: None,
+            noise_std: None,
+            noise: None,
+            labels: None,
+            seed,
+            format: default_format(),
+            batch_size: None,
+            force: false,
+        }
+    }
+}
+
+/// Exact samples of a run, batch by batch: noise (seeded, or given tokens) -> causal decoding ->
+/// optional denoising. `biflow sample` keeps them; `eval-fid` on a run scores and drops each batch.
+pub struct ExactSampler {
+    model: TarFlow,
+    opts: ReverseOptions,
+    /// The noise level of the denoising step; None = no denoising.
+    pub sigma: Option<f64>,
+    labels: Option<Vec<i64>>,
+    given_noise: Option<Vec<f32>>,
+    rng: rand::rngs::StdRng,
+    n: usize,
+    done: usize,
+}
+
+impl ExactSampler {
+    pub fn new(o: &SampleOptions) -> Result<ExactSampler> {
+        match o.method.as_str() {
+            "exact" => {}
+            "reverse" => bail!(
+                "--method reverse needs a distilled reverse model (biflow distill), which is not available yet; use --method exact"
+            ),
+            m => bail!("unknown sampling method '{m}': use exact or reverse"),
+        }
+        ensure!(o.guidance.is_finite() && o.guidance >= 0.0, "--guidance must be a number >= 0");
+        let run = crate::run::Run::open(Path::new(&o.model))?;
+        let model = run.load_flow(&Device::Cpu)?;
+        let cfg = model.config().clone();
+        let (t, d) = (cfg.num_tokens(), cfg.token_dim());
+        let (n, given_noise) = match &o.noise {
+            Some(p) => {
+                let a = read_npy(Path::new(p))?;
+                ensure!(
+                    a.shape.len() == 3 && a.shape[1] == t && a.shape[2] == d,
+                    "--noise {p} has shape {:?}; this model needs N,{t},{d} tokens",
+                    a.shape
+                );
+                if let Some(num) = o.num {
+                    ensure!(num == a.shape[0], "--num {num} disagrees with the {} noise tokens in {p}", a.shape[0]);
+                }
+                (a.shape[0], Some(a.to_f32()))
+            }
+            None => (o.num.or(o.labels.as_ref().map(|l| l.len())).unwrap_or(16), None),
+        };
+        ensure!(n > 0, "nothing to sample: --num must be at least 1");
+        let labels = make_labels(&o.labels, n, cfg.num_classes)?;
+        let run_sigma = o.noise_std.or(run.config.noise_std);
+        let sigma = match o.denoise {
+            Some(false) => None,
+            Some(true) => Some(run_sigma.context(
+                "denoising needs the training noise level: this run does not record one, give --noise-std",
+            )?),
+            None => run_sigma,
+        };
+        Ok(ExactSampler {
+            model,
+            opts: ReverseOptions { guidance: o.guidance, annealed: o.annealed, attn_temp: o.attn_temp },
+            sigma,
+            labels,
+            given_noise,
+            rng: rand::rngs::StdRng::seed_from_u64(o.seed),
+            n,
+            done: 0,
+        })
+    }
+
+    pub fn config(&self) -> &crate::flow::FlowConfig {
+        self.model.config()
+    }
+    /// The number of images this sampler makes.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+    pub fn labels(&self) -> Option<&[i64]> {
+        self.labels.as_deref()
+    }
+    pub fn denoises(&self) -> bool {
+        self.sigma.is_some()
+    }
+
+    /// The next at most `max` images (N,C,H,W f32, about [-1,1]), or None when all are made.
+    /// `on_step(k)` is called after each of the B*(T-1) decoding steps; its error stops the batch.
+    pub fn next_batch(&mut self, max: usize, on_step: impl FnMut(usize) -> Result<()>) -> Result<Option<Tensor>> {
+        if self.done >= self.n {
+            return Ok(None);
+        }
+        let cfg = self.model.config();
+        let (t, d) = (cfg.num_tokens(), cfg.token_dim());
+        let (lo, m) = (self.done, max.max(1).min(self.n - self.done));
+        // Drawing batch by batch from one RNG gives the same noise as drawing all of it at once.
+        let noise: Vec<f32> = match &self.given_noise {
+            Some(all) => all[lo * t * d..(lo + m) * t * d].to_vec(),
+            None => (0..m * t * d).map(|_| StandardNormal.sample(&mut self.rng)).collect(),
+        };
+        let z = Tensor::from_vec(noise, (m, t, d), &Device::Cpu)?;
+        let y = match &self.labels {
+            Some(l) => Some(Tensor::from_vec(l[lo..lo + m].to_vec(), m, &Device::Cpu)?),
+            None => None,
+        };
+        let mut on_step = on_step;
+        let mut x = self.model.reverse(&z, y.as_ref(), &self.opts, |k, _| on_step(k))?;
+        if let Some(sigma) = self.sigma {
+            x = denoise(&self.model, &x, y.as_ref(), sigma)?;
+        }
+        let x = x.to_dtype(DType::F32)?;
+        ensure!(
+            x.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite()),
+            "sampling produced non-finite values: the model's inverse diverged (an undertrained model without --clip-scale can do this)"
+        );
+        self.done += m;
+        Ok(Some(x))
+    }
 }
 
 fn default_method() -> String {
@@ -139,85 +281,38 @@ fn make_labels(given: &Option<Vec<i64>>, n: usize, classes: usize) -> Result<Opt
 }
 
 pub fn sample(o: SampleOptions, ctx: &JobCtx) -> Result<Value> {
-    match o.method.as_str() {
-        "exact" => {}
-        "reverse" => bail!(
-            "--method reverse needs a distilled reverse model (biflow distill), which is not available yet; use --method exact"
-        ),
-        m => bail!("unknown sampling method '{m}': use exact or reverse"),
-    }
     ensure!(matches!(o.format.as_str(), "png" | "npz" | "npy"), "unknown format '{}': use png, npz or npy", o.format);
-    ensure!(o.guidance.is_finite() && o.guidance >= 0.0, "--guidance must be a number >= 0");
-    let device = Device::Cpu;
-    let run = crate::run::Run::open(Path::new(&o.model))?;
-    let model = run.load_flow(&device)?;
-    let cfg = model.config().clone();
-    let (t, d) = (cfg.num_tokens(), cfg.token_dim());
-
-    // The noise: given tokens, or drawn from a seeded host RNG.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
-    let (n, noise): (usize, Vec<f32>) = match &o.noise {
-        Some(p) => {
-            let a = read_npy(Path::new(p))?;
-            ensure!(
-                a.shape.len() == 3 && a.shape[1] == t && a.shape[2] == d,
-                "--noise {p} has shape {:?}; this model needs N,{t},{d} tokens",
-                a.shape
-            );
-            if let Some(num) = o.num {
-                ensure!(num == a.shape[0], "--num {num} disagrees with the {} noise tokens in {p}", a.shape[0]);
-            }
-            (a.shape[0], a.to_f32())
-        }
-        None => {
-            let n = o.num.or(o.labels.as_ref().map(|l| l.len())).unwrap_or(16);
-            (n, (0..n * t * d).map(|_| StandardNormal.sample(&mut rng)).collect())
-        }
-    };
-    ensure!(n > 0, "nothing to sample: --num must be at least 1");
-    let labels = make_labels(&o.labels, n, cfg.num_classes)?;
-    let sigma = o.noise_std.or(run.config.noise_std);
-    let denoise_on = match o.denoise {
-        Some(false) => false,
-        Some(true) => {
-            ensure!(sigma.is_some(), "denoising needs the training noise level: this run does not record one, give --noise-std");
-            true
-        }
-        None => sigma.is_some(),
-    };
-    let opts = ReverseOptions { guidance: o.guidance, annealed: o.annealed, attn_temp: o.attn_temp };
+    let out = PathBuf::from(&o.out);
+    if let Ok(mut entries) = std::fs::read_dir(&out) {
+        ensure!(
+            o.force || entries.next().is_none(),
+            "{} exists and is not empty: choose another --out, or add --force to write into it",
+            out.display()
+        );
+    }
+    let mut sampler = ExactSampler::new(&o)?;
+    let cfg = sampler.config().clone();
+    let (n, labels, denoise_on, sigma) = (sampler.len(), sampler.labels().map(<[i64]>::to_vec), sampler.denoises(), sampler.sigma);
     let bs = o.batch_size.unwrap_or(64).max(1);
-    let steps_per_batch = cfg.num_blocks * (t - 1);
-    let batches = n.div_ceil(bs);
-    let total = (batches * steps_per_batch) as u64;
+    let steps_per_batch = cfg.num_blocks * (cfg.num_tokens() - 1);
+    let total = (n.div_ceil(bs) * steps_per_batch) as u64;
     ctx.start("decode", Some(total));
     let started = Instant::now();
     let mut images: Vec<f32> = Vec::with_capacity(n * cfg.image_dim());
-    for bi in 0..batches {
-        let lo = bi * bs;
-        let m = bs.min(n - lo);
-        let z = Tensor::from_vec(noise[lo * t * d..(lo + m) * t * d].to_vec(), (m, t, d), &device)?;
-        let y = match &labels {
-            Some(l) => Some(Tensor::from_vec(l[lo..lo + m].to_vec(), m, &device)?),
-            None => None,
-        };
-        let mut x = model.reverse(&z, y.as_ref(), &opts, |done, _| {
-            let all = (bi * steps_per_batch + done) as u64;
-            if done % 8 == 0 || done == steps_per_batch {
-                ctx.progress(all, Some(total), crate::metrics!["images" => lo]);
-            }
-            ctx.check_cancelled()
-        })?;
-        if denoise_on {
-            x = denoise(&model, &x, y.as_ref(), sigma.unwrap())?;
+    let mut batch_index = 0;
+    while let Some(x) = sampler.next_batch(bs, |done| {
+        let all = (batch_index * steps_per_batch + done) as u64;
+        if done % 8 == 0 || done == steps_per_batch {
+            ctx.progress(all, Some(total), crate::metrics!["images" => batch_index * bs]);
         }
-        images.extend(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        ctx.check_cancelled()
+    })? {
+        images.extend(x.flatten_all()?.to_vec1::<f32>()?);
+        batch_index += 1;
     }
     ctx.end();
     let secs = started.elapsed().as_secs_f64();
-    ensure!(images.iter().all(|v| v.is_finite()), "sampling produced non-finite values (the model or the noise is broken)");
 
-    let out = PathBuf::from(&o.out);
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let (c, h) = (cfg.in_channels, cfg.img_size);
     let mut files = Vec::new();

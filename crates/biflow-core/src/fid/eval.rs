@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::frechet::{frechet_distance, Gaussian};
 use super::inception::{preprocess_image, FidInception, FEATURES};
-use super::source::{ArraySource, FolderSource, ImageSource, Limited};
+use super::source::{ArraySource, FolderSource, ImageSource, Limited, RunSource};
 use super::stats::{is_stats_npz, load_stats, save_stats, StatsAccumulator};
 use crate::job::JobCtx;
 
@@ -38,6 +38,12 @@ pub struct EvalOptions {
     pub is: bool,
     #[serde(default)]
     pub is_splits: Option<usize>,
+    /// Seed of the noise when a side is a model run.
+    #[serde(default)]
+    pub seed: u64,
+    /// Classifier-free guidance weight when a side is a model run.
+    #[serde(default)]
+    pub guidance: f64,
 }
 
 /// What a side (source or reference) turned out to be.
@@ -46,9 +52,13 @@ enum Side {
     Images(Box<dyn ImageSource>),
 }
 
-fn open_side(spec: &str, split: Option<&str>, num: Option<usize>) -> Result<(Side, &'static str)> {
+fn open_side(spec: &str, o: &EvalOptions) -> Result<(Side, &'static str)> {
+    let (split, num) = (o.split.as_deref(), o.num);
     let path = Path::new(spec);
-    ensure!(path.exists(), "{spec} does not exist (expected an image folder, an .npz file or a prepared dataset directory)");
+    ensure!(
+        path.exists(),
+        "{spec} does not exist (expected an image folder, an .npz file, a prepared dataset directory or a model run)"
+    );
     let limit = |s: Box<dyn ImageSource>| -> Box<dyn ImageSource> {
         match num {
             Some(n) => Box::new(Limited::new(BoxedSource(s), n)),
@@ -62,6 +72,10 @@ fn open_side(spec: &str, split: Option<&str>, num: Option<usize>) -> Result<(Sid
             return Ok((Side::Stats(load_stats(path)?), "stats"));
         }
         return Ok((Side::Images(limit(Box::new(ArraySource::open_npz(path)?))), "npz"));
+    }
+    if path.join("config.json").is_file() && path.join("weights.safetensors").is_file() {
+        let n = num.with_context(|| format!("{spec} is a model run: give --num N, the number of samples to score"))?;
+        return Ok((Side::Images(Box::new(RunSource::open(path, n, o.seed, o.guidance)?)), "run"));
     }
     if path.join("manifest.json").is_file() {
         return Ok((Side::Images(limit(super::dataset_source(path, split)?)), "dataset"));
@@ -170,9 +184,9 @@ pub fn eval(o: EvalOptions, ctx: &JobCtx) -> Result<Value> {
     if let Some(s) = &o.split {
         ensure!(s == "train" || s == "val", "--split must be 'train' or 'val', not '{s}'");
     }
-    let (src, src_kind) = open_side(&o.source, o.split.as_deref(), o.num)?;
+    let (src, src_kind) = open_side(&o.source, &o)?;
     let reference = match &o.reference {
-        Some(r) => Some(open_side(r, o.split.as_deref(), o.num)?),
+        Some(r) => Some(open_side(r, &o)?),
         None => None,
     };
     if o.is && matches!(src, Side::Stats(_)) {

@@ -253,3 +253,44 @@ mod tests {
         assert!(format!("{e:#}").contains("holds no images"));
     }
 }
+
+/// Exact samples of a model run, made batch by batch and quantised to 8 bits as `biflow sample` would
+/// save them; only one batch is ever held, so 50,000 samples need no more memory than one.
+pub struct RunSource {
+    sampler: crate::sample::ExactSampler,
+    what: String,
+}
+
+impl RunSource {
+    pub fn open(run: &Path, num: usize, seed: u64, guidance: f64) -> Result<Self> {
+        let o = crate::sample::SampleOptions::streaming(&run.display().to_string(), num, seed, guidance);
+        let sampler = crate::sample::ExactSampler::new(&o)?;
+        let c = sampler.config().in_channels;
+        ensure!(c == 1 || c == 3, "FID needs grey or RGB images; the model at {} makes {c} channels", run.display());
+        Ok(RunSource { sampler, what: format!("{num} exact samples of {}", run.display()) })
+    }
+}
+
+impl ImageSource for RunSource {
+    fn describe(&self) -> String {
+        self.what.clone()
+    }
+    fn len(&self) -> Option<usize> {
+        Some(self.sampler.len())
+    }
+    fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Image>>> {
+        let Some(x) = self.sampler.next_batch(max, |_| Ok(()))? else { return Ok(None) };
+        let (n, c, h, w) = x.dims4()?;
+        let v = x.flatten_all()?.to_vec1::<f32>()?;
+        (0..n)
+            .map(|i| {
+                let rgb: Vec<u8> = (0..h * w)
+                    .flat_map(|p| (0..3).map(move |ch| (ch, p)))
+                    .map(|(ch, p)| crate::sample::to_u8(v[(i * c + ch.min(c - 1)) * h * w + p]))
+                    .collect();
+                Image::from_rgb8(&rgb, h, w)
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+}
