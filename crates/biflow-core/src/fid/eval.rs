@@ -273,14 +273,12 @@ pub struct FormulaOptions {
 
 /// Write the deterministic formula weights of the parity fixture as `.safetensors` (tests, benchmarks).
 pub fn formula_weights(o: FormulaOptions, _ctx: &JobCtx) -> Result<Value> {
-    let tensors = super::inception::formula_tensors();
-    let kept: Vec<(String, Vec<usize>, Vec<u8>)> =
-        tensors.into_iter().map(|(n, s, d)| (n, s, d.iter().flat_map(|v| v.to_le_bytes()).collect())).collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = kept
-        .iter()
-        .map(|(n, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
-        .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, None)?;
-    crate::io::atomic::write(Path::new(&o.output), &bytes).with_context(|| format!("cannot write {}", o.output))?;
+    use crate::io::tensors::{write_safetensors, HostTensor};
+    let kept: Vec<(String, HostTensor)> = super::inception::formula_tensors()
+        .into_iter()
+        .map(|(n, shape, data)| (n, HostTensor { shape, data }))
+        .collect();
+    let refs: Vec<(String, &HostTensor)> = kept.iter().map(|(n, t)| (n.clone(), t)).collect();
+    write_safetensors(Path::new(&o.output), &refs).with_context(|| format!("cannot write {}", o.output))?;
     Ok(json!({ "output": o.output, "tensors": kept.len() }))
 }

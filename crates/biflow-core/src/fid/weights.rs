@@ -12,6 +12,7 @@ use anyhow::{bail, ensure, Context, Result};
 use sha2::{Digest, Sha256};
 
 use super::inception::{tensor_specs, FidInception};
+use crate::io::tensors::{write_safetensors, HostTensor};
 
 pub const PUBLISHED_NAME: &str = "pt_inception-2015-12-05-6726825d.pth";
 pub const PUBLISHED_URL: &str =
@@ -124,14 +125,9 @@ pub fn convert(input: &Path, output: &Path) -> Result<usize> {
             bail!("{} has no tensor '{name}': not the FID Inception weights", input.display());
         };
         ensure!(&s == shape, "tensor '{name}' has shape {s:?}, expected {shape:?}");
-        let bytes: Vec<u8> = d.iter().flat_map(|v| v.to_le_bytes()).collect();
-        kept.push((name.clone(), s, bytes));
+        kept.push((name.clone(), HostTensor { shape: s, data: d }));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = kept
-        .iter()
-        .map(|(n, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
-        .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, None).context("cannot serialise the weights")?;
-    crate::io::atomic::write(output, &bytes).with_context(|| format!("cannot write {}", output.display()))?;
+    let refs: Vec<(String, &HostTensor)> = kept.iter().map(|(n, t)| (n.clone(), t)).collect();
+    write_safetensors(output, &refs).with_context(|| format!("cannot write {}", output.display()))?;
     Ok(kept.len())
 }
