@@ -20,7 +20,13 @@ for (const area of areas) {
 
   console.error(`bench ${area}...`)
   const out = execFileSync(process.execPath, [script], {encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit']})
-  results[area] = JSON.parse(out.trim().split('\n').at(-1))
+  // A script prints one JSON object: on its own (possibly pretty-printed) or as its last line.
+  const text = out.trim()
+  try {
+    results[area] = JSON.parse(text)
+  } catch {
+    results[area] = JSON.parse(text.split('\n').at(-1))
+  }
 }
 
 console.log(JSON.stringify(results, null, 2))
