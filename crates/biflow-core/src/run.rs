@@ -260,7 +260,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.safetensors");
         let t = HostTensor { shape: vec![2, 3], data: vec![1., 2., 3., 4., 5., f32::MIN_POSITIVE] };
-        write_safetensors(&p, &[("w".into(), &t)]).unwrap();
+        write_safetensors(&p, &[("w".into(), t.clone())]).unwrap();
         let back = read_safetensors(&p).unwrap();
         assert_eq!(back, vec![("w".to_string(), t)]);
         let bytes = fs::read(&p).unwrap();

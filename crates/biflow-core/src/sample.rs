@@ -234,12 +234,6 @@ fn image_buffer(chw: &[f32], c: usize, h: usize, w: usize) -> Result<image::Dyna
     })
 }
 
-fn save_png(img: &image::DynamicImage, path: &Path) -> Result<()> {
-    let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
-    crate::io::atomic::write(path, &bytes)
-}
-
 /// A grid like torchvision's make_grid (nrow = ceil(sqrt(N)), 2-pixel black padding).
 fn grid(images: &[f32], n: usize, c: usize, h: usize, w: usize) -> Result<image::DynamicImage> {
     let cols = (n as f64).sqrt().ceil() as usize;
@@ -321,11 +315,11 @@ pub fn sample(o: SampleOptions, ctx: &JobCtx) -> Result<Value> {
             let per = c * h * h;
             for i in 0..n {
                 let p = out.join(format!("{i:06}.png"));
-                save_png(&image_buffer(&images[i * per..(i + 1) * per], c, h, h)?, &p)?;
+                crate::io::atomic::write_png(&p, &image_buffer(&images[i * per..(i + 1) * per], c, h, h)?)?;
                 files.push(p);
             }
             let p = out.join("grid.png");
-            save_png(&grid(&images, n, c, h, h)?, &p)?;
+            crate::io::atomic::write_png(&p, &grid(&images, n, c, h, h)?)?;
             files.push(p);
         }
         "npz" => {

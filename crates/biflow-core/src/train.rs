@@ -578,10 +578,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn refs(v: &[(String, HostTensor)]) -> Vec<(String, &HostTensor)> {
-    v.iter().map(|(n, t)| (n.clone(), t)).collect()
-}
-
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     f.write_all(bytes)?;
@@ -620,11 +616,11 @@ fn save_checkpoint(step: u64, st: &TrainState) -> Result<Checkpoint> {
         optim_t.push((format!("v.{}", s.name), HostTensor { shape: s.shape.clone(), data: s.mom.v.clone() }));
     }
     let mut files = std::collections::BTreeMap::new();
-    let ema_bytes = encode_safetensors(&refs(&ema))?;
+    let ema_bytes = encode_safetensors(&ema)?;
     for (name, bytes) in [
-        ("model.safetensors", encode_safetensors(&refs(&model))?),
+        ("model.safetensors", encode_safetensors(&model)?),
         ("ema.safetensors", ema_bytes.clone()),
-        ("optimizer.safetensors", encode_safetensors(&refs(&optim_t))?),
+        ("optimizer.safetensors", encode_safetensors(&optim_t)?),
     ] {
         files.insert(name.to_string(), sha256_hex(&bytes));
         write_synced(&tmp.join(name), &bytes)?;
@@ -785,11 +781,7 @@ pub fn plot_loss(metrics: &Path, out: &Path) -> Result<()> {
             line(&mut img, (px(s[0].0), py(s[0].1)), (px(s[1].0), py(s[1].1)), image::Rgb([20, 60, 170]));
         }
     }
-    let mut bytes = Vec::new();
-    image::DynamicImage::ImageRgb8(img)
-        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .context("cannot encode the loss plot")?;
-    crate::io::atomic::write(out, &bytes)
+    crate::io::atomic::write_png(out, &image::DynamicImage::ImageRgb8(img))
 }
 
 fn line(img: &mut image::RgbImage, a: (f64, f64), b: (f64, f64), c: image::Rgb<u8>) {

@@ -72,17 +72,12 @@ fn write_grid(ds: &Dataset, rows: &[Vec<usize>], per_row: usize, path: &Path) ->
             }
         }
     }
-    let mut buf = Vec::new();
-    let color = if c == 1 { image::ExtendedColorType::L8 } else { image::ExtendedColorType::Rgb8 };
-    image::ImageEncoder::write_image(
-        image::codecs::png::PngEncoder::new(&mut buf),
-        &canvas,
-        gw as u32,
-        gh as u32,
-        color,
-    )
-    .context("cannot encode the sample grid")?;
-    crate::io::atomic::write(path, &buf).with_context(|| format!("cannot write {}", path.display()))
+    let img = if c == 1 {
+        image::GrayImage::from_raw(gw as u32, gh as u32, canvas).map(image::DynamicImage::ImageLuma8)
+    } else {
+        image::RgbImage::from_raw(gw as u32, gh as u32, canvas).map(image::DynamicImage::ImageRgb8)
+    };
+    crate::io::atomic::write_png(path, &img.context("the sample grid has the wrong number of pixels")?)
 }
 
 pub fn inspect(o: InspectOptions, ctx: &JobCtx) -> Result<Value> {

@@ -278,7 +278,6 @@ pub fn formula_weights(o: FormulaOptions, _ctx: &JobCtx) -> Result<Value> {
         .into_iter()
         .map(|(n, shape, data)| (n, HostTensor { shape, data }))
         .collect();
-    let refs: Vec<(String, &HostTensor)> = kept.iter().map(|(n, t)| (n.clone(), t)).collect();
-    write_safetensors(Path::new(&o.output), &refs).with_context(|| format!("cannot write {}", o.output))?;
+    write_safetensors(Path::new(&o.output), &kept).with_context(|| format!("cannot write {}", o.output))?;
     Ok(json!({ "output": o.output, "tensors": kept.len() }))
 }

@@ -127,7 +127,6 @@ pub fn convert(input: &Path, output: &Path) -> Result<usize> {
         ensure!(&s == shape, "tensor '{name}' has shape {s:?}, expected {shape:?}");
         kept.push((name.clone(), HostTensor { shape: s, data: d }));
     }
-    let refs: Vec<(String, &HostTensor)> = kept.iter().map(|(n, t)| (n.clone(), t)).collect();
-    write_safetensors(output, &refs).with_context(|| format!("cannot write {}", output.display()))?;
+    write_safetensors(output, &kept).with_context(|| format!("cannot write {}", output.display()))?;
     Ok(kept.len())
 }

@@ -27,6 +27,13 @@ pub fn write_with(path: &Path, write: impl FnOnce(&mut fs::File) -> Result<()>) 
     result
 }
 
+/// Encode `img` as PNG and write it to `path` atomically.
+pub fn write_png(path: &Path, img: &image::DynamicImage) -> Result<()> {
+    let mut bytes = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).context("cannot encode the PNG")?;
+    write(path, &bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Write `bytes` to `path` atomically.
 pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     write_with(path, |f| Ok(f.write_all(bytes)?))

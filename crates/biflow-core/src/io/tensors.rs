@@ -14,7 +14,7 @@ pub struct HostTensor {
 }
 
 /// Encode named f32 tensors as a safetensors file image.
-pub fn encode_safetensors(tensors: &[(String, &HostTensor)]) -> Result<Vec<u8>> {
+pub fn encode_safetensors(tensors: &[(String, HostTensor)]) -> Result<Vec<u8>> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, t)| (n.clone(), t.shape.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect()))
@@ -27,7 +27,7 @@ pub fn encode_safetensors(tensors: &[(String, &HostTensor)]) -> Result<Vec<u8>> 
 }
 
 /// Write named f32 tensors to `path` atomically.
-pub fn write_safetensors(path: &Path, tensors: &[(String, &HostTensor)]) -> Result<()> {
+pub fn write_safetensors(path: &Path, tensors: &[(String, HostTensor)]) -> Result<()> {
     super::atomic::write(path, &encode_safetensors(tensors)?)
 }
 
