@@ -97,13 +97,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let d_in = *dims.last().unwrap();
-        let rows = x.elem_count() / d_in;
-        let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
-        Ok(y.reshape(out_dims)?)
+        ops::linear(x, &self.weight, &self.bias)
     }
 }
 
@@ -149,17 +143,8 @@ impl Attention {
 
     /// Full causal attention over x: (N, T, C).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, t, c) = x.dims3()?;
-        let h = self.norm.forward(x)?;
-        // qkv laid out [q heads | k heads | v heads]: (N, T, 3, H, hd) -> (3, N, H, T, hd).
-        let qkv = self.qkv.forward(&h)?.reshape((n, t, 3, self.heads, HEAD_DIM))?.permute((2, 0, 3, 1, 4))?;
-        let q = qkv.i(0)?.contiguous()?;
-        let k = qkv.i(1)?.contiguous()?;
-        let v = qkv.i(2)?.contiguous()?;
-        let scores = q.matmul(&k.t()?)?; // (N, H, T, T)
-        let att = ops::causal_softmax(&scores, 1.0 / (HEAD_DIM as f64).sqrt())?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((n, t, c))?;
-        self.proj.forward(&y)
+        let qkv = self.qkv.forward(&self.norm.forward(x)?)?;
+        self.proj.forward(&ops::causal_attention(&qkv, self.heads, 1.0 / (HEAD_DIM as f64).sqrt())?)
     }
 
     /// One decoding step: x (N, 1, C) is the token at position `cache.len`; attends to the cache and

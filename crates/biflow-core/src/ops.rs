@@ -1,10 +1,18 @@
-//! Differentiable building blocks of the flow that candle's fast ops do not give with gradients:
-//! LayerNorm, causal softmax, exact GELU, and the affine coupling.
+//! Differentiable building blocks of the flow, fused: the linear layer, causal attention, LayerNorm,
+//! exact GELU, and the affine coupling. candle's own fast softmax and layer-norm drop gradients, and
+//! the composed versions spend most of a CPU training step in small elementwise ops and copies.
 //!
-//! On the CPU with f32 data each is one fused custom op with a fused backward (one pass over memory
-//! instead of the ~10 elementwise ops and temporaries of the composed version). Other devices and
-//! dtypes use the composition of differentiable primitives (`*_reference`), which the tests also use
-//! to check the fused kernels.
+//! On the CPU with f32 data each is one custom op with a fused backward (one pass over memory instead
+//! of the ~10 elementwise ops and temporaries of the composed version). Other devices and dtypes use
+//! the composition of differentiable primitives (`*_reference`), which the tests also use to check
+//! the fused kernels.
+
+mod attention;
+mod gemm;
+mod linear;
+
+pub use attention::{causal_attention, causal_attention_reference};
+pub use linear::{linear, linear_reference};
 
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
@@ -186,18 +194,10 @@ impl CustomOp3 for LayerNormBwd {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Causal softmax
+// Causal softmax (the composed reference of the attention op)
 
 /// softmax(scale * s) over the last dimension with a causal mask (key j > query i gets weight 0);
 /// s: (..., T, T).
-pub fn causal_softmax(s: &Tensor, scale: f64) -> Result<Tensor> {
-    if fused(s) {
-        Ok(s.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32 })?)
-    } else {
-        causal_softmax_reference(s, scale)
-    }
-}
-
 pub fn causal_softmax_reference(s: &Tensor, scale: f64) -> Result<Tensor> {
     let t = s.dim(D::Minus1)?;
     let mask: Vec<f32> = (0..t * t).map(|k| if k % t > k / t { f32::NEG_INFINITY } else { 0.0 }).collect();
@@ -206,71 +206,6 @@ pub fn causal_softmax_reference(s: &Tensor, scale: f64) -> Result<Tensor> {
     let m = s.max_keepdim(D::Minus1)?.detach();
     let e = s.broadcast_sub(&m)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
-}
-
-struct CausalSoftmax {
-    scale: f32,
-}
-
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "biflow-causal-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s, l)?;
-        let t = l.dims()[l.dims().len() - 1];
-        let mut out = vec![0f32; x.len()];
-        // One task per (T x T) matrix.
-        out.par_chunks_mut(t * t).zip(x.par_chunks(t * t)).for_each(|(o, xs)| {
-            for i in 0..t {
-                let (orow, xrow) = (&mut o[i * t..i * t + t], &xs[i * t..i * t + i + 1]);
-                let m = xrow.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut sum = 0f32;
-                for j in 0..=i {
-                    let e = ((xrow[j] - m) * self.scale).exp();
-                    orow[j] = e;
-                    sum += e;
-                }
-                let inv = 1.0 / sum;
-                for v in &mut orow[..=i] {
-                    *v *= inv;
-                }
-            }
-        });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd { scale: self.scale })?))
-    }
-}
-
-/// dx = scale * y * (g - sum(g * y)) per row (masked entries have y = 0, so dx = 0 there).
-struct SoftmaxBwd {
-    scale: f32,
-}
-
-impl CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "biflow-softmax-bwd"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (y, g) = (slice(s1, l1)?, slice(s2, l2)?);
-        let t = l1.dims()[l1.dims().len() - 1];
-        let mut out = vec![0f32; y.len()];
-        let chunk = rows_per_task(t) * t;
-        out.par_chunks_mut(chunk).zip(y.par_chunks(chunk).zip(g.par_chunks(chunk))).for_each(|(o, (ys, gs))| {
-            for ((orow, yrow), grow) in o.chunks_mut(t).zip(ys.chunks(t)).zip(gs.chunks(t)) {
-                let dot: f32 = yrow.iter().zip(grow).map(|(a, b)| a * b).sum();
-                for j in 0..t {
-                    orow[j] = self.scale * yrow[j] * (grow[j] - dot);
-                }
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -290,6 +225,35 @@ struct Gelu;
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
+/// e^x for x <= 0, in plain arithmetic so that loops over it vectorise (libm's expf and erff are
+/// calls, and made GELU a tenth of a training step). 2^n e^r with |r| <= ln2/2 and a degree-6 Taylor
+/// polynomial: relative error < 2e-7; clamps its argument at -87 (e^-87 = 1.6e-38).
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
+    let x = x.max(-87.0);
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6; // ln 2 split in two for precision
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    // 2^n from the integer bits of `shifted` (no float-to-int conversion, which would not vectorise).
+    let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    p * f32::from_bits(n_int.wrapping_add(127) << 23)
+}
+
+/// Phi(x) = (1 + erf(x / sqrt 2)) / 2, with erf from Abramowitz & Stegun 7.1.26 (absolute error
+/// < 1.5e-7) and e^(-x^2/2) also returned, for the backward's density.
+#[inline(always)]
+fn normal_cdf_and_gauss(x: f32) -> (f32, f32) {
+    let z = (x * FRAC_1_SQRT_2).abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * z);
+    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
+    let gauss = exp_nonpositive(-z * z);
+    let erf_abs = 1.0 - poly * gauss;
+    let erf = if x < 0.0 { -erf_abs } else { erf_abs };
+    (0.5 * (1.0 + erf), gauss)
+}
+
 impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
         "biflow-gelu"
@@ -300,7 +264,7 @@ impl CustomOp1 for Gelu {
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(o, xs)| {
             for (o, &v) in o.iter_mut().zip(xs) {
-                *o = 0.5 * v * (1.0 + libm::erff(v * FRAC_1_SQRT_2));
+                *o = v * normal_cdf_and_gauss(v).0;
             }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -324,9 +288,8 @@ impl CustomOp2 for GeluBwd {
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(16384).zip(x.par_chunks(16384).zip(g.par_chunks(16384))).for_each(|(o, (xs, gs))| {
             for ((o, &v), &gv) in o.iter_mut().zip(xs).zip(gs) {
-                let cdf = 0.5 * (1.0 + libm::erff(v * FRAC_1_SQRT_2));
-                let pdf = FRAC_1_SQRT_2PI * (-0.5 * v * v).exp();
-                *o = gv * (cdf + v * pdf);
+                let (cdf, gauss) = normal_cdf_and_gauss(v);
+                *o = gv * (cdf + v * FRAC_1_SQRT_2PI * gauss);
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -385,13 +348,33 @@ mod tests {
     }
 
     #[test]
-    fn fused_causal_softmax_matches_reference() {
+    fn fused_causal_attention_matches_reference() {
+        // 2 samples, 19 tokens, 3 heads of 8 channels.
         check(
-            |t| causal_softmax(&t[0], 0.125).unwrap(),
-            |t| causal_softmax_reference(&t[0], 0.125).unwrap(),
-            vec![randn(&[2, 3, 17, 17], 4, 8.0)],
-            1e-5,
+            |t| causal_attention(&t[0], 3, 0.35).unwrap(),
+            |t| causal_attention_reference(&t[0], 3, 0.35).unwrap(),
+            vec![randn(&[2, 19, 72], 4, 2.0)],
+            2e-5,
         );
+    }
+
+    #[test]
+    fn fused_linear_matches_reference() {
+        check(
+            |t| linear(&t[0], &t[1], &t[2]).unwrap(),
+            |t| linear_reference(&t[0], &t[1], &t[2]).unwrap(),
+            vec![randn(&[3, 37, 40], 6, 1.0), randn(&[24, 40], 7, 0.5), randn(&[24], 8, 1.0)],
+            2e-5,
+        );
+    }
+
+    #[test]
+    fn fast_exp_matches_std() {
+        for i in 0..=100_000 {
+            let x = -90.0 * i as f32 / 100_000.0;
+            let (fast, exact) = (exp_nonpositive(x), x.exp());
+            assert!((fast - exact).abs() <= 3e-7 * exact + 2e-38, "exp({x}) = {fast}, expected {exact}");
+        }
     }
 
     #[test]

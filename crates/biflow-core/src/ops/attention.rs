@@ -1,0 +1,148 @@
+//! Causal multi-head self-attention as one op over the packed qkv projection.
+//!
+//! Per sample and head: S = q k^T, P = causal softmax(scale S), y = P v, all on views into the qkv
+//! buffer (no head split, no permuted copies). The backward recomputes P (cheaper than keeping the
+//! N x H x T x T probabilities alive between passes) and writes dq, dk, dv straight into one dqkv.
+
+use anyhow::Result;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{matmul, Threads, View};
+use super::{causal_softmax_reference, fused, slice};
+
+/// qkv (N, T, 3C), laid out per token as [q heads | k heads | v heads] with C / heads channels per
+/// head -> (N, T, C): softmax(scale q k^T) v per head with a causal mask, heads side by side.
+pub fn causal_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    if fused(qkv) {
+        Ok(qkv.contiguous()?.apply_op1(CausalAttention { heads, scale: scale as f32 })?)
+    } else {
+        causal_attention_reference(qkv, heads, scale)
+    }
+}
+
+pub fn causal_attention_reference(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (n, t, c3) = qkv.dims3()?;
+    let c = c3 / 3;
+    // (N, T, 3, H, hd) -> (3, N, H, T, hd).
+    let qkv = qkv.reshape((n, t, 3, heads, c / heads))?.permute((2, 0, 3, 1, 4))?;
+    let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
+    let att = causal_softmax_reference(&q.matmul(&k.t()?)?, scale)?;
+    Ok(att.matmul(&v)?.transpose(1, 2)?.reshape((n, t, c))?)
+}
+
+/// In place, row by row: p[i, j] = softmax_j(scale s[i, j]) over j <= i, and 0 for j > i.
+fn causal_softmax_rows(p: &mut [f32], t: usize, scale: f32) {
+    for (i, row) in p.chunks_mut(t).enumerate() {
+        let (live, masked) = row.split_at_mut(i + 1);
+        let m = live.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut sum = 0f32;
+        for v in live.iter_mut() {
+            *v = ((*v - m) * scale).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        live.iter_mut().for_each(|v| *v *= inv);
+        masked.fill(0.0);
+    }
+}
+
+/// The sizes of one attention problem, read from the qkv layout.
+#[derive(Clone, Copy)]
+struct Dims {
+    t: usize,
+    c: usize,
+    hd: usize,
+}
+
+impl Dims {
+    fn new(l: &Layout, heads: usize) -> candle_core::Result<Dims> {
+        let (_, t, c3) = l.shape().dims3()?;
+        if c3 % 3 != 0 || (c3 / 3) % heads != 0 {
+            candle_core::bail!("attention: {c3} qkv channels do not split into 3 x {heads} heads");
+        }
+        Ok(Dims { t, c: c3 / 3, hd: c3 / 3 / heads })
+    }
+    /// Views of head h's q, k and v in sample `base` (offset of the sample's first qkv element).
+    fn qkv(&self, x: &[f32], base: usize, h: usize) -> (View, View, View) {
+        let c3 = 3 * self.c;
+        let at = |part: usize| View::rows(x, base + part * self.c + h * self.hd, c3);
+        (at(0), at(1), at(2))
+    }
+}
+
+struct CausalAttention {
+    heads: usize,
+    scale: f32,
+}
+
+impl CustomOp1 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "biflow-causal-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let d = Dims::new(l, self.heads)?;
+        let (t, c, hd) = (d.t, d.c, d.hd);
+        let mut y = vec![0f32; x.len() / 3];
+        // One task per sample; each head writes its own columns of the sample's rows.
+        y.par_chunks_mut(t * c).enumerate().for_each(|(i, ys)| {
+            let mut p = vec![0f32; t * t];
+            for h in 0..self.heads {
+                let (q, k, v) = d.qkv(x, i * t * 3 * c, h);
+                matmul(&mut p, 0, t, t, t, hd, q, k.t(), false, Threads::One);
+                causal_softmax_rows(&mut p, t, self.scale);
+                matmul(ys, h * hd, c, t, hd, t, View::rows(&p, 0, t), v, false, Threads::One);
+            }
+        });
+        let (n, _, _) = l.shape().dims3()?;
+        Ok((CpuStorage::F32(y), Shape::from((n, t, c))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &CausalAttentionBwd { heads: self.heads, scale: self.scale })?))
+    }
+}
+
+/// (qkv, dy) -> dqkv.
+struct CausalAttentionBwd {
+    heads: usize,
+    scale: f32,
+}
+
+impl CustomOp2 for CausalAttentionBwd {
+    fn name(&self) -> &'static str {
+        "biflow-causal-attention-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, g) = (slice(s1, l1)?, slice(s2, l2)?);
+        let d = Dims::new(l1, self.heads)?;
+        let (t, c, hd) = (d.t, d.c, d.hd);
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(t * 3 * c).enumerate().for_each(|(i, ds)| {
+            let (mut p, mut dp) = (vec![0f32; t * t], vec![0f32; t * t]);
+            for h in 0..self.heads {
+                let (q, k, v) = d.qkv(x, i * t * 3 * c, h);
+                let dy = View::rows(g, i * t * c + h * hd, c);
+                matmul(&mut p, 0, t, t, t, hd, q, k.t(), false, Threads::One);
+                causal_softmax_rows(&mut p, t, self.scale);
+                let pv = View::rows(&p, 0, t);
+                // dv = P^T dy; dP = dy v^T.
+                matmul(ds, 2 * c + h * hd, 3 * c, t, hd, t, pv.t(), dy, false, Threads::One);
+                matmul(&mut dp, 0, t, t, t, hd, dy, v.t(), false, Threads::One);
+                // dS = scale P (dP - rowsum(dP P)); masked entries have P = 0, hence dS = 0.
+                for (prow, drow) in p.chunks(t).zip(dp.chunks_mut(t)) {
+                    let dot: f32 = prow.iter().zip(drow.iter()).map(|(a, b)| a * b).sum();
+                    drow.iter_mut().zip(prow).for_each(|(d, &p)| *d = self.scale * p * (*d - dot));
+                }
+                // dq = dS k; dk = dS^T q.
+                let dsv = View::rows(&dp, 0, t);
+                matmul(ds, h * hd, 3 * c, t, hd, t, dsv, k, false, Threads::One);
+                matmul(ds, c + h * hd, 3 * c, t, hd, t, dsv.t(), q, false, Threads::One);
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
