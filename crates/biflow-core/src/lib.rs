@@ -9,6 +9,7 @@ pub mod import;
 pub mod io;
 pub mod job;
 pub mod jobs;
+pub mod nll_grad;
 pub mod ops;
 pub mod optim;
 pub mod run;

@@ -8,15 +8,24 @@
 //! the fused kernels.
 
 mod attention;
+mod gelu;
 mod gemm;
+mod layer_norm;
 mod linear;
 
 pub use attention::{causal_attention, causal_attention_reference};
+pub use gelu::gelu;
+pub use layer_norm::{layer_norm, layer_norm_reference};
 pub use linear::{linear, linear_reference};
+pub(crate) use {
+    attention::{causal_attention_bwd, causal_attention_fwd, Dims as AttentionDims},
+    gelu::{gelu_bwd, gelu_fwd},
+    layer_norm::{layer_norm_bwd, layer_norm_fwd},
+    linear::{linear_bwd, linear_fwd},
+};
 
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
-use rayon::prelude::*;
+use candle_core::{CpuStorage, DType, Layout, Tensor, D};
 
 /// Keep freed tensor buffers in the heap instead of returning them to the kernel.
 ///
@@ -59,141 +68,6 @@ fn rows_per_task(row_len: usize) -> usize {
 }
 
 // ---------------------------------------------------------------------------------------------
-// LayerNorm
-
-/// LayerNorm over the last dimension: (x - mean) / sqrt(var + eps) * w + b (biased variance).
-pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    if fused(x) {
-        Ok(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormOp { eps: eps as f32 })?)
-    } else {
-        layer_norm_reference(x, w, b, eps)
-    }
-}
-
-pub fn layer_norm_reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    Ok(xn.broadcast_mul(w)?.broadcast_add(b)?)
-}
-
-fn row_stats(r: &[f32], eps: f32) -> (f32, f32) {
-    let n = r.len() as f32;
-    let mean = r.iter().sum::<f32>() / n;
-    let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
-struct LayerNormOp {
-    eps: f32,
-}
-
-impl CustomOp3 for LayerNormOp {
-    fn name(&self) -> &'static str {
-        "biflow-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let c = w.len();
-        let mut out = vec![0f32; x.len()];
-        let chunk = rows_per_task(c) * c;
-        out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, xs)| {
-            for (orow, xrow) in o.chunks_mut(c).zip(xs.chunks(c)) {
-                let (mean, rstd) = row_stats(xrow, self.eps);
-                for j in 0..c {
-                    orow[j] = (xrow[j] - mean) * rstd * w[j] + b[j];
-                }
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let c = w.dim(0)?;
-        let rows = x.elem_count() / c;
-        // One pass gives dx (rows x C) and the per-task partial sums of dw and db, packed.
-        let packed = x.apply_op3_no_bwd(&w.contiguous()?, &grad.contiguous()?, &LayerNormBwd { eps: self.eps })?;
-        let dx = packed.narrow(0, 0, rows * c)?.reshape(x.shape())?;
-        let partial = packed.narrow(0, rows * c, packed.elem_count() - rows * c)?.reshape(((), 2, c))?.sum(0)?;
-        Ok((Some(dx), Some(partial.get(0)?), Some(partial.get(1)?)))
-    }
-}
-
-struct LayerNormBwd {
-    eps: f32,
-}
-
-impl CustomOp3 for LayerNormBwd {
-    fn name(&self) -> &'static str {
-        "biflow-layer-norm-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w, g) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let c = w.len();
-        let rows = x.len() / c;
-        let rpt = rows_per_task(c);
-        let tasks = rows.div_ceil(rpt);
-        let mut dx = vec![0f32; x.len()];
-        let mut partials = vec![0f32; tasks * 2 * c];
-        dx.par_chunks_mut(rpt * c)
-            .zip(partials.par_chunks_mut(2 * c))
-            .enumerate()
-            .for_each(|(task, (dxs, part))| {
-                let (dw, db) = part.split_at_mut(c);
-                let base = task * rpt * c;
-                let mut xhat = vec![0f32; c];
-                for (r, dxrow) in dxs.chunks_mut(c).enumerate() {
-                    let off = base + r * c;
-                    let (xrow, grow) = (&x[off..off + c], &g[off..off + c]);
-                    let (mean, rstd) = row_stats(xrow, self.eps);
-                    let (mut s1, mut s2) = (0f32, 0f32);
-                    for j in 0..c {
-                        xhat[j] = (xrow[j] - mean) * rstd;
-                        let gy = grow[j] * w[j];
-                        s1 += gy;
-                        s2 += gy * xhat[j];
-                        dw[j] += grow[j] * xhat[j];
-                        db[j] += grow[j];
-                    }
-                    let (m1, m2) = (s1 / c as f32, s2 / c as f32);
-                    for j in 0..c {
-                        dxrow[j] = rstd * (grow[j] * w[j] - m1 - xhat[j] * m2);
-                    }
-                }
-            });
-        dx.extend_from_slice(&partials);
-        let n = dx.len();
-        Ok((CpuStorage::F32(dx), Shape::from(n)))
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Causal softmax (the composed reference of the attention op)
 
 /// softmax(scale * s) over the last dimension with a causal mask (key j > query i gets weight 0);
@@ -206,94 +80,6 @@ pub fn causal_softmax_reference(s: &Tensor, scale: f64) -> Result<Tensor> {
     let m = s.max_keepdim(D::Minus1)?.detach();
     let e = s.broadcast_sub(&m)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Exact GELU
-
-/// GELU with the exact erf: x * Phi(x).
-pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    if fused(x) {
-        Ok(x.contiguous()?.apply_op1(Gelu)?)
-    } else {
-        Ok(x.gelu_erf()?)
-    }
-}
-
-struct Gelu;
-
-const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
-const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
-
-/// e^x for x <= 0, in plain arithmetic so that loops over it vectorise (libm's expf and erff are
-/// calls, and made GELU a tenth of a training step). 2^n e^r with |r| <= ln2/2 and a degree-6 Taylor
-/// polynomial: relative error < 2e-7; clamps its argument at -87 (e^-87 = 1.6e-38).
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
-    let x = x.max(-87.0);
-    let shifted = x * std::f32::consts::LOG2_E + ROUND;
-    let n = shifted - ROUND;
-    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6; // ln 2 split in two for precision
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    // 2^n from the integer bits of `shifted` (no float-to-int conversion, which would not vectorise).
-    let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits());
-    p * f32::from_bits(n_int.wrapping_add(127) << 23)
-}
-
-/// Phi(x) = (1 + erf(x / sqrt 2)) / 2, with erf from Abramowitz & Stegun 7.1.26 (absolute error
-/// < 1.5e-7) and e^(-x^2/2) also returned, for the backward's density.
-#[inline(always)]
-fn normal_cdf_and_gauss(x: f32) -> (f32, f32) {
-    let z = (x * FRAC_1_SQRT_2).abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * z);
-    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
-    let gauss = exp_nonpositive(-z * z);
-    let erf_abs = 1.0 - poly * gauss;
-    let erf = if x < 0.0 { -erf_abs } else { erf_abs };
-    (0.5 * (1.0 + erf), gauss)
-}
-
-impl CustomOp1 for Gelu {
-    fn name(&self) -> &'static str {
-        "biflow-gelu"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s, l)?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(o, xs)| {
-            for (o, &v) in o.iter_mut().zip(xs) {
-                *o = v * normal_cdf_and_gauss(v).0;
-            }
-        });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluBwd)?))
-    }
-}
-
-/// d/dx gelu(x) = Phi(x) + x phi(x).
-struct GeluBwd;
-
-impl CustomOp2 for GeluBwd {
-    fn name(&self) -> &'static str {
-        "biflow-gelu-bwd"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, g) = (slice(s1, l1)?, slice(s2, l2)?);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(16384).zip(x.par_chunks(16384).zip(g.par_chunks(16384))).for_each(|(o, (xs, gs))| {
-            for ((o, &v), &gv) in o.iter_mut().zip(xs).zip(gs) {
-                let (cdf, gauss) = normal_cdf_and_gauss(v);
-                *o = gv * (cdf + v * FRAC_1_SQRT_2PI * gauss);
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -366,15 +152,6 @@ mod tests {
             vec![randn(&[3, 37, 40], 6, 1.0), randn(&[24, 40], 7, 0.5), randn(&[24], 8, 1.0)],
             2e-5,
         );
-    }
-
-    #[test]
-    fn fast_exp_matches_std() {
-        for i in 0..=100_000 {
-            let x = -90.0 * i as f32 / 100_000.0;
-            let (fast, exact) = (exp_nonpositive(x), x.exp());
-            assert!((fast - exact).abs() <= 3e-7 * exact + 2e-38, "exp({x}) = {fast}, expected {exact}");
-        }
     }
 
     #[test]

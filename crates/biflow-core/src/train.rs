@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::flow::{bits_per_dim, nll_loss, FlowConfig, TarFlow};
+use crate::flow::{bits_per_dim, nll_loss, FlowConfig, FlowOutput, TarFlow};
 use crate::job::{Cancelled, JobCtx};
+use crate::nll_grad::NllGrad;
 use crate::optim::{self, AdamW, AdamWConfig, Moments};
 use crate::run::{decode_safetensors, encode_safetensors, Checkpoint, HostTensor, Run, RunConfig};
 
@@ -507,6 +508,47 @@ struct Slot {
     decay: bool,
 }
 
+/// The loss, the mean bits/dim and the gradient of every slot (in slot order) for one batch.
+fn loss_and_gradients(model: &TarFlow, engine: Option<&NllGrad>, slots: &[Slot], x: &Tensor, labels: Option<&Tensor>) -> Result<(f64, f64, Vec<Vec<f32>>)> {
+    let out = match engine {
+        Some(engine) => {
+            let cfg = model.config();
+            let tokens: Vec<f32> = model.patchify(x)?.flatten_all()?.to_vec1()?;
+            let labels: Option<Vec<i64>> = labels.map(|y| y.to_vec1()).transpose()?;
+            let params: Vec<&[f32]> = slots.iter().map(|s| s.value.as_slice()).collect();
+            let mut grads: Vec<Vec<f32>> = slots.iter().map(|s| vec![0f32; s.value.len()]).collect();
+            let r = engine.run(&params, &tokens, labels.as_deref(), &mut grads)?;
+            let n = r.logdets.len();
+            let out = FlowOutput {
+                z: Tensor::from_vec(r.z, (n, cfg.num_tokens(), cfg.token_dim()), x.device())?,
+                logdets: Tensor::from_vec(r.logdets, n, x.device())?,
+                trajectory: Vec::new(),
+            };
+            (out, Some(grads))
+        }
+        None => (model.forward(x, labels)?, None),
+    };
+    let (out, grads) = out;
+    let loss = nll_loss(&out)?;
+    let loss_v = loss.to_scalar::<f32>()? as f64;
+    let bpd_v = bits_per_dim(&out, model.config())?.mean_all()?.to_scalar::<f32>()? as f64;
+    let grads = match grads {
+        Some(g) => g,
+        None => {
+            let store = loss.backward()?;
+            let mut host = Vec::with_capacity(slots.len());
+            for s in slots {
+                host.push(match store.get(s.var.as_tensor()) {
+                    Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
+                    None => vec![0.0; s.value.len()],
+                });
+            }
+            host
+        }
+    };
+    Ok((loss_v, bpd_v, grads))
+}
+
 /// Build the model with seeded initial weights; parameters in name order.
 fn build_model(cfg: &FlowConfig, seed: u64, device: &Device) -> Result<(TarFlow, Vec<Slot>)> {
     let (map, model) = crate::flow::new_trainable(cfg, seed, device).context("cannot build the model")?;
@@ -933,8 +975,16 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
     let mut last_bpd = None;
     let mut rate_ema: Option<f64> = None;
     let mut last_step_time = Instant::now();
-    // Where the time goes (seconds, this session): batch assembly, forward, backward, optimiser, checkpoints.
-    let mut phase = [0f64; 5];
+    // Where the time goes (seconds, this session): batch assembly, loss and gradients, optimiser, checkpoints.
+    let mut phase = [0f64; 4];
+    // On the CPU the gradient is computed by hand (nll_grad), elsewhere by candle's autograd.
+    let engine = if device.is_cpu() {
+        let names: Vec<String> = slots.iter().map(|s| s.name.clone()).collect();
+        let sizes: Vec<usize> = slots.iter().map(|s| s.value.len()).collect();
+        Some(NllGrad::new(&model_cfg, &names, &sizes)?)
+    } else {
+        None
+    };
 
     ctx.start("train", Some(total - start_step));
     macro_rules! snapshot {
@@ -996,14 +1046,8 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
         let x = Tensor::from_vec(xs, (idx.len(), c, hgt, wid), &device)?;
 
         let t1 = Instant::now();
-        let out = model.forward(&x, labels.as_ref())?;
-        let loss = nll_loss(&out)?;
-        let mut loss_v = loss.to_scalar::<f32>()? as f64;
-        let t2 = Instant::now();
-        if args.debug_nan_at_step == Some(step + 1) {
-            loss_v = f64::NAN;
-        }
-        let bpd_v = bits_per_dim(&out, &model_cfg)?.mean_all()?.to_scalar::<f32>()? as f64;
+        let (loss_v, bpd_v, host_grads) = loss_and_gradients(&model, engine.as_ref(), &slots, &x, labels.as_ref())?;
+        let loss_v = if args.debug_nan_at_step == Some(step + 1) { f64::NAN } else { loss_v };
         if !loss_v.is_finite() {
             ctx.end();
             let keep = match &last_ckpt {
@@ -1011,16 +1055,6 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
                 None => "no checkpoint was written before it".to_string(),
             };
             bail!("training stopped: the loss became {loss_v} at step {}; {keep} (try a lower --lr, or --clip-scale)", step + 1);
-        }
-        let t2b = Instant::now();
-        let grads = loss.backward()?;
-        let mut host_grads = Vec::with_capacity(slots.len());
-        for s in &slots {
-            let g = match grads.get(s.var.as_tensor()) {
-                Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
-                None => vec![0.0; s.value.len()],
-            };
-            host_grads.push(g);
         }
         let t3 = Instant::now();
         let gnorm = optim::global_norm(host_grads.iter().map(|g| g.as_slice()));
@@ -1040,15 +1074,17 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
         for (s, g) in slots.iter_mut().zip(&host_grads) {
             adam.update(&mut s.value, g, &mut s.mom, lr, scale, s.decay);
             optim::ema_update(&mut s.ema, &s.value, ema_d);
-            s.var.set(&Tensor::from_slice(&s.value, s.shape.as_slice(), &device)?)?;
+            if engine.is_none() {
+                // The autograd path reads the weights from the model's variables.
+                s.var.set(&Tensor::from_slice(&s.value, s.shape.as_slice(), &device)?)?;
+            }
         }
         last_loss = Some(loss_v);
         last_bpd = Some(bpd_v);
         let t4 = Instant::now();
         phase[0] += (t1 - t0).as_secs_f64();
-        phase[1] += (t2 - t1).as_secs_f64() + (t2b - t2).as_secs_f64();
-        phase[2] += (t3 - t2b).as_secs_f64();
-        phase[3] += (t4 - t3).as_secs_f64();
+        phase[1] += (t3 - t1).as_secs_f64();
+        phase[2] += (t4 - t3).as_secs_f64();
 
         let now = Instant::now();
         let dt = now.duration_since(last_step_time).as_secs_f64().max(1e-9);
@@ -1065,7 +1101,7 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
             let tc = Instant::now();
             last_ckpt = Some(save_checkpoint(step, &snapshot!(step))?);
             last_saved = Some(step);
-            phase[4] += tc.elapsed().as_secs_f64();
+            phase[3] += tc.elapsed().as_secs_f64();
         }
         if step - start_step <= 20 || now.duration_since(last_report).as_secs_f64() >= 0.1 || step == total {
             last_report = now;
@@ -1097,6 +1133,6 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
         "imagesPerSec": sps * opts.batch_size as f64,
         "seconds": secs,
         "parameters": slots.iter().map(|s| s.value.len()).sum::<usize>(),
-        "phaseSeconds": {"data": phase[0], "forward": phase[1], "backward": phase[2], "optimizer": phase[3], "checkpoints": phase[4]},
+        "phaseSeconds": {"data": phase[0], "lossAndGradients": phase[1], "optimizer": phase[2], "checkpoints": phase[3]},
     }))
 }

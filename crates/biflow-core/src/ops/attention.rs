@@ -49,7 +49,7 @@ fn causal_softmax_rows(p: &mut [f32], t: usize, scale: f32) {
 
 /// The sizes of one attention problem, read from the qkv layout.
 #[derive(Clone, Copy)]
-struct Dims {
+pub(crate) struct Dims {
     t: usize,
     c: usize,
     hd: usize,
@@ -58,10 +58,17 @@ struct Dims {
 impl Dims {
     fn new(l: &Layout, heads: usize) -> candle_core::Result<Dims> {
         let (_, t, c3) = l.shape().dims3()?;
-        if c3 % 3 != 0 || (c3 / 3) % heads != 0 {
-            candle_core::bail!("attention: {c3} qkv channels do not split into 3 x {heads} heads");
+        match Dims::of(t, c3 / 3, heads) {
+            Some(d) if c3 % 3 == 0 => Ok(d),
+            _ => candle_core::bail!("attention: {c3} qkv channels do not split into 3 x {heads} heads"),
         }
-        Ok(Dims { t, c: c3 / 3, hd: c3 / 3 / heads })
+    }
+    /// T tokens of C channels in `heads` heads; None when C does not split.
+    pub(crate) fn of(t: usize, c: usize, heads: usize) -> Option<Dims> {
+        (heads > 0 && c % heads == 0).then_some(Dims { t, c, hd: c / heads })
+    }
+    pub(crate) fn heads(&self) -> usize {
+        self.c / self.hd
     }
     /// Views of head h's q, k and v in sample `base` (offset of the sample's first qkv element).
     fn qkv(&self, x: &[f32], base: usize, h: usize) -> (View, View, View) {
@@ -69,6 +76,48 @@ impl Dims {
         let at = |part: usize| View::rows(x, base + part * self.c + h * self.hd, c3);
         (at(0), at(1), at(2))
     }
+}
+
+/// The kernel: qkv (N, T, 3C) -> y (N, T, C).
+pub(crate) fn causal_attention_fwd(x: &[f32], d: Dims, heads: usize, scale: f32, y: &mut [f32]) {
+    let (t, c, hd) = (d.t, d.c, d.hd);
+    // One task per sample; each head writes its own columns of the sample's rows.
+    y.par_chunks_mut(t * c).enumerate().for_each(|(i, ys)| {
+        let mut p = vec![0f32; t * t];
+        for h in 0..heads {
+            let (q, k, v) = d.qkv(x, i * t * 3 * c, h);
+            matmul(&mut p, 0, t, t, t, hd, q, k.t(), false, Threads::One);
+            causal_softmax_rows(&mut p, t, scale);
+            matmul(ys, h * hd, c, t, hd, t, View::rows(&p, 0, t), v, false, Threads::One);
+        }
+    });
+}
+
+/// The backward kernel: (qkv, dy) -> dqkv (written).
+pub(crate) fn causal_attention_bwd(x: &[f32], g: &[f32], d: Dims, heads: usize, scale: f32, dx: &mut [f32]) {
+    let (t, c, hd) = (d.t, d.c, d.hd);
+    dx.par_chunks_mut(t * 3 * c).enumerate().for_each(|(i, ds)| {
+        let (mut p, mut dp) = (vec![0f32; t * t], vec![0f32; t * t]);
+        for h in 0..heads {
+            let (q, k, v) = d.qkv(x, i * t * 3 * c, h);
+            let dy = View::rows(g, i * t * c + h * hd, c);
+            matmul(&mut p, 0, t, t, t, hd, q, k.t(), false, Threads::One);
+            causal_softmax_rows(&mut p, t, scale);
+            let pv = View::rows(&p, 0, t);
+            // dv = P^T dy; dP = dy v^T.
+            matmul(ds, 2 * c + h * hd, 3 * c, t, hd, t, pv.t(), dy, false, Threads::One);
+            matmul(&mut dp, 0, t, t, t, hd, dy, v.t(), false, Threads::One);
+            // dS = scale P (dP - rowsum(dP P)); masked entries have P = 0, hence dS = 0.
+            for (prow, drow) in p.chunks(t).zip(dp.chunks_mut(t)) {
+                let dot: f32 = prow.iter().zip(drow.iter()).map(|(a, b)| a * b).sum();
+                drow.iter_mut().zip(prow).for_each(|(d, &p)| *d = scale * p * (*d - dot));
+            }
+            // dq = dS k; dk = dS^T q.
+            let dsv = View::rows(&dp, 0, t);
+            matmul(ds, h * hd, 3 * c, t, hd, t, dsv, k, false, Threads::One);
+            matmul(ds, c + h * hd, 3 * c, t, hd, t, dsv.t(), q, false, Threads::One);
+        }
+    });
 }
 
 struct CausalAttention {
@@ -84,20 +133,10 @@ impl CustomOp1 for CausalAttention {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l)?;
         let d = Dims::new(l, self.heads)?;
-        let (t, c, hd) = (d.t, d.c, d.hd);
         let mut y = vec![0f32; x.len() / 3];
-        // One task per sample; each head writes its own columns of the sample's rows.
-        y.par_chunks_mut(t * c).enumerate().for_each(|(i, ys)| {
-            let mut p = vec![0f32; t * t];
-            for h in 0..self.heads {
-                let (q, k, v) = d.qkv(x, i * t * 3 * c, h);
-                matmul(&mut p, 0, t, t, t, hd, q, k.t(), false, Threads::One);
-                causal_softmax_rows(&mut p, t, self.scale);
-                matmul(ys, h * hd, c, t, hd, t, View::rows(&p, 0, t), v, false, Threads::One);
-            }
-        });
+        causal_attention_fwd(x, d, self.heads, self.scale, &mut y);
         let (n, _, _) = l.shape().dims3()?;
-        Ok((CpuStorage::F32(y), Shape::from((n, t, c))))
+        Ok((CpuStorage::F32(y), Shape::from((n, d.t, d.c))))
     }
 
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -119,30 +158,8 @@ impl CustomOp2 for CausalAttentionBwd {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, g) = (slice(s1, l1)?, slice(s2, l2)?);
         let d = Dims::new(l1, self.heads)?;
-        let (t, c, hd) = (d.t, d.c, d.hd);
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(t * 3 * c).enumerate().for_each(|(i, ds)| {
-            let (mut p, mut dp) = (vec![0f32; t * t], vec![0f32; t * t]);
-            for h in 0..self.heads {
-                let (q, k, v) = d.qkv(x, i * t * 3 * c, h);
-                let dy = View::rows(g, i * t * c + h * hd, c);
-                matmul(&mut p, 0, t, t, t, hd, q, k.t(), false, Threads::One);
-                causal_softmax_rows(&mut p, t, self.scale);
-                let pv = View::rows(&p, 0, t);
-                // dv = P^T dy; dP = dy v^T.
-                matmul(ds, 2 * c + h * hd, 3 * c, t, hd, t, pv.t(), dy, false, Threads::One);
-                matmul(&mut dp, 0, t, t, t, hd, dy, v.t(), false, Threads::One);
-                // dS = scale P (dP - rowsum(dP P)); masked entries have P = 0, hence dS = 0.
-                for (prow, drow) in p.chunks(t).zip(dp.chunks_mut(t)) {
-                    let dot: f32 = prow.iter().zip(drow.iter()).map(|(a, b)| a * b).sum();
-                    drow.iter_mut().zip(prow).for_each(|(d, &p)| *d = self.scale * p * (*d - dot));
-                }
-                // dq = dS k; dk = dS^T q.
-                let dsv = View::rows(&dp, 0, t);
-                matmul(ds, h * hd, 3 * c, t, hd, t, dsv, k, false, Threads::One);
-                matmul(ds, c + h * hd, 3 * c, t, hd, t, dsv.t(), q, false, Threads::One);
-            }
-        });
+        causal_attention_bwd(x, g, d, self.heads, self.scale, &mut dx);
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

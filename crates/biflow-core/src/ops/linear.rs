@@ -26,6 +26,51 @@ pub fn linear_reference(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(y.reshape(dims)?)
 }
 
+/// The kernel: rows of x (row length d_in) -> y = x W^T + b, for W (d_out, d_in) and b (d_out).
+pub(crate) fn linear_fwd(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
+    let (d_out, d_in) = (b.len(), w.len() / b.len());
+    let rows = x.len() / d_in;
+    for row in y.chunks_mut(d_out) {
+        row.copy_from_slice(b);
+    }
+    // gemm runs ~8% faster on a row-major right operand than on the strided view W^T, and the
+    // transposed copy of W costs a fraction of a percent of the product.
+    let mut wt = vec![0f32; d_in * d_out];
+    for (o, wrow) in w.chunks(d_in).enumerate() {
+        for (i, &v) in wrow.iter().enumerate() {
+            wt[i * d_out + o] = v;
+        }
+    }
+    matmul(y, 0, d_out, rows, d_out, d_in, View::rows(x, 0, d_in), View::rows(&wt, 0, d_out), true, Threads::All);
+}
+
+/// The backward kernel: dW = g^T x and db = column sums of g (written), and dx = g W (written, or
+/// added to what `dx` holds with `accumulate`; skipped when None, for an input without gradient).
+pub(crate) fn linear_bwd(x: &[f32], w: &[f32], g: &[f32], dx: Option<&mut [f32]>, accumulate: bool, dw: &mut [f32], db: &mut [f32]) {
+    let (d_out, d_in) = (db.len(), w.len() / db.len());
+    let rows = x.len() / d_in;
+    let g_rows = View::rows(g, 0, d_out);
+    if let Some(dx) = dx {
+        matmul(dx, 0, d_in, rows, d_in, d_out, g_rows, View::rows(w, 0, d_in), accumulate, Threads::All);
+    }
+    matmul(dw, 0, d_in, d_out, d_in, rows, g_rows.t(), View::rows(x, 0, d_in), false, Threads::All);
+    let chunk = rows.div_ceil(rayon::current_num_threads()).max(1) * d_out;
+    let sums = g
+        .par_chunks(chunk)
+        .map(|block| {
+            let mut s = vec![0f32; d_out];
+            for row in block.chunks(d_out) {
+                s.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+            }
+            s
+        })
+        .collect::<Vec<_>>();
+    db.fill(0.0);
+    for s in sums {
+        db.iter_mut().zip(&s).for_each(|(d, v)| *d += v);
+    }
+}
+
 struct Linear;
 
 impl CustomOp3 for Linear {
@@ -47,12 +92,8 @@ impl CustomOp3 for Linear {
         if l1.dims().last() != Some(&d_in) || b.len() != d_out {
             candle_core::bail!("linear: input {:?}, weight {:?}, bias {:?} do not fit", l1.dims(), l2.dims(), l3.dims());
         }
-        let rows = x.len() / d_in;
-        let mut y = Vec::with_capacity(rows * d_out);
-        for _ in 0..rows {
-            y.extend_from_slice(b);
-        }
-        matmul(&mut y, 0, d_out, rows, d_out, d_in, View::rows(x, 0, d_in), View::rows(w, 0, d_in).t(), true, Threads::All);
+        let mut y = vec![0f32; x.len() / d_in * d_out];
+        linear_fwd(x, w, b, &mut y);
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().unwrap() = d_out;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -95,28 +136,11 @@ impl CustomOp3 for LinearBwd {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w, g) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let (d_out, d_in) = l2.shape().dims2()?;
-        let rows = x.len() / d_in;
-        let (dx_len, dw_len) = (rows * d_in, d_out * d_in);
-        let mut out = vec![0f32; dx_len + dw_len + d_out];
+        let dx_len = x.len();
+        let mut out = vec![0f32; dx_len + d_out * d_in + d_out];
         let (dx, rest) = out.split_at_mut(dx_len);
-        let (dw, db) = rest.split_at_mut(dw_len);
-        let g_rows = View::rows(g, 0, d_out);
-        matmul(dx, 0, d_in, rows, d_in, d_out, g_rows, View::rows(w, 0, d_in), false, Threads::All);
-        matmul(dw, 0, d_in, d_out, d_in, rows, g_rows.t(), View::rows(x, 0, d_in), false, Threads::All);
-        let chunk = (rows.div_ceil(rayon::current_num_threads())).max(1) * d_out;
-        let sums = g
-            .par_chunks(chunk)
-            .map(|block| {
-                let mut s = vec![0f32; d_out];
-                for row in block.chunks(d_out) {
-                    s.iter_mut().zip(row).for_each(|(s, v)| *s += v);
-                }
-                s
-            })
-            .collect::<Vec<_>>();
-        for s in sums {
-            db.iter_mut().zip(&s).for_each(|(d, v)| *d += v);
-        }
+        let (dw, db) = rest.split_at_mut(d_out * d_in);
+        linear_bwd(x, w, g, Some(dx), false, dw, db);
         let n = out.len();
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
