@@ -1,6 +1,6 @@
-//! Differentiable building blocks of the flow, fused: the linear layer, causal attention, LayerNorm,
-//! exact GELU, and the affine coupling. candle's own fast softmax and layer-norm drop gradients, and
-//! the composed versions spend most of a CPU training step in small elementwise ops and copies.
+//! Differentiable building blocks of the flow: the linear layer, causal attention, LayerNorm and
+//! exact GELU (fused), and the affine coupling. candle's own fast softmax and layer-norm drop
+//! gradients, and the composed versions spend most of a CPU training step in small elementwise ops.
 //!
 //! On the CPU with f32 data each is one custom op with a fused backward (one pass over memory instead
 //! of the ~10 elementwise ops and temporaries of the composed version). Other devices and dtypes use
@@ -25,7 +25,7 @@ pub(crate) use {
 };
 
 use anyhow::Result;
-use candle_core::{CpuStorage, DType, Layout, Tensor, D};
+use candle_core::{CpuStorage, DType, Layout, Tensor};
 
 /// Keep freed tensor buffers in the heap instead of returning them to the kernel.
 ///
@@ -65,21 +65,6 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
 /// Rows per rayon task: enough work per task to amortise scheduling.
 fn rows_per_task(row_len: usize) -> usize {
     (16384 / row_len.max(1)).max(1)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Causal softmax (the composed reference of the attention op)
-
-/// softmax(scale * s) over the last dimension with a causal mask (key j > query i gets weight 0);
-/// s: (..., T, T).
-pub fn causal_softmax_reference(s: &Tensor, scale: f64) -> Result<Tensor> {
-    let t = s.dim(D::Minus1)?;
-    let mask: Vec<f32> = (0..t * t).map(|k| if k % t > k / t { f32::NEG_INFINITY } else { 0.0 }).collect();
-    let mask = Tensor::from_vec(mask, (t, t), s.device())?.to_dtype(s.dtype())?;
-    let s = (s * scale)?.broadcast_add(&mask)?;
-    let m = s.max_keepdim(D::Minus1)?.detach();
-    let e = s.broadcast_sub(&m)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -510,7 +510,7 @@ struct Slot {
 
 /// The loss, the mean bits/dim and the gradient of every slot (in slot order) for one batch.
 fn loss_and_gradients(model: &TarFlow, engine: Option<&NllGrad>, slots: &[Slot], x: &Tensor, labels: Option<&Tensor>) -> Result<(f64, f64, Vec<Vec<f32>>)> {
-    let out = match engine {
+    let (out, grads) = match engine {
         Some(engine) => {
             let cfg = model.config();
             let tokens: Vec<f32> = model.patchify(x)?.flatten_all()?.to_vec1()?;
@@ -528,7 +528,6 @@ fn loss_and_gradients(model: &TarFlow, engine: Option<&NllGrad>, slots: &[Slot],
         }
         None => (model.forward(x, labels)?, None),
     };
-    let (out, grads) = out;
     let loss = nll_loss(&out)?;
     let loss_v = loss.to_scalar::<f32>()? as f64;
     let bpd_v = bits_per_dim(&out, model.config())?.mean_all()?.to_scalar::<f32>()? as f64;

@@ -5,11 +5,11 @@
 //! N x H x T x T probabilities alive between passes) and writes dq, dk, dv straight into one dqkv.
 
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Threads, View};
-use super::{causal_softmax_reference, fused, slice};
+use super::{fused, slice};
 
 /// qkv (N, T, 3C), laid out per token as [q heads | k heads | v heads] with C / heads channels per
 /// head -> (N, T, C): softmax(scale q k^T) v per head with a causal mask, heads side by side.
@@ -29,6 +29,18 @@ pub fn causal_attention_reference(qkv: &Tensor, heads: usize, scale: f64) -> Res
     let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
     let att = causal_softmax_reference(&q.matmul(&k.t()?)?, scale)?;
     Ok(att.matmul(&v)?.transpose(1, 2)?.reshape((n, t, c))?)
+}
+
+/// softmax(scale * s) over the last dimension with a causal mask (key j > query i gets weight 0);
+/// s: (..., T, T).
+fn causal_softmax_reference(s: &Tensor, scale: f64) -> Result<Tensor> {
+    let t = s.dim(D::Minus1)?;
+    let mask: Vec<f32> = (0..t * t).map(|k| if k % t > k / t { f32::NEG_INFINITY } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, (t, t), s.device())?.to_dtype(s.dtype())?;
+    let s = (s * scale)?.broadcast_add(&mask)?;
+    let m = s.max_keepdim(D::Minus1)?.detach();
+    let e = s.broadcast_sub(&m)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
 /// In place, row by row: p[i, j] = softmax_j(scale s[i, j]) over j <= i, and 0 for j > i.
