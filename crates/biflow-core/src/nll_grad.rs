@@ -36,7 +36,8 @@ struct BlockParams {
     flip: bool,
 }
 
-/// What one transformer layer keeps for its backward pass, each (N, T, width).
+/// What one transformer layer keeps for its backward pass, each (N, T, width); `h` is its input.
+#[derive(Default)]
 struct LayerActs {
     h: Vec<f32>,
     a1: Vec<f32>,
@@ -48,14 +49,51 @@ struct LayerActs {
     g: Vec<f32>,
 }
 
-/// What one flow block keeps: its input in its own token order, the layers', the last hidden state,
-/// the (clipped) log-scales a and its output y, both in its token order.
+/// What one flow block keeps: its layers', the last hidden state, and (token-sized, so made afresh
+/// each pass) its input, the (clipped) log-scales a and its output y, all in its own token order.
 struct BlockActs {
-    xin: Vec<f32>,
     layers: Vec<LayerActs>,
     h_last: Vec<f32>,
+    xin: Vec<f32>,
     a: Vec<f32>,
     y: Vec<f32>,
+}
+
+/// Every hidden-state-sized buffer of a pass, kept from one batch to the next: allocating ~0.5 GB
+/// afresh each step cost more in page faults and zeroing than LayerNorm and GELU together.
+struct Workspace {
+    rows: usize,
+    blocks: Vec<BlockActs>,
+    // Backward temporaries, (N, T, width).
+    dh: Vec<f32>,
+    dg: Vec<f32>,
+    df1: Vec<f32>,
+    da2: Vec<f32>,
+    datt: Vec<f32>,
+    dqkv: Vec<f32>,
+    da1: Vec<f32>,
+}
+
+impl Workspace {
+    fn new(rows: usize, cfg: &FlowConfig) -> Workspace {
+        let c = cfg.channels;
+        let buf = |width: usize| vec![0f32; rows * width];
+        let layer = || LayerActs {
+            h: buf(c),
+            a1: buf(c),
+            qkv: buf(3 * c),
+            att: buf(c),
+            h_mid: buf(c),
+            a2: buf(c),
+            f1: buf(MLP_EXPANSION * c),
+            g: buf(MLP_EXPANSION * c),
+        };
+        let blocks = (0..cfg.num_blocks)
+            .map(|_| BlockActs { layers: (0..cfg.layers_per_block).map(|_| layer()).collect(), h_last: buf(c), xin: Vec::new(), a: Vec::new(), y: Vec::new() })
+            .collect();
+        let e = MLP_EXPANSION * c;
+        Workspace { rows, blocks, dh: buf(c), dg: buf(e), df1: buf(e), da2: buf(c), datt: buf(c), dqkv: buf(3 * c), da1: buf(c) }
+    }
 }
 
 /// The result of one pass: z (N, T, D) and the per-sample sum over blocks of the logdets (N).
@@ -69,6 +107,7 @@ pub struct NllGrad {
     cfg: FlowConfig,
     blocks: Vec<BlockParams>,
     sizes: Vec<usize>,
+    work: Option<Workspace>,
 }
 
 impl NllGrad {
@@ -102,13 +141,13 @@ impl NllGrad {
             });
         }
         ensure!(names.len() == sizes.len(), "{} parameter names for {} sizes", names.len(), sizes.len());
-        Ok(NllGrad { cfg: cfg.clone(), blocks, sizes: sizes.to_vec() })
+        Ok(NllGrad { cfg: cfg.clone(), blocks, sizes: sizes.to_vec(), work: None })
     }
 
     /// Forward and backward for tokens (N, T, D) and labels (N; -1 = dropped; None = unconditional):
     /// writes d loss / d parameter into `grads` (one buffer per parameter, every element written)
     /// and returns z and the logdets, from which the loss and bits/dim follow.
-    pub fn run(&self, params: &[&[f32]], tokens: &[f32], labels: Option<&[i64]>, grads: &mut [Vec<f32>]) -> Result<NllOutput> {
+    pub fn run(&mut self, params: &[&[f32]], tokens: &[f32], labels: Option<&[i64]>, grads: &mut [Vec<f32>]) -> Result<NllOutput> {
         let (t, d, c) = (self.cfg.num_tokens(), self.cfg.token_dim(), self.cfg.channels);
         ensure!(params.len() == self.sizes.len() && grads.len() == self.sizes.len(), "wrong number of parameters");
         for (i, &size) in self.sizes.iter().enumerate() {
@@ -128,33 +167,29 @@ impl NllGrad {
         let eps = LN_EPS as f32;
         let rows = n * t;
 
+        if self.work.as_ref().map(|w| w.rows) != Some(rows) {
+            self.work = None; // free the old buffers before making the new ones
+            self.work = Some(Workspace::new(rows, &self.cfg));
+        }
+        let ws = self.work.as_mut().unwrap();
+
         // Forward.
         let mut x = tokens.to_vec();
         let mut logdets = vec![0f32; n];
-        let mut saved = Vec::with_capacity(self.blocks.len());
-        for bp in &self.blocks {
+        for (bp, acts) in self.blocks.iter().zip(ws.blocks.iter_mut()) {
             let xin = permute_tokens(&x, n, t, d, bp.flip);
-            let mut h = vec![0f32; rows * c];
-            ops::linear_fwd(&xin, params[bp.proj_in.w], params[bp.proj_in.b], &mut h);
-            add_position_and_class(&mut h, params[bp.pos], bp.class.map(|k| params[k]), labels, n, t, c, bp.flip);
-            let mut layers = Vec::with_capacity(bp.layers.len());
-            for lp in &bp.layers {
-                let a1 = layer_norm(&h, params, lp.norm1, eps);
-                let qkv = linear(&a1, params, lp.qkv, 3 * c);
-                let mut att = vec![0f32; rows * c];
-                ops::causal_attention_fwd(&qkv, dims, dims.heads(), scale, &mut att);
-                let mut h_mid = linear(&att, params, lp.proj, c);
-                add_assign(&mut h_mid, &h);
-                let a2 = layer_norm(&h_mid, params, lp.norm2, eps);
-                let f1 = linear(&a2, params, lp.fc1, MLP_EXPANSION * c);
-                let mut g = vec![0f32; f1.len()];
-                ops::gelu_fwd(&f1, &mut g);
-                let mut h_next = linear(&g, params, lp.fc2, c);
-                add_assign(&mut h_next, &h_mid);
-                layers.push(LayerActs { h, a1, qkv, att, h_mid, a2, f1, g });
-                h = h_next;
+            let h0 = &mut acts.layers[0].h;
+            ops::linear_fwd(&xin, params[bp.proj_in.w], params[bp.proj_in.b], h0);
+            add_position_and_class(h0, params[bp.pos], bp.class.map(|k| params[k]), labels, n, t, c, bp.flip);
+            for l in 0..bp.layers.len() {
+                let (done, rest) = acts.layers.split_at_mut(l + 1);
+                let out = match rest.first_mut() {
+                    Some(next) => &mut next.h,
+                    None => &mut acts.h_last,
+                };
+                layer_forward(params, &bp.layers[l], &mut done[l], out, dims, scale, eps);
             }
-            let o = linear(&h, params, bp.proj_out, 2 * d);
+            let o = linear(&acts.h_last, params, bp.proj_out, 2 * d);
             // Token i's (a, b) come from the output at token i - 1 (token 0: a = b = 0).
             let (mut a, mut y) = (vec![0f32; rows * d], vec![0f32; rows * d]);
             for s in 0..n {
@@ -173,14 +208,15 @@ impl NllGrad {
                 logdets[s] -= a[s * t * d..(s + 1) * t * d].iter().sum::<f32>() / (t * d) as f32;
             }
             x = permute_tokens(&y, n, t, d, bp.flip);
-            saved.push(BlockActs { xin, layers, h_last: h, a, y });
+            (acts.xin, acts.a, acts.y) = (xin, a, y);
         }
         let z = x;
 
         // Backward of 0.5 mean(z^2) - mean_n(logdets_n).
         let mut dx: Vec<f32> = z.iter().map(|v| v / z.len() as f32).collect();
         let dlogdet_da = 1.0 / (n * t * d) as f32; // d(-mean_n logdet_n) / da, every a
-        for (bi, (bp, acts)) in self.blocks.iter().zip(&saved).enumerate().rev() {
+        let Workspace { blocks: saved, dh, dg, df1, da2, datt, dqkv, da1, .. } = ws;
+        for (bi, (bp, acts)) in self.blocks.iter().zip(saved.iter()).enumerate().rev() {
             let gy = permute_tokens(&dx, n, t, d, bp.flip);
             // y = (xin - b) e^-a: the gradients of xin and of the proj_out output o (shifted back).
             let mut dxin = vec![0f32; rows * d];
@@ -204,38 +240,48 @@ impl NllGrad {
                     }
                 }
             }
-            let mut dh = vec![0f32; rows * c];
-            linear_bwd(&acts.h_last, params, bp.proj_out, &d_o, Some(&mut dh), grads);
+            linear_bwd(&acts.h_last, params, bp.proj_out, &d_o, Some(dh), grads);
             for (lp, la) in bp.layers.iter().zip(&acts.layers).rev() {
                 // h_next = h_mid + fc2(gelu(fc1(norm2(h_mid)))); dh holds d h_next, then d h_mid.
-                let mut dg = vec![0f32; la.g.len()];
-                linear_bwd(&la.g, params, lp.fc2, &dh, Some(&mut dg), grads);
-                let mut df1 = vec![0f32; la.f1.len()];
-                ops::gelu_bwd(&la.f1, &dg, &mut df1);
-                let mut da2 = vec![0f32; rows * c];
-                linear_bwd(&la.a2, params, lp.fc1, &df1, Some(&mut da2), grads);
-                layer_norm_bwd(&la.h_mid, params, lp.norm2, &da2, &mut dh, grads, eps);
+                linear_bwd(&la.g, params, lp.fc2, dh, Some(dg), grads);
+                ops::gelu_bwd(&la.f1, dg, df1);
+                linear_bwd(&la.a2, params, lp.fc1, df1, Some(da2), grads);
+                layer_norm_bwd(&la.h_mid, params, lp.norm2, da2, dh, grads, eps);
                 // h_mid = h + proj(attention(qkv(norm1(h)))); dh becomes d h.
-                let mut datt = vec![0f32; rows * c];
-                linear_bwd(&la.att, params, lp.proj, &dh, Some(&mut datt), grads);
-                let mut dqkv = vec![0f32; rows * 3 * c];
-                ops::causal_attention_bwd(&la.qkv, &datt, dims, dims.heads(), scale, &mut dqkv);
-                let mut da1 = vec![0f32; rows * c];
-                linear_bwd(&la.a1, params, lp.qkv, &dqkv, Some(&mut da1), grads);
-                layer_norm_bwd(&la.h, params, lp.norm1, &da1, &mut dh, grads, eps);
+                linear_bwd(&la.att, params, lp.proj, dh, Some(datt), grads);
+                ops::causal_attention_bwd(&la.qkv, datt, dims, dims.heads(), scale, dqkv);
+                linear_bwd(&la.a1, params, lp.qkv, dqkv, Some(da1), grads);
+                layer_norm_bwd(&la.h, params, lp.norm1, da1, dh, grads, eps);
             }
-            position_and_class_bwd(&dh, bp, labels, n, t, c, grads);
+            position_and_class_bwd(dh, bp, labels, n, t, c, grads);
             // xin's gradient: the coupling's plus proj_in's (none needed for the first block: data).
             let (dw, db) = pair_mut(grads, bp.proj_in);
             if bi > 0 {
-                ops::linear_bwd(&acts.xin, params[bp.proj_in.w], &dh, Some(&mut dxin), true, dw, db);
+                ops::linear_bwd(&acts.xin, params[bp.proj_in.w], dh, Some(&mut dxin), true, dw, db);
                 dx = permute_tokens(&dxin, n, t, d, bp.flip);
             } else {
-                ops::linear_bwd(&acts.xin, params[bp.proj_in.w], &dh, None, false, dw, db);
+                ops::linear_bwd(&acts.xin, params[bp.proj_in.w], dh, None, false, dw, db);
             }
         }
         Ok(NllOutput { z, logdets })
     }
+}
+
+/// One pre-LN transformer layer on `la.h`, keeping its intermediates in `la`; writes its output.
+fn layer_forward(params: &[&[f32]], lp: &LayerParams, la: &mut LayerActs, out: &mut [f32], dims: AttentionDims, scale: f32, eps: f32) {
+    let p = |pair: Pair| (params[pair.w], params[pair.b]);
+    let ((nw, nb), (qw, qb), (pw, pb)) = (p(lp.norm1), p(lp.qkv), p(lp.proj));
+    ops::layer_norm_fwd(&la.h, nw, nb, eps, &mut la.a1);
+    ops::linear_fwd(&la.a1, qw, qb, &mut la.qkv);
+    ops::causal_attention_fwd(&la.qkv, dims, dims.heads(), scale, &mut la.att);
+    ops::linear_fwd(&la.att, pw, pb, &mut la.h_mid);
+    add_assign(&mut la.h_mid, &la.h);
+    let ((nw, nb), (w1, b1), (w2, b2)) = (p(lp.norm2), p(lp.fc1), p(lp.fc2));
+    ops::layer_norm_fwd(&la.h_mid, nw, nb, eps, &mut la.a2);
+    ops::linear_fwd(&la.a2, w1, b1, &mut la.f1);
+    ops::gelu_fwd(&la.f1, &mut la.g);
+    ops::linear_fwd(&la.g, w2, b2, out);
+    add_assign(out, &la.h_mid);
 }
 
 /// Reverse the token order of each sample (N, T, D) when `flip`.
@@ -326,12 +372,6 @@ fn linear(x: &[f32], params: &[&[f32]], p: Pair, d_out: usize) -> Vec<f32> {
     y
 }
 
-fn layer_norm(x: &[f32], params: &[&[f32]], p: Pair, eps: f32) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
-    ops::layer_norm_fwd(x, params[p.w], params[p.b], eps, &mut y);
-    y
-}
-
 /// The gradient buffers of a (weight, bias) pair, borrowed together.
 fn pair_mut(grads: &mut [Vec<f32>], p: Pair) -> (&mut [f32], &mut [f32]) {
     if p.w < p.b {
@@ -343,9 +383,9 @@ fn pair_mut(grads: &mut [Vec<f32>], p: Pair) -> (&mut [f32], &mut [f32]) {
     }
 }
 
-fn linear_bwd(x: &[f32], params: &[&[f32]], p: Pair, g: &[f32], dx: Option<&mut Vec<f32>>, grads: &mut [Vec<f32>]) {
+fn linear_bwd(x: &[f32], params: &[&[f32]], p: Pair, g: &[f32], dx: Option<&mut [f32]>, grads: &mut [Vec<f32>]) {
     let (dw, db) = pair_mut(grads, p);
-    ops::linear_bwd(x, params[p.w], g, dx.map(|v| v.as_mut_slice()), false, dw, db);
+    ops::linear_bwd(x, params[p.w], g, dx, false, dw, db);
 }
 
 /// Adds the input gradient to `dx` (the residual stream's gradient).
@@ -388,10 +428,12 @@ mod tests {
             names.sort();
             let values: Vec<Vec<f32>> = names.iter().map(|n| vars[n].flatten_all().unwrap().to_vec1().unwrap()).collect();
             let sizes: Vec<usize> = values.iter().map(Vec::len).collect();
-            let engine = NllGrad::new(&cfg, &names, &sizes).unwrap();
+            let mut engine = NllGrad::new(&cfg, &names, &sizes).unwrap();
             let tokens: Vec<f32> = patchify(&x, cfg.patch_size).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let params: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
             let mut grads: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![f32::NAN; s]).collect();
+            // Twice: the second pass reuses the first one's buffers and must give the same.
+            engine.run(&params, &tokens, labels.as_deref(), &mut grads).unwrap();
             let got = engine.run(&params, &tokens, labels.as_deref(), &mut grads).unwrap();
 
             let z: Vec<f32> = out.z.flatten_all().unwrap().to_vec1().unwrap();

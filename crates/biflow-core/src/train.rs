@@ -509,7 +509,7 @@ struct Slot {
 }
 
 /// The loss, the mean bits/dim and the gradient of every slot (in slot order) for one batch.
-fn loss_and_gradients(model: &TarFlow, engine: Option<&NllGrad>, slots: &[Slot], x: &Tensor, labels: Option<&Tensor>) -> Result<(f64, f64, Vec<Vec<f32>>)> {
+fn loss_and_gradients(model: &TarFlow, engine: Option<&mut NllGrad>, slots: &[Slot], x: &Tensor, labels: Option<&Tensor>) -> Result<(f64, f64, Vec<Vec<f32>>)> {
     let (out, grads) = match engine {
         Some(engine) => {
             let cfg = model.config();
@@ -977,7 +977,7 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
     // Where the time goes (seconds, this session): batch assembly, loss and gradients, optimiser, checkpoints.
     let mut phase = [0f64; 4];
     // On the CPU the gradient is computed by hand (nll_grad), elsewhere by candle's autograd.
-    let engine = if device.is_cpu() {
+    let mut engine = if device.is_cpu() {
         let names: Vec<String> = slots.iter().map(|s| s.name.clone()).collect();
         let sizes: Vec<usize> = slots.iter().map(|s| s.value.len()).collect();
         Some(NllGrad::new(&model_cfg, &names, &sizes)?)
@@ -1045,7 +1045,7 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
         let x = Tensor::from_vec(xs, (idx.len(), c, hgt, wid), &device)?;
 
         let t1 = Instant::now();
-        let (loss_v, bpd_v, host_grads) = loss_and_gradients(&model, engine.as_ref(), &slots, &x, labels.as_ref())?;
+        let (loss_v, bpd_v, host_grads) = loss_and_gradients(&model, engine.as_mut(), &slots, &x, labels.as_ref())?;
         let loss_v = if args.debug_nan_at_step == Some(step + 1) { f64::NAN } else { loss_v };
         if !loss_v.is_finite() {
             ctx.end();
