@@ -7,6 +7,31 @@
 //! the composition of differentiable primitives (`*_reference`), which the tests also use to check
 //! the fused kernels.
 
+/// Define kernel functions that run compiled for AVX2 and FMA when the CPU has them, and as written
+/// otherwise: the default x86-64 target stops at SSE2, which halves the width of the elementwise
+/// loops. (Rust does not contract a * b + c into an FMA, so both versions give the same numbers.)
+macro_rules! simd_kernels {
+    ($($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block)*) => {$(
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn portable($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    portable($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `avx2` is compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            portable($($arg),*)
+        }
+    )*};
+}
+
 mod attention;
 mod gelu;
 mod gemm;

@@ -51,21 +51,27 @@ fn normal_cdf_and_gauss(x: f32) -> (f32, f32) {
 
 /// The kernel: out = gelu(x).
 pub(crate) fn gelu_fwd(x: &[f32], out: &mut [f32]) {
-    out.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(o, xs)| {
-        for (o, &v) in o.iter_mut().zip(xs) {
-            *o = v * normal_cdf_and_gauss(v).0;
-        }
-    });
+    out.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(o, xs)| gelu_fwd_chunk(o, xs));
 }
 
 /// The backward kernel: dx = g * (Phi(x) + x phi(x)).
 pub(crate) fn gelu_bwd(x: &[f32], g: &[f32], dx: &mut [f32]) {
-    dx.par_chunks_mut(16384).zip(x.par_chunks(16384).zip(g.par_chunks(16384))).for_each(|(o, (xs, gs))| {
+    dx.par_chunks_mut(16384).zip(x.par_chunks(16384).zip(g.par_chunks(16384))).for_each(|(o, (xs, gs))| gelu_bwd_chunk(o, xs, gs));
+}
+
+simd_kernels! {
+    fn gelu_fwd_chunk(o: &mut [f32], xs: &[f32]) {
+        for (o, &v) in o.iter_mut().zip(xs) {
+            *o = v * normal_cdf_and_gauss(v).0;
+        }
+    }
+
+    fn gelu_bwd_chunk(o: &mut [f32], xs: &[f32], gs: &[f32]) {
         for ((o, &v), &gv) in o.iter_mut().zip(xs).zip(gs) {
             let (cdf, gauss) = normal_cdf_and_gauss(v);
             *o = gv * (cdf + v * FRAC_1_SQRT_2PI * gauss);
         }
-    });
+    }
 }
 
 impl CustomOp1 for Gelu {

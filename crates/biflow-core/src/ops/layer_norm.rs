@@ -23,10 +23,26 @@ pub fn layer_norm_reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Res
     Ok(xn.broadcast_mul(w)?.broadcast_add(b)?)
 }
 
+/// Sum in 8 interleaved lanes: a sequential float sum cannot be vectorised (its order is fixed).
+#[inline(always)]
+fn lane_sum(r: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = r.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for ch in chunks {
+        for (a, &v) in acc.iter_mut().zip(ch) {
+            *a += f(v);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Mean and 1 / sqrt(var + eps) of a row.
+#[inline(always)]
 fn row_stats(r: &[f32], eps: f32) -> (f32, f32) {
     let n = r.len() as f32;
-    let mean = r.iter().sum::<f32>() / n;
-    let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = lane_sum(r, |v| v) / n;
+    let var = lane_sum(r, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -34,14 +50,7 @@ fn row_stats(r: &[f32], eps: f32) -> (f32, f32) {
 pub(crate) fn layer_norm_fwd(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
     let c = w.len();
     let chunk = rows_per_task(c) * c;
-    out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, xs)| {
-        for (orow, xrow) in o.chunks_mut(c).zip(xs.chunks(c)) {
-            let (mean, rstd) = row_stats(xrow, eps);
-            for j in 0..c {
-                orow[j] = (xrow[j] - mean) * rstd * w[j] + b[j];
-            }
-        }
-    });
+    out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, xs)| layer_norm_fwd_rows(o, xs, w, b, eps));
 }
 
 /// The backward kernel: adds the input gradient to `dx` (so a residual stream's gradient can be
@@ -55,26 +64,8 @@ pub(crate) fn layer_norm_bwd(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut
         .map(|(task, dxs)| {
             let mut part = vec![0f32; 2 * c]; // [dw | db] of this task's rows
             let (pw, pb) = part.split_at_mut(c);
-            let base = task * rpt * c;
-            let mut xhat = vec![0f32; c];
-            for (r, dxrow) in dxs.chunks_mut(c).enumerate() {
-                let off = base + r * c;
-                let (xrow, grow) = (&x[off..off + c], &g[off..off + c]);
-                let (mean, rstd) = row_stats(xrow, eps);
-                let (mut s1, mut s2) = (0f32, 0f32);
-                for j in 0..c {
-                    xhat[j] = (xrow[j] - mean) * rstd;
-                    let gy = grow[j] * w[j];
-                    s1 += gy;
-                    s2 += gy * xhat[j];
-                    pw[j] += grow[j] * xhat[j];
-                    pb[j] += grow[j];
-                }
-                let (m1, m2) = (s1 / c as f32, s2 / c as f32);
-                for j in 0..c {
-                    dxrow[j] += rstd * (grow[j] * w[j] - m1 - xhat[j] * m2);
-                }
-            }
+            let rows = task * rpt * c..task * rpt * c + dxs.len();
+            layer_norm_bwd_rows(dxs, &x[rows.clone()], &g[rows], w, eps, pw, pb);
             part
         })
         .collect();
@@ -83,6 +74,40 @@ pub(crate) fn layer_norm_bwd(x: &[f32], w: &[f32], g: &[f32], eps: f32, dx: &mut
     for part in &partials {
         dw.iter_mut().zip(&part[..c]).for_each(|(d, p)| *d += p);
         db.iter_mut().zip(&part[c..]).for_each(|(d, p)| *d += p);
+    }
+}
+
+simd_kernels! {
+    fn layer_norm_fwd_rows(o: &mut [f32], xs: &[f32], w: &[f32], b: &[f32], eps: f32) {
+        let c = w.len();
+        for (orow, xrow) in o.chunks_mut(c).zip(xs.chunks(c)) {
+            let (mean, rstd) = row_stats(xrow, eps);
+            for j in 0..c {
+                orow[j] = (xrow[j] - mean) * rstd * w[j] + b[j];
+            }
+        }
+    }
+
+    /// Rows of dx (+=), and this task's partial sums of dw and db.
+    fn layer_norm_bwd_rows(dxs: &mut [f32], xs: &[f32], gs: &[f32], w: &[f32], eps: f32, pw: &mut [f32], pb: &mut [f32]) {
+        let c = w.len();
+        let mut xhat = vec![0f32; c];
+        let mut gy = vec![0f32; c];
+        let mut gy_xhat = vec![0f32; c];
+        for ((dxrow, xrow), grow) in dxs.chunks_mut(c).zip(xs.chunks(c)).zip(gs.chunks(c)) {
+            let (mean, rstd) = row_stats(xrow, eps);
+            for j in 0..c {
+                xhat[j] = (xrow[j] - mean) * rstd;
+                gy[j] = grow[j] * w[j];
+                gy_xhat[j] = gy[j] * xhat[j];
+                pw[j] += grow[j] * xhat[j];
+                pb[j] += grow[j];
+            }
+            let (m1, m2) = (lane_sum(&gy, |v| v) / c as f32, lane_sum(&gy_xhat, |v| v) / c as f32);
+            for j in 0..c {
+                dxrow[j] += rstd * (gy[j] - m1 - xhat[j] * m2);
+            }
+        }
     }
 }
 
