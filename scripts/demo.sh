@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the built-in dataset, end to end: MNIST -> a small TARFlow trained by maximum
 # likelihood -> exact samples -> bits/dim on held-out images. Everything lands in demo/ (or $1),
-# which this script owns: a previous demo there is replaced. About 2 minutes on 2 idle CPU cores; the
+# which this script owns: a previous demo there is replaced. About a minute on 2 idle CPU cores; the
 # model is far too small and short-trained for good digits (DEMO_STEPS=5000 for recognisable ones).
 # --clip-scale bounds the affine log-scales (BiFlow's norm control), which keeps the causal decoding
 # of a barely trained model finite.

@@ -114,6 +114,7 @@ impl NllGrad {
     /// `names` and `sizes`: the parameter list in the order `run` receives it (reference names).
     pub fn new(cfg: &FlowConfig, names: &[String], sizes: &[usize]) -> Result<NllGrad> {
         cfg.validate()?;
+        ensure!(names.len() == sizes.len(), "{} parameter names for {} sizes", names.len(), sizes.len());
         let index = |name: String| names.iter().position(|n| *n == name).with_context(|| format!("the model has no parameter {name}"));
         let pair = |p: &str| -> Result<Pair> { Ok(Pair { w: index(format!("{p}.weight"))?, b: index(format!("{p}.bias"))? }) };
         let mut blocks = Vec::new();
@@ -140,7 +141,6 @@ impl NllGrad {
                 flip: i % 2 == 1,
             });
         }
-        ensure!(names.len() == sizes.len(), "{} parameter names for {} sizes", names.len(), sizes.len());
         Ok(NllGrad { cfg: cfg.clone(), blocks, sizes: sizes.to_vec(), work: None })
     }
 
