@@ -87,11 +87,6 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     }
 }
 
-/// Rows per rayon task: enough work per task to amortise scheduling.
-fn rows_per_task(row_len: usize) -> usize {
-    (16384 / row_len.max(1)).max(1)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Affine coupling
 

@@ -508,6 +508,15 @@ struct Slot {
     decay: bool,
 }
 
+/// The error that stops a run whose loss or gradient norm stopped being finite at `step`.
+fn non_finite_stop(what: &str, value: f64, step: u64, last: Option<&Checkpoint>) -> anyhow::Error {
+    let keep = match last {
+        Some(c) => format!("the last good checkpoint is {}", c.dir.display()),
+        None => "no checkpoint was written before it".to_string(),
+    };
+    anyhow!("training stopped: the {what} became {value} at step {step}; {keep} (try a lower --lr, or --clip-scale)")
+}
+
 /// The loss, the mean bits/dim and the gradient of every slot (in slot order) for one batch.
 fn loss_and_gradients(model: &TarFlow, engine: Option<&mut NllGrad>, slots: &[Slot], x: &Tensor, labels: Option<&Tensor>) -> Result<(f64, f64, Vec<Vec<f32>>)> {
     let (out, grads) = match engine {
@@ -1049,21 +1058,13 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
         let loss_v = if args.debug_nan_at_step == Some(step + 1) { f64::NAN } else { loss_v };
         if !loss_v.is_finite() {
             ctx.end();
-            let keep = match &last_ckpt {
-                Some(c) => format!("the last good checkpoint is {}", c.dir.display()),
-                None => "no checkpoint was written before it".to_string(),
-            };
-            bail!("training stopped: the loss became {loss_v} at step {}; {keep} (try a lower --lr, or --clip-scale)", step + 1);
+            return Err(non_finite_stop("loss", loss_v, step + 1, last_ckpt.as_ref()));
         }
-        let t3 = Instant::now();
+        let t2 = Instant::now();
         let gnorm = optim::global_norm(host_grads.iter().map(|g| g.as_slice()));
         if !gnorm.is_finite() {
             ctx.end();
-            let keep = match &last_ckpt {
-                Some(c) => format!("the last good checkpoint is {}", c.dir.display()),
-                None => "no checkpoint was written before it".to_string(),
-            };
-            bail!("training stopped: the gradient norm became {gnorm} at step {}; {keep} (try a lower --lr, or --clip-scale)", step + 1);
+            return Err(non_finite_stop("gradient norm", gnorm, step + 1, last_ckpt.as_ref()));
         }
         step += 1;
         let lr = optim::lr_at(step, total, opts.warmup, opts.lr, opts.min_lr);
@@ -1080,10 +1081,10 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
         }
         last_loss = Some(loss_v);
         last_bpd = Some(bpd_v);
-        let t4 = Instant::now();
+        let t3 = Instant::now();
         phase[0] += (t1 - t0).as_secs_f64();
-        phase[1] += (t3 - t1).as_secs_f64();
-        phase[2] += (t4 - t3).as_secs_f64();
+        phase[1] += (t2 - t1).as_secs_f64();
+        phase[2] += (t3 - t2).as_secs_f64();
 
         let now = Instant::now();
         let dt = now.duration_since(last_step_time).as_secs_f64().max(1e-9);

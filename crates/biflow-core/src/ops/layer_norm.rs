@@ -4,7 +4,7 @@ use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{fused, rows_per_task, slice};
+use super::{fused, slice};
 
 /// (x - mean) / sqrt(var + eps) * w + b over the last dimension (biased variance).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
@@ -21,6 +21,11 @@ pub fn layer_norm_reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Res
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
     Ok(xn.broadcast_mul(w)?.broadcast_add(b)?)
+}
+
+/// Rows per rayon task: enough work per task to amortise scheduling.
+fn rows_per_task(row_len: usize) -> usize {
+    (16384 / row_len.max(1)).max(1)
 }
 
 /// Sum in 8 interleaved lanes: a sequential float sum cannot be vectorised (its order is fixed).
