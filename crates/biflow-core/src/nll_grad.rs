@@ -302,31 +302,31 @@ fn add_assign(acc: &mut [f32], x: &[f32]) {
     acc.iter_mut().zip(x).for_each(|(a, v)| *a += v);
 }
 
-/// The class embedding row for a label: the mean row for -1.
-fn class_row(table: &[f32], label: i64, c: usize) -> Vec<f32> {
-    let k = table.len() / c;
-    if label >= 0 {
-        let l = label as usize;
-        return table[l * c..(l + 1) * c].to_vec();
-    }
+/// The mean of a table's rows of length c: the class embedding of a dropped label (-1).
+fn mean_row(table: &[f32], c: usize) -> Vec<f32> {
     let mut mean = vec![0f32; c];
     for row in table.chunks(c) {
         add_assign(&mut mean, row);
     }
-    mean.iter_mut().for_each(|v| *v /= k as f32);
+    let k = (table.len() / c) as f32;
+    mean.iter_mut().for_each(|v| *v /= k);
     mean
 }
 
 /// h (N, T, C) += pos_embed (in the block's token order) + the class embedding of each sample.
 #[allow(clippy::too_many_arguments)]
 fn add_position_and_class(h: &mut [f32], pos: &[f32], class: Option<&[f32]>, labels: Option<&[i64]>, n: usize, t: usize, c: usize, flip: bool) {
+    let mean = class.map(|table| mean_row(table, c));
     for s in 0..n {
-        let emb = class.map(|table| class_row(table, labels.map_or(-1, |y| y[s]), c));
+        let emb = class.zip(mean.as_deref()).map(|(table, mean)| match labels.map_or(-1, |y| y[s]) {
+            -1 => mean,
+            l => &table[l as usize * c..(l as usize + 1) * c],
+        });
         for i in 0..t {
             let p = if flip { t - 1 - i } else { i };
             let row = &mut h[(s * t + i) * c..(s * t + i + 1) * c];
             add_assign(row, &pos[p * c..(p + 1) * c]);
-            if let Some(e) = &emb {
+            if let Some(e) = emb {
                 add_assign(row, e);
             }
         }
