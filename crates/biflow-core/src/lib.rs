@@ -15,5 +15,6 @@ pub mod optim;
 pub mod run;
 pub mod sample;
 pub mod train;
+pub mod trainer;
 
 pub use job::{Cancelled, Event, JobCtx};

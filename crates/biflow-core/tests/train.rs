@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use biflow_core::job::{Event, JobCtx};
 use biflow_core::run::Run;
-use biflow_core::train::{load_checkpoint, train_with, MemData, TrainArgs, TrainSettings};
+use biflow_core::train::{train_with, TrainArgs, TrainSettings};
+use biflow_core::trainer::{load_checkpoint, MemData};
 use rand::{Rng, SeedableRng};
 
 /// 8x8 grey images with structure (a smooth ramp per class plus a little noise), 2 classes.
