@@ -132,44 +132,13 @@ impl TrainArgs {
 #[serde(rename_all = "camelCase")]
 pub struct TrainOptions {
     pub data: String,
-    pub batch_size: usize,
-    pub steps: u64,
+    #[serde(flatten)]
+    pub schedule: Schedule,
     pub epochs: Option<f64>,
-    pub lr: f64,
-    pub min_lr: f64,
-    pub warmup: u64,
-    pub weight_decay: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub grad_clip: f64,
-    pub ema_decay: f64,
     pub noise_std: Option<f64>,
     pub dequantize: bool,
     pub drop_label: f64,
-    pub seed: u64,
-    pub save_every: u64,
-    pub keep: usize,
     pub limit: Option<usize>,
-}
-
-impl TrainOptions {
-    pub fn schedule(&self) -> Schedule {
-        Schedule {
-            batch_size: self.batch_size,
-            steps: self.steps,
-            lr: self.lr,
-            min_lr: self.min_lr,
-            warmup: self.warmup,
-            weight_decay: self.weight_decay,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            grad_clip: self.grad_clip,
-            ema_decay: self.ema_decay,
-            seed: self.seed,
-            save_every: self.save_every,
-            keep: self.keep,
-        }
-    }
 }
 
 /// Options that may change when resuming (the rest must match the run).
@@ -272,23 +241,25 @@ fn resolve(s: &TrainSettings, data: &dyn TrainData, data_dir: &str) -> Result<(T
     };
     let opts = TrainOptions {
         data: data_dir.to_string(),
-        batch_size,
-        steps,
+        schedule: Schedule {
+            batch_size,
+            steps,
+            lr,
+            min_lr: s.min_lr.unwrap_or(1e-6).min(lr),
+            warmup: s.warmup.unwrap_or((steps / 20).min(1000)),
+            weight_decay: s.weight_decay.unwrap_or(1e-4),
+            beta1: 0.9,
+            beta2: 0.95,
+            grad_clip: s.grad_clip.unwrap_or(1.0),
+            ema_decay: s.ema_decay.unwrap_or(0.999),
+            seed: s.seed.unwrap_or(0),
+            save_every: s.save_every.unwrap_or(1000).max(1),
+            keep: s.keep.unwrap_or(3).max(1),
+        },
         epochs: s.epochs,
-        lr,
-        min_lr: s.min_lr.unwrap_or(1e-6).min(lr),
-        warmup: s.warmup.unwrap_or((steps / 20).min(1000)),
-        weight_decay: s.weight_decay.unwrap_or(1e-4),
-        beta1: 0.9,
-        beta2: 0.95,
-        grad_clip: s.grad_clip.unwrap_or(1.0),
-        ema_decay: s.ema_decay.unwrap_or(0.999),
         noise_std,
         dequantize,
         drop_label,
-        seed: s.seed.unwrap_or(0),
-        save_every: s.save_every.unwrap_or(1000).max(1),
-        keep: s.keep.unwrap_or(3).max(1),
         limit: s.limit,
     };
     Ok((opts, model))
@@ -298,26 +269,26 @@ fn resolve(s: &TrainSettings, data: &dyn TrainData, data_dir: &str) -> Result<(T
 fn settings_of(t: &TrainOptions, m: &FlowConfig) -> TrainSettings {
     TrainSettings {
         data: Some(t.data.clone()),
-        batch_size: Some(t.batch_size),
-        steps: Some(t.steps),
+        batch_size: Some(t.schedule.batch_size),
+        steps: Some(t.schedule.steps),
         epochs: None,
-        lr: Some(t.lr),
-        min_lr: Some(t.min_lr),
-        warmup: Some(t.warmup),
-        weight_decay: Some(t.weight_decay),
-        grad_clip: Some(t.grad_clip),
-        ema_decay: Some(t.ema_decay),
+        lr: Some(t.schedule.lr),
+        min_lr: Some(t.schedule.min_lr),
+        warmup: Some(t.schedule.warmup),
+        weight_decay: Some(t.schedule.weight_decay),
+        grad_clip: Some(t.schedule.grad_clip),
+        ema_decay: Some(t.schedule.ema_decay),
         noise_std: Some(t.noise_std.unwrap_or(0.0)),
         dequantize: Some(t.dequantize),
         drop_label: Some(t.drop_label),
-        seed: Some(t.seed),
+        seed: Some(t.schedule.seed),
         patch_size: Some(m.patch_size),
         channels: Some(m.channels),
         blocks: Some(m.num_blocks),
         layers_per_block: Some(m.layers_per_block),
         clip_scale: Some(m.clip_scale.unwrap_or(0.0)),
-        save_every: Some(t.save_every),
-        keep: Some(t.keep),
+        save_every: Some(t.schedule.save_every),
+        keep: Some(t.schedule.keep),
         limit: t.limit,
     }
 }
@@ -513,7 +484,7 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
         (Run::create(&args.out, cfg)?, None)
     };
 
-    let (map, model) = crate::flow::new_trainable(&model_cfg, opts.seed, &device).context("cannot build the model")?;
+    let (map, model) = crate::flow::new_trainable(&model_cfg, opts.schedule.seed, &device).context("cannot build the model")?;
     let slots = trainer::slots_of(&map)?;
     let engine = if device.is_cpu() {
         let names: Vec<String> = slots.iter().map(|s| s.name.clone()).collect();
@@ -525,7 +496,7 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
     let fit = Fit {
         run: &run,
         data,
-        schedule: opts.schedule(),
+        schedule: opts.schedule.clone(),
         options: serde_json::to_value(&opts)?,
         model: serde_json::to_value(&model_cfg)?,
         slots,

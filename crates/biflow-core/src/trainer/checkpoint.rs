@@ -11,9 +11,9 @@ use candle_core::{Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::data::DataPos;
+use crate::io::sha256_hex;
 use crate::optim::{AdamW, Moments};
 use crate::run::{decode_safetensors, encode_safetensors, Checkpoint, HostTensor, Run};
 
@@ -95,11 +95,6 @@ pub struct CheckpointState {
     pub files: std::collections::BTreeMap<String, String>,
     pub loss: Option<f64>,
     pub elapsed_secs: f64,
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    let d = Sha256::digest(bytes);
-    d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

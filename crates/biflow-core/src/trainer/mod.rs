@@ -34,8 +34,9 @@ use crate::run::{Checkpoint, Run};
 use checkpoint::{restore_slots, rng_restore, rng_state, save_checkpoint, TrainState};
 use data::Loader;
 
-/// The optimisation settings both trainers share.
-#[derive(Clone, Debug)]
+/// The optimisation settings both trainers share (stored flat in a run's options).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
 pub struct Schedule {
     pub batch_size: usize,
     pub steps: u64,
