@@ -64,6 +64,7 @@ pub struct RunConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ForwardRef {
+    /// The forward run's folder: absolute, or relative to the distilled run's own folder.
     pub dir: String,
     pub weights_sha256: String,
 }
@@ -241,8 +242,9 @@ impl Run {
     /// The forward run a distilled run was made from, checked to be the same F (weights checksum).
     pub fn forward_run(&self) -> Result<Run> {
         let Some(fr) = &self.config.forward else { bail!("{} is not a distilled run", self.dir.display()) };
-        let dir = Path::new(&fr.dir);
-        let f = Run::open(dir).with_context(|| {
+        // A relative location is inside the distilled run (an imported bundle carries its F along).
+        let dir = self.dir.join(&fr.dir);
+        let f = Run::open(&dir).with_context(|| {
             format!("the forward run of {} ({}) cannot be opened: was it moved or deleted?", self.dir.display(), fr.dir)
         })?;
         let path = f.sampling_weights_path()?;
