@@ -69,6 +69,7 @@ same way. Ablations of the paper: --loss naive|hidden, --align-norm none, --deno
     'save-every': Flags.integer({description: 'write a checkpoint every N steps [default: 500]'}),
     keep: Flags.integer({description: 'number of newest checkpoints to keep [default: 3]'}),
     limit: Flags.integer({description: 'distill on the first N training images only'}),
+    'sample-every': Flags.integer({description: "write a grid of 16 one-evaluation samples of G (fixed noise and labels, EMA weights) to RUN2/samples/step-N.png every N steps (0: never) [default: 0]", min: 0}),
   }
 
   async run(): Promise<DistillResult> {
@@ -108,6 +109,8 @@ same way. Ablations of the paper: --loss naive|hidden, --align-norm none, --deno
       saveEvery: flags['save-every'],
       keep: flags.keep,
       limit: flags.limit,
+      sampleEvery: flags['sample-every'],
+      commandLine: this.commandLine(),
     })
     const fmt = (v: number | null | undefined) => (v === null || v === undefined ? '?' : v.toFixed(4))
     this.log(

@@ -60,6 +60,7 @@ from --config FILE.json (same names in camelCase), then the defaults.`
     'save-every': Flags.integer({description: 'write a checkpoint every N steps [default: 1000]'}),
     keep: Flags.integer({description: 'number of newest checkpoints to keep [default: 3]'}),
     limit: Flags.integer({description: 'train on the first N training images only'}),
+    'sample-every': Flags.integer({description: 'write a grid of 16 samples (fixed noise and labels, EMA weights) to RUN/samples/step-N.png every N steps (0: never) [default: 0]', min: 0}),
   }
 
   async run(): Promise<TrainResult> {
@@ -92,6 +93,8 @@ from --config FILE.json (same names in camelCase), then the defaults.`
       saveEvery: flags['save-every'],
       keep: flags.keep,
       limit: flags.limit,
+      sampleEvery: flags['sample-every'],
+      commandLine: this.commandLine(),
     })
     const fmt = (v: number | null) => (v === null ? '?' : v.toFixed(4))
     this.log(`trained ${result.run} to step ${result.steps}: loss ${fmt(result.loss)}, ${fmt(result.bpd)} bits/dim, ${result.stepsPerSec.toFixed(2)} steps/s`)

@@ -1,6 +1,8 @@
 // The base of every biflow command: --json, and core errors turned into one clear line.
 import {Command, Errors} from '@oclif/core'
 
+import ora from 'ora'
+
 import {JobCancelled, runJob} from './job.js'
 
 export abstract class BiflowCommand extends Command {
@@ -14,9 +16,28 @@ export abstract class BiflowCommand extends Command {
     return x
   }
 
+  /** This invocation as typed (recorded by train and distill in RUN/history.jsonl). */
+  protected commandLine(): string {
+    return [this.config.bin, ...process.argv.slice(2)].map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replaceAll("'", "'\\''")}'`)).join(' ')
+  }
+
   /** Run a core job, rendering its progress the way this invocation asked for. */
   protected job<T>(name: string, options: object): Promise<T> {
     return runJob<T>(name, options, {json: this.jsonEnabled()})
+  }
+
+  /** Run `work` under an ora spinner (a phase without a count); silent under --json or when stderr is not a terminal. */
+  protected async spin<T>(text: string, work: () => Promise<T>): Promise<T> {
+    if (this.jsonEnabled() || !process.stderr.isTTY) return work()
+    const spinner = ora({text, stream: process.stderr}).start()
+    try {
+      const result = await work()
+      spinner.succeed()
+      return result
+    } catch (error) {
+      spinner.fail()
+      throw error
+    }
   }
 
   /**

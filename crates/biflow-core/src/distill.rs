@@ -19,7 +19,7 @@ use crate::reverse::loss::{implied_conditional, LossConfig, LossKind, Perceptual
 use crate::reverse::{self, ReverseConfig, ReverseModel};
 use crate::run::{ForwardRef, Run, RunConfig};
 use crate::train::host_gradients;
-use crate::trainer::{self, load_checkpoint, open_data, Fit, Limited, Objective, Schedule, Slot, StepOutput, TrainData};
+use crate::trainer::{self, load_checkpoint, open_data, Fit, Limited, Objective, RunLock, Schedule, Slot, StepOutput, TrainData};
 
 /// Every distillation knob as given on the command line (all optional).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -54,6 +54,7 @@ pub struct DistillSettings {
     /// [lo, hi]: the range training-time guidance scales are drawn from.
     pub cfg_range: Option<[f64; 2]>,
     pub drop_label: Option<f64>,
+    pub sample_every: Option<u64>,
 }
 
 /// The resolved options, stored in RUN2/config.json under "train".
@@ -102,12 +103,13 @@ impl DistillOptions {
             adaptive_eps: Some(self.loss.adaptive_eps),
             cfg_range: self.cfg_range,
             drop_label: Some(self.drop_label),
+            sample_every: Some(self.schedule.sample_every),
         }
     }
 }
 
 /// Options that may change when resuming.
-const RESUMABLE: &[&str] = &["data", "steps", "saveEvery", "keep"];
+const RESUMABLE: &[&str] = &["data", "steps", "saveEvery", "keep", "sampleEvery"];
 
 /// Resolve the settings against F and the data.
 fn resolve(s: &DistillSettings, f_run: &Run, forward_dir: &str, data: &dyn TrainData, data_dir: &str) -> Result<(DistillOptions, ReverseConfig)> {
@@ -195,6 +197,7 @@ fn resolve(s: &DistillSettings, f_run: &Run, forward_dir: &str, data: &dyn Train
             seed: s.seed.unwrap_or(0),
             save_every: s.save_every.unwrap_or(500).max(1),
             keep: s.keep.unwrap_or(3).max(1),
+            sample_every: s.sample_every.unwrap_or(0),
         },
         limit: s.limit,
         noise_std,
@@ -262,6 +265,20 @@ impl Objective for Distillation {
     fn reads_vars(&self) -> bool {
         true
     }
+
+    /// One evaluation of G (EMA weights) at guidance 0, then F's score step where G does not denoise.
+    fn preview(&self, slots: &[Slot]) -> Result<Option<Tensor>> {
+        let f = self.flow.config();
+        let dev = self.flow.device().clone();
+        let g = ReverseModel::new(trainer::ema_varbuilder(slots, &dev)?, self.g.config())?;
+        let (z, y) = trainer::preview_noise(trainer::PREVIEW_COUNT, f.num_tokens(), f.token_dim(), f.num_classes, &dev)?;
+        let w = g.config().guided().then(|| vec![0f32; trainer::PREVIEW_COUNT]);
+        let mut x = self.flow.unpatchify(&g.forward(&z, y.as_ref(), w.as_deref(), false)?.x)?;
+        if !self.opts.loss.learned_denoise {
+            x = crate::sample::denoise(&self.flow, &x, y.as_ref(), self.opts.noise_std)?;
+        }
+        Ok(Some(x))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -274,6 +291,8 @@ pub struct DistillArgs {
     pub settings: DistillSettings,
     /// Testing hook: pretend the loss is NaN at this step.
     pub debug_nan_at_step: Option<u64>,
+    /// The command line, recorded in RUN/history.jsonl.
+    pub command: Option<String>,
 }
 
 impl DistillArgs {
@@ -285,9 +304,10 @@ impl DistillArgs {
         };
         let resume = map.remove("resume").and_then(|v| v.as_bool()).unwrap_or(false);
         let debug_nan_at_step = map.remove("debugNanAtStep").and_then(|v| v.as_u64());
+        let command = map.remove("commandLine").and_then(|v| v.as_str().map(str::to_string));
         map.retain(|_, v| !v.is_null());
         let settings = serde_json::from_value(Value::Object(map)).context("invalid distill options")?;
-        Ok(DistillArgs { out, resume, settings, debug_nan_at_step })
+        Ok(DistillArgs { out, resume, settings, debug_nan_at_step, command })
     }
 }
 
@@ -309,6 +329,11 @@ pub fn distill_job(options: Value, ctx: &JobCtx) -> Result<Value> {
 pub fn distill_with(args: &DistillArgs, data_dir: &str, data: &dyn TrainData, ctx: &JobCtx) -> Result<Value> {
     let device = Device::Cpu;
     let s = &args.settings;
+    if args.resume {
+        Run::open(&args.out).context("--resume needs an existing distilled run as --out")?;
+    }
+    // One writer per run: taken before anything in the folder is created or changed.
+    let lock = RunLock::acquire(&args.out, ctx)?;
     // On resume the run's own options are the base; what the user gives must agree with them.
     let prior = if args.resume {
         let run = Run::open(&args.out).context("--resume needs an existing distilled run as --out")?;
@@ -389,6 +414,7 @@ pub fn distill_with(args: &DistillArgs, data_dir: &str, data: &dyn TrainData, ct
     let slots = trainer::slots_of(&map)?;
     let fit = Fit {
         run: &run,
+        lock: &lock,
         data,
         schedule: opts.schedule.clone(),
         options: serde_json::to_value(&opts)?,
@@ -397,6 +423,7 @@ pub fn distill_with(args: &DistillArgs, data_dir: &str, data: &dyn TrainData, ct
         resume,
         phase: "distill",
         debug_nan_at_step: args.debug_nan_at_step,
+        command: args.command.clone(),
     };
     let mut objective = Distillation { flow, g, opts, perceptual: Vec::new() };
     let mut fitted = trainer::fit(fit, &mut objective, ctx)?;
@@ -427,6 +454,7 @@ mod tests {
                 seed: 0,
                 save_every: 1,
                 keep: 1,
+                sample_every: 0,
             },
             limit: None,
             noise_std: 0.05,

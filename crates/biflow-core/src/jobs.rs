@@ -29,6 +29,10 @@ pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
         "import-tarflow" => crate::import::import_tarflow(opts(name, options)?, ctx),
         "sample" => crate::sample::sample(opts(name, options)?, ctx),
         "eval-bpd" => crate::bpd::eval_bpd(opts(name, options)?, ctx),
+        "runs" => crate::runs::runs(opts(name, options)?),
+        "report" => crate::report::report(opts(name, options)?, ctx),
+        "bundle.stage" => crate::bundle::stage(opts(name, options)?, ctx),
+        "bundle.verify" => crate::bundle::verify(opts(name, options)?, ctx),
         _ => bail!("unknown job '{name}'"),
     }
 }

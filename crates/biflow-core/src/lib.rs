@@ -2,6 +2,7 @@
 //! `jobs::run(name, options, ctx)` calls here.
 
 pub mod bpd;
+pub mod bundle;
 pub mod data;
 pub mod distill;
 pub mod edit;
@@ -16,7 +17,9 @@ pub mod nll_grad;
 pub mod ops;
 pub mod optim;
 pub mod reverse;
+pub mod report;
 pub mod run;
+pub mod runs;
 pub mod sample;
 pub mod train;
 pub mod trainer;

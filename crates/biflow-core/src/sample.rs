@@ -290,7 +290,7 @@ pub(crate) fn image_buffer(chw: &[f32], c: usize, h: usize, w: usize) -> Result<
 }
 
 /// A grid like torchvision's make_grid (nrow = ceil(sqrt(N)), 2-pixel black padding).
-pub(crate) fn grid(images: &[f32], n: usize, c: usize, h: usize, w: usize) -> Result<image::DynamicImage> {
+pub fn grid(images: &[f32], n: usize, c: usize, h: usize, w: usize) -> Result<image::DynamicImage> {
     let cols = (n as f64).sqrt().ceil() as usize;
     let rows = n.div_ceil(cols);
     let pad = 2;

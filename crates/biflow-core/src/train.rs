@@ -18,7 +18,7 @@ use crate::flow::{bits_per_dim, nll_loss, FlowConfig, FlowOutput, TarFlow};
 use crate::job::JobCtx;
 use crate::nll_grad::NllGrad;
 use crate::run::{Run, RunConfig};
-use crate::trainer::{self, load_checkpoint, open_data, Fit, Limited, Objective, Schedule, Slot, StepOutput, TrainData};
+use crate::trainer::{self, load_checkpoint, open_data, Fit, Limited, Objective, RunLock, Schedule, Slot, StepOutput, TrainData};
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -72,6 +72,8 @@ pub struct TrainSettings {
     /// Train on the first N training images only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_every: Option<u64>,
 }
 
 impl TrainSettings {
@@ -97,6 +99,8 @@ pub struct TrainArgs {
     pub settings: TrainSettings,
     /// Testing hook: pretend the loss is NaN at this step.
     pub debug_nan_at_step: Option<u64>,
+    /// The command line, recorded in RUN/history.jsonl.
+    pub command: Option<String>,
 }
 
 impl TrainArgs {
@@ -121,9 +125,10 @@ impl TrainArgs {
             Some(v) => bail!("config must be a file path, got {v}"),
         };
         let debug_nan_at_step = map.remove("debugNanAtStep").and_then(|v| v.as_u64());
+        let command = map.remove("commandLine").and_then(|v| v.as_str().map(str::to_string));
         map.retain(|_, v| !v.is_null());
         let settings: TrainSettings = serde_json::from_value(Value::Object(map)).context("invalid train options")?;
-        Ok(TrainArgs { out, resume, config, settings, debug_nan_at_step })
+        Ok(TrainArgs { out, resume, config, settings, debug_nan_at_step, command })
     }
 }
 
@@ -142,7 +147,7 @@ pub struct TrainOptions {
 }
 
 /// Options that may change when resuming (the rest must match the run).
-const RESUMABLE: &[&str] = &["data", "steps", "epochs", "saveEvery", "keep"];
+const RESUMABLE: &[&str] = &["data", "steps", "epochs", "saveEvery", "keep", "sampleEvery"];
 
 fn read_config_file(path: &Path) -> Result<TrainSettings> {
     let text = fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
@@ -255,6 +260,7 @@ fn resolve(s: &TrainSettings, data: &dyn TrainData, data_dir: &str) -> Result<(T
             seed: s.seed.unwrap_or(0),
             save_every: s.save_every.unwrap_or(1000).max(1),
             keep: s.keep.unwrap_or(3).max(1),
+            sample_every: s.sample_every.unwrap_or(0),
         },
         epochs: s.epochs,
         noise_std,
@@ -290,6 +296,7 @@ fn settings_of(t: &TrainOptions, m: &FlowConfig) -> TrainSettings {
         save_every: Some(t.schedule.save_every),
         keep: Some(t.schedule.keep),
         limit: t.limit,
+        sample_every: Some(t.schedule.sample_every),
     }
 }
 
@@ -374,6 +381,20 @@ impl Objective for Likelihood {
     fn reads_vars(&self) -> bool {
         self.engine.is_none()
     }
+
+    /// Exact samples (causal decoding, then the score-based denoising step) with the EMA weights.
+    fn preview(&self, slots: &[Slot]) -> Result<Option<Tensor>> {
+        let cfg = self.model.config();
+        let device = self.model.device().clone();
+        let ema = TarFlow::new(trainer::ema_varbuilder(slots, &device)?, cfg)?;
+        let (z, y) = trainer::preview_noise(trainer::PREVIEW_COUNT, cfg.num_tokens(), cfg.token_dim(), cfg.num_classes, &device)?;
+        let opts = crate::flow::ReverseOptions { guidance: 0.0, annealed: false, attn_temp: 1.0 };
+        let mut x = ema.reverse(&z, y.as_ref(), &opts, |_, _| Ok(()))?;
+        if let Some(sigma) = self.opts.noise_std {
+            x = crate::sample::denoise(&ema, &x, y.as_ref(), sigma)?;
+        }
+        Ok(Some(x))
+    }
 }
 
 /// The gradient of `loss` for every slot (zeros where it does not reach), on the host.
@@ -417,6 +438,11 @@ pub fn train_job(options: Value, ctx: &JobCtx) -> Result<Value> {
 /// Train on `data`: a new run in `args.out`, or continue it with `args.resume`.
 pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, data: &dyn TrainData, ctx: &JobCtx) -> Result<Value> {
     let device = Device::Cpu;
+    if args.resume {
+        Run::open(&args.out).context("--resume needs an existing run folder as --out")?;
+    }
+    // One writer per run: taken before anything in the folder is created or changed.
+    let lock = RunLock::acquire(&args.out, ctx)?;
     // On resume, the run's own options are the base; the user's must agree with them (except the
     // resumable ones, see RESUMABLE).
     let prior = if args.resume {
@@ -495,6 +521,7 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
     };
     let fit = Fit {
         run: &run,
+        lock: &lock,
         data,
         schedule: opts.schedule.clone(),
         options: serde_json::to_value(&opts)?,
@@ -503,6 +530,7 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
         resume,
         phase: "train",
         debug_nan_at_step: args.debug_nan_at_step,
+        command: args.command.clone(),
     };
     let mut objective = Likelihood { model, engine, opts };
     let fitted = trainer::fit(fit, &mut objective, ctx)?;

@@ -12,7 +12,9 @@
 
 mod checkpoint;
 mod data;
+mod lock;
 mod plot;
+mod preview;
 
 use std::fs;
 use std::io::Write;
@@ -26,7 +28,9 @@ use serde_json::{json, Map, Value};
 
 pub use checkpoint::{load_checkpoint, slots_of, CheckpointState, LoadedCheckpoint, RngState, Slot};
 pub use data::{open_data, DataPos, Limited, MemData, TrainData};
-pub use plot::plot_loss;
+pub use lock::{host_name, lock_holder, pid_alive, write_status, RunLock, LOCK_FILE, STATUS_FILE};
+pub use preview::{ema_varbuilder, preview_noise, preview_path, PREVIEW_COUNT, SAMPLES_DIR};
+pub use plot::{chart_png, chart_svg, plot_loss, series, smooth, throughput};
 
 use crate::job::{Cancelled, JobCtx};
 use crate::optim::{self, AdamW, AdamWConfig};
@@ -52,6 +56,9 @@ pub struct Schedule {
     pub seed: u64,
     pub save_every: u64,
     pub keep: usize,
+    /// Write a preview grid every N steps (0: never).
+    #[serde(default)]
+    pub sample_every: u64,
 }
 
 /// One step of an objective: its loss, metrics to log next to it, and the gradient of every slot
@@ -71,11 +78,19 @@ pub trait Objective {
     /// Whether the objective reads the parameters through the slots' candle variables (autograd),
     /// which the trainer then refreshes after every update.
     fn reads_vars(&self) -> bool;
+
+    /// Samples (N, C, H, W) from the fixed preview noise with the slots' EMA weights, for
+    /// `--sample-every` (see preview.rs); None where the objective cannot sample.
+    fn preview(&self, _slots: &[Slot]) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 /// What [`fit`] trains, where, and from which checkpoint.
 pub struct Fit<'a> {
     pub run: &'a Run,
+    /// The run's writer lock, taken before the run folder was created or changed (see lock.rs).
+    pub lock: &'a RunLock,
     pub data: &'a dyn TrainData,
     pub schedule: Schedule,
     /// The job's resolved options and the model's configuration, recorded in every checkpoint.
@@ -88,6 +103,8 @@ pub struct Fit<'a> {
     pub phase: &'static str,
     /// Testing hook: pretend the loss is NaN at this step.
     pub debug_nan_at_step: Option<u64>,
+    /// The command line that started this session (recorded in RUN/history.jsonl for the report).
+    pub command: Option<String>,
 }
 
 /// The outcome of [`fit`]; `result` is the JSON the job returns, to which it may add.
@@ -99,7 +116,30 @@ pub struct Fitted {
 /// Train until `schedule.steps`, checkpointing, logging and reporting progress; stop cleanly on
 /// Ctrl-C (a checkpoint first) and on a non-finite loss or gradient (the last good checkpoint kept).
 pub fn fit(f: Fit, objective: &mut dyn Objective, ctx: &JobCtx) -> Result<Fitted> {
-    let Fit { run, data, schedule: s, options, model, mut slots, resume, phase: phase_name, debug_nan_at_step } = f;
+    let (dir, total) = (f.run.dir.clone(), f.schedule.steps);
+    debug_assert_eq!(f.lock.dir(), dir.as_path());
+    let last_step = std::cell::Cell::new(0u64);
+    let _ = write_status(&dir, "running", 0, total, None);
+    let outcome = fit_inner(f, objective, ctx, &last_step);
+    let step = last_step.get();
+    let _ = match &outcome {
+        Ok(_) => write_status(&dir, "complete", step, total, None),
+        Err(e) if e.is::<Cancelled>() => write_status(&dir, "interrupted", step, total, None),
+        Err(e) => write_status(&dir, "failed", step, total, Some(&format!("{e:#}"))),
+    };
+    let mut fitted = outcome?;
+    // The run's report (no comparison sampling here; `biflow report` and `biflow demo` add it).
+    match crate::report::write_default(&dir) {
+        Ok(p) => {
+            fitted.result.insert("report".into(), json!(p));
+        }
+        Err(e) => ctx.message(format!("the report could not be written: {e:#}")),
+    }
+    Ok(fitted)
+}
+
+fn fit_inner(f: Fit, objective: &mut dyn Objective, ctx: &JobCtx, last_step: &std::cell::Cell<u64>) -> Result<Fitted> {
+    let Fit { run, lock: _, data, schedule: s, options, model, mut slots, resume, phase: phase_name, debug_nan_at_step, command } = f;
     let device = Device::Cpu;
     let mut adam = AdamW::new(AdamWConfig { beta1: s.beta1, beta2: s.beta2, eps: 1e-8, weight_decay: s.weight_decay });
     let mut loader = Loader::new(s.seed, data.len(), s.batch_size);
@@ -119,9 +159,11 @@ pub fn fit(f: Fit, objective: &mut dyn Objective, ctx: &JobCtx) -> Result<Fitted
         plot::rewrite_metrics_up_to(&run.metrics_path(), step)?;
         ctx.message(format!("resuming {} from step {step}", run.dir.display()));
     }
+    last_step.set(step);
     if step >= s.steps {
         bail!("the run is already at step {step} of {}; pass a larger --steps to train further", s.steps);
     }
+    crate::report::record_history(&run.dir, command.as_deref(), step)?;
     let mut metrics_file = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -137,8 +179,8 @@ pub fn fit(f: Fit, objective: &mut dyn Objective, ctx: &JobCtx) -> Result<Fitted
     let mut last_ckpt: Option<Checkpoint> = resume.as_ref().map(|(c, _)| c.clone());
     let mut last_report = Instant::now() - Duration::from_secs(1);
     let mut last_metrics = Map::new();
-    // Where the time goes (seconds, this session): batch assembly, loss and gradients, optimiser, checkpoints.
-    let mut phase = [0f64; 4];
+    // Where the time goes (seconds, this session): batch assembly, loss and gradients, optimiser, checkpoints, previews.
+    let mut phase = [0f64; 5];
 
     ctx.start(phase_name, Some(total - start_step));
     macro_rules! save {
@@ -206,6 +248,7 @@ pub fn fit(f: Fit, objective: &mut dyn Objective, ctx: &JobCtx) -> Result<Fitted
             }
         }
         last_loss = Some(loss);
+        last_step.set(step);
         last_metrics = out.metrics;
         let t3 = Instant::now();
         phase[0] += (t1 - t0).as_secs_f64();
@@ -227,6 +270,13 @@ pub fn fit(f: Fit, objective: &mut dyn Objective, ctx: &JobCtx) -> Result<Fitted
             last_ckpt = Some(save!(step)?);
             last_saved = Some(step);
             phase[3] += tc.elapsed().as_secs_f64();
+        }
+        if s.sample_every > 0 && (step % s.sample_every == 0 || step == total) {
+            let tp = Instant::now();
+            if let Some(images) = objective.preview(&slots)? {
+                preview::write_preview(&run.dir, step, &images)?;
+            }
+            phase[4] += tp.elapsed().as_secs_f64();
         }
         let now = Instant::now();
         if step - start_step <= 20 || now.duration_since(last_report).as_secs_f64() >= 0.1 || step == total {
@@ -260,7 +310,7 @@ pub fn fit(f: Fit, objective: &mut dyn Objective, ctx: &JobCtx) -> Result<Fitted
         "imagesPerSec" => sps * s.batch_size as f64,
         "seconds" => secs,
         "parameters" => slots.iter().map(|s| s.value.len()).sum::<usize>(),
-        "phaseSeconds" => json!({"data": phase[0], "lossAndGradients": phase[1], "optimizer": phase[2], "checkpoints": phase[3]}),
+        "phaseSeconds" => json!({"data": phase[0], "lossAndGradients": phase[1], "optimizer": phase[2], "checkpoints": phase[3], "previews": phase[4]}),
     ]);
     Ok(Fitted { slots, result })
 }

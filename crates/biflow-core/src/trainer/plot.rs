@@ -4,6 +4,7 @@ use std::fs;
 use std::path::Path;
 
 use anyhow::Result;
+use plotters::drawing::IntoDrawingArea;
 use serde_json::Value;
 
 /// Drop the lines after `step` (a resumed run rewrites them).
@@ -21,72 +22,140 @@ pub(super) fn rewrite_metrics_up_to(path: &Path, step: u64) -> Result<()> {
     crate::io::atomic::write(path, keep.as_bytes())
 }
 
-/// Draw the loss curve (raw points and a moving average) into a PNG.
-pub fn plot_loss(metrics: &Path, out: &Path) -> Result<()> {
+/// A series read from metrics.jsonl: (step, value) where both are finite.
+pub fn series(metrics: &Path, key: &str) -> Vec<(f64, f64)> {
     let text = fs::read_to_string(metrics).unwrap_or_default();
-    let pts: Vec<(f64, f64)> = text
-        .lines()
+    text.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| Some((v.get("step")?.as_f64()?, v.get("loss")?.as_f64()?)))
-        .filter(|p| p.1.is_finite())
-        .collect();
-    let (w, h) = (800u32, 400u32);
-    let mut img = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
-    let (l, r, t, b) = (50.0, 20.0, 20.0, 40.0);
-    let axis = image::Rgb([0, 0, 0]);
-    for x in l as u32..(w - r as u32) {
-        img.put_pixel(x, h - b as u32, axis);
-    }
-    for y in t as u32..=(h - b as u32) {
-        img.put_pixel(l as u32, y, axis);
-    }
-    if pts.len() >= 2 {
-        let win = (pts.len() / 50).max(1);
-        let mut smooth = Vec::with_capacity(pts.len());
-        let mut acc = 0.0;
-        for i in 0..pts.len() {
-            acc += pts[i].1;
-            if i >= win {
-                acc -= pts[i - win].1;
-            }
-            smooth.push((pts[i].0, acc / (i + 1).min(win) as f64));
-        }
-        let mut sorted: Vec<f64> = pts.iter().map(|p| p.1).collect();
-        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let lo = sorted[0];
-        let hi = sorted[((sorted.len() - 1) as f64 * 0.98) as usize].max(lo + 1e-9);
-        let (x0, x1) = (pts[0].0, pts[pts.len() - 1].0.max(pts[0].0 + 1.0));
-        let px = |x: f64| l + (x - x0) / (x1 - x0) * (w as f64 - l - r);
-        let py = |y: f64| t + (1.0 - ((y - lo) / (hi - lo)).clamp(0.0, 1.0)) * (h as f64 - t - b);
-        for k in 1..4 {
-            let y = (t + k as f64 * (h as f64 - t - b) / 4.0) as u32;
-            for x in (l as u32 + 1..(w - r as u32)).step_by(3) {
-                img.put_pixel(x, y, image::Rgb([210, 210, 210]));
-            }
-        }
-        for p in &pts {
-            let (x, y) = (px(p.0) as u32, py(p.1) as u32);
-            if x < w && y < h {
-                img.put_pixel(x, y, image::Rgb([150, 180, 230]));
-            }
-        }
-        for s in smooth.windows(2) {
-            line(&mut img, (px(s[0].0), py(s[0].1)), (px(s[1].0), py(s[1].1)), image::Rgb([20, 60, 170]));
-        }
-    }
-    crate::io::atomic::write_png(out, &image::DynamicImage::ImageRgb8(img))
+        .filter_map(|v| Some((v.get("step")?.as_f64()?, v.get(key)?.as_f64()?)))
+        .filter(|p| p.0.is_finite() && p.1.is_finite())
+        .collect()
 }
 
-fn line(img: &mut image::RgbImage, a: (f64, f64), b: (f64, f64), c: image::Rgb<u8>) {
-    let n = ((b.0 - a.0).abs().max((b.1 - a.1).abs()).ceil() as usize).max(1);
-    for i in 0..=n {
-        let f = i as f64 / n as f64;
-        let (x, y) = (a.0 + f * (b.0 - a.0), a.1 + f * (b.1 - a.1));
-        for dy in 0..2 {
-            let (xi, yi) = (x as u32, y as u32 + dy);
-            if xi < img.width() && yi < img.height() {
-                img.put_pixel(xi, yi, c);
-            }
+/// Throughput (steps/s) over training, from the cumulative `time` of metrics.jsonl, averaged over
+/// windows of about 1/50 of the run.
+pub fn throughput(metrics: &Path) -> Vec<(f64, f64)> {
+    let t = series(metrics, "time");
+    let win = (t.len() / 50).max(1);
+    let mut out = Vec::new();
+    let mut i = win;
+    while i < t.len() {
+        let (a, b) = (t[i - win], t[i]);
+        if b.1 > a.1 && b.0 > a.0 {
+            out.push((b.0, (b.0 - a.0) / (b.1 - a.1)));
         }
+        i += win;
     }
+    out
+}
+
+/// A moving average over windows of about 1/50 of the points.
+pub fn smooth(pts: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let win = (pts.len() / 50).max(1);
+    let mut acc = 0.0;
+    let mut out = Vec::with_capacity(pts.len());
+    for i in 0..pts.len() {
+        acc += pts[i].1;
+        if i >= win {
+            acc -= pts[i - win].1;
+        }
+        out.push((pts[i].0, acc / (i + 1).min(win) as f64));
+    }
+    out
+}
+
+static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, FONT);
+    });
+}
+
+/// One line chart: raw points (light) and their moving average, axes with ticks and labels.
+fn draw_chart<DB: plotters::prelude::DrawingBackend>(
+    root: plotters::prelude::DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    y_label: &str,
+    pts: &[(f64, f64)],
+    log_y: bool,
+) -> Result<()> {
+    use plotters::prelude::*;
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot draw the chart '{title}': {e}");
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let pts: Vec<(f64, f64)> = pts.iter().copied().filter(|p| !log_y || p.1 > 0.0).collect();
+    let (x0, x1) = match (pts.first(), pts.last()) {
+        (Some(a), Some(b)) => (a.0, b.0.max(a.0 + 1.0)),
+        _ => (0.0, 1.0),
+    };
+    let mut ys: Vec<f64> = pts.iter().map(|p| p.1).collect();
+    ys.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (mut lo, mut hi) = match ys.len() {
+        0 => (0.0, 1.0),
+        n => (ys[0], ys[((n - 1) as f64 * 0.98) as usize]),
+    };
+    if hi <= lo {
+        let pad = if lo == 0.0 { 1.0 } else { lo.abs() * 0.1 };
+        lo -= pad;
+        hi += pad;
+    }
+    let mut chart = ChartBuilder::on(&root);
+    chart.caption(title, ("sans-serif", 18)).margin(10).x_label_area_size(40).y_label_area_size(70);
+    let raw = RGBColor(150, 180, 230);
+    let line = RGBColor(20, 60, 170);
+    let smooth_pts = smooth(&pts);
+    macro_rules! body {
+        ($c:expr) => {{
+            let mut c = $c;
+            c.configure_mesh()
+                .x_desc("step")
+                .y_desc(y_label)
+                .label_style(("sans-serif", 13))
+                .light_line_style(RGBColor(235, 235, 235))
+                .draw()
+                .map_err(|e| err(&e))?;
+            if pts.len() > 1 {
+                c.draw_series(pts.iter().map(|p| Circle::new(*p, 1, raw.filled()))).map_err(|e| err(&e))?;
+                c.draw_series(LineSeries::new(smooth_pts.iter().copied(), line.stroke_width(2))).map_err(|e| err(&e))?;
+            }
+        }};
+    }
+    if log_y {
+        let lo = lo.max(hi * 1e-6).max(f64::MIN_POSITIVE);
+        body!(chart.build_cartesian_2d(x0..x1, (lo..hi).log_scale()).map_err(|e| err(&e))?);
+    } else {
+        body!(chart.build_cartesian_2d(x0..x1, lo..hi).map_err(|e| err(&e))?);
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// A chart as a PNG image (w x h).
+pub fn chart_png(title: &str, y_label: &str, pts: &[(f64, f64)], log_y: bool, (w, h): (u32, u32)) -> Result<image::RgbImage> {
+    register_font();
+    let mut buf = vec![0u8; (w * h * 3) as usize];
+    {
+        let root = plotters::prelude::BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        draw_chart(root, title, y_label, pts, log_y)?;
+    }
+    Ok(image::RgbImage::from_raw(w, h, buf).expect("buffer of the right size"))
+}
+
+/// A chart as an SVG document (w x h).
+pub fn chart_svg(title: &str, y_label: &str, pts: &[(f64, f64)], log_y: bool, (w, h): (u32, u32)) -> Result<String> {
+    register_font();
+    let mut s = String::new();
+    {
+        let root = plotters::prelude::SVGBackend::with_string(&mut s, (w, h)).into_drawing_area();
+        draw_chart(root, title, y_label, pts, log_y)?;
+    }
+    Ok(s)
+}
+
+/// Draw the training loss (raw points and a moving average) with axes, ticks and labels into a PNG.
+pub fn plot_loss(metrics: &Path, out: &Path) -> Result<()> {
+    let pts = series(metrics, "loss");
+    let img = chart_png("training loss", "loss", &pts, false, (800, 450))?;
+    crate::io::atomic::write_png(out, &image::DynamicImage::ImageRgb8(img))
 }
