@@ -39,7 +39,7 @@ forward flow it needs (forward/), a README model card (provenance, configuration
 
   async run(): Promise<ExportResult> {
     const {args, flags} = await this.parse(Export)
-    if (nonEmpty(flags.out) && !flags.force) this.error(`${flags.out} exists; choose another --out or add --force to replace it`)
+    if (nonEmpty(flags.out) && !flags.force) this.error(`${flags.out} exists; choose another --out or add --force to replace it`, {exit: 1})
     const staging = tempNear(flags.out, 'export')
     try {
       const staged = await this.job<StageResult>('bundle.stage', {run: args.run, staging, preview: flags.preview ? 16 : 0})

@@ -38,8 +38,8 @@ into place; an existing --out is replaced only with --force.`
 
   async run(): Promise<ImportBundleResult> {
     const {args, flags} = await this.parse(ImportBundle)
-    if (!existsSync(args.bundle)) this.error(`${args.bundle} does not exist`)
-    if (nonEmpty(flags.out) && !flags.force) this.error(`${flags.out} exists and is not empty; choose another --out or add --force to replace it`)
+    if (!existsSync(args.bundle)) this.error(`${args.bundle} does not exist`, {exit: 1})
+    if (nonEmpty(flags.out) && !flags.force) this.error(`${flags.out} exists and is not empty; choose another --out or add --force to replace it`, {exit: 1})
     const checked = await this.spin('checking the bundle entries', () => checkAndUnpack(args.bundle))
     const staging = await this.spin('unpacking', () => checked.staging(flags.out))
     try {
