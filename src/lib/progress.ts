@@ -1,5 +1,7 @@
-// Renders core job events: a live bar on a terminal, JSON lines with --json, plain lines otherwise.
+// Renders core job events: on a terminal a cli-progress bar for counted work and an ora spinner for a
+// phase without a count (loading, hashing, staging); JSON lines with --json; plain lines otherwise.
 import cliProgress from 'cli-progress'
+import ora, {Ora} from 'ora'
 
 export type CoreEvent =
   | {type: 'start'; phase: string; total: number | null}
@@ -32,6 +34,7 @@ function formatEta(seconds: number): string {
 
 export class ProgressRenderer {
   private bar?: cliProgress.SingleBar
+  private spinner?: Ora
   private lastPlain = 0
   private lastDone = -1
 
@@ -50,7 +53,9 @@ export class ProgressRenderer {
     switch (event.type) {
       case 'start': {
         this.lastDone = -1
-        if (this.mode === 'bar') {
+        if (this.mode === 'bar' && !event.total) {
+          this.spinner = ora({text: event.phase, stream: process.stderr}).start()
+        } else if (this.mode === 'bar') {
           this.bar = new cliProgress.SingleBar(
             {
               format: `${event.phase} |{bar}| {value}/{total} {rate}/s eta {etaText} {metrics}`,
@@ -71,7 +76,9 @@ export class ProgressRenderer {
       case 'progress': {
         const eta = event.total && event.rate > 0 ? (event.total - event.done) / event.rate : Number.NaN
         const payload = {rate: formatValue(event.rate), etaText: formatEta(eta), metrics: formatMetrics(event.metrics)}
-        if (this.bar) {
+        if (this.spinner) {
+          this.spinner.text = `${event.phase} ${event.done}  ${payload.metrics}`.trimEnd()
+        } else if (this.bar) {
           if (event.total) this.bar.setTotal(event.total)
           this.bar.update(event.done, payload)
         } else if (this.mode === 'plain') {
@@ -89,7 +96,10 @@ export class ProgressRenderer {
       }
 
       case 'end': {
-        if (this.bar) {
+        if (this.spinner) {
+          this.spinner.succeed(event.phase)
+          this.spinner = undefined
+        } else if (this.bar) {
           this.bar.stop()
           this.bar = undefined
         } else if (this.mode === 'plain') {
@@ -101,6 +111,7 @@ export class ProgressRenderer {
 
       case 'message': {
         if (this.bar) this.bar.stop()
+        if (this.spinner) this.spinner.clear()
         this.write(event.text)
         break
       }
@@ -108,6 +119,8 @@ export class ProgressRenderer {
   }
 
   stop(): void {
+    this.spinner?.stop()
+    this.spinner = undefined
     this.bar?.stop()
     this.bar = undefined
   }
