@@ -161,7 +161,7 @@ impl ReverseModel {
             let features = Tensor::from_vec(guidance_features(&w), (n, CFG_FEATURES), z.device())?.to_dtype(h.dtype())?;
             h = h.broadcast_add(&self.cfg_embed.as_ref().unwrap().forward(&features)?.unsqueeze(1)?)?;
         } else {
-            ensure!(guidance.map_or(true, |w| w.iter().all(|&w| w == 0.0)), "guidance needs a class-conditional model");
+            ensure!(guidance.is_none_or(|w| w.iter().all(|&w| w == 0.0)), "guidance needs a class-conditional model");
         }
         let (mut heads, mut states) = (Vec::new(), Vec::new());
         for (j, stage) in self.stages.iter().enumerate() {

@@ -55,9 +55,6 @@ pub fn slots_of(map: &candle_nn::VarMap) -> Result<Vec<Slot>> {
     Ok(slots)
 }
 
-/// The error that stops a run whose loss or gradient norm stopped being finite at `step`.
-
-
 /// RNG position, exactly restorable.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
