@@ -14,7 +14,7 @@ import {fileURLToPath} from 'node:url'
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const count = Number(process.env.BENCH_COUNT ?? 20000)
 const size = Number(process.env.BENCH_SIZE ?? 32)
-const native = createRequire(import.meta.url)(join(root, 'native', 'biflow.node'))
+const native = createRequire(import.meta.url)(join(root, 'native', 'index.cjs'))
 const job = async (name, options) => JSON.parse(await native.runJob(name, JSON.stringify(options)))
 
 const tmp = mkdtempSync(join(tmpdir(), 'biflow-bench-data-'))

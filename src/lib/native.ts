@@ -1,15 +1,12 @@
-// Loads the napi addon built from crates/biflow-node (see scripts/build-native.mjs).
+// Loads the napi addon built from crates/biflow-node by @napi-rs/cli (`npm run build:native`): native/ holds
+// the platform's .node file, napi's generated loader (index.cjs, which picks the right file for this
+// platform) and its TypeScript declarations (index.d.cts), used here instead of an untyped require.
 import {createRequire} from 'node:module'
 
-export interface CancelToken {
-  cancel(): void
-}
+import type * as Binding from '../../native/index.cjs'
 
-export interface Native {
-  CancelToken: new () => CancelToken
-  runJob(name: string, optionsJson: string, onEvent?: (eventJson: string) => void, token?: CancelToken): Promise<string>
-  coreVersion(): string
-}
+export type Native = typeof Binding
+export type CancelToken = Binding.CancelToken
 
 let cached: Native | undefined
 
@@ -17,7 +14,7 @@ export function native(): Native {
   if (!cached) {
     const require = createRequire(import.meta.url)
     try {
-      cached = require('../../native/biflow.node') as Native
+      cached = require('../../native/index.cjs') as Native
     } catch (error) {
       throw new Error(
         `the biflow native core is not built (${(error as Error).message.split('\n')[0]}); run \`npm run build\` in the biflow folder`,
