@@ -21,24 +21,51 @@ fn host(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
 }
 
-/// y = x W^T + b for W (d_out, d_in): host copies of a linear layer's parameters.
+/// y = x W^T + b for W (d_out, d_in): host copies of a linear layer's parameters, the weight stored
+/// transposed, (d_in, d_out) row-major. gemm repacks a strided operand on every call, and for the few
+/// rows of a decoding step repacking W (element by element) took longer than the product itself.
 pub(crate) struct HostLinear {
-    w: Vec<f32>,
+    wt: Vec<f32>,
     b: Vec<f32>,
 }
 
 impl HostLinear {
     pub fn new(w: &Tensor, b: &Tensor) -> Result<Self> {
-        Ok(HostLinear { w: host(w)?, b: host(b)? })
+        let (w, b) = (host(w)?, host(b)?);
+        let (d_out, d_in) = (b.len(), w.len() / b.len().max(1));
+        let mut wt = vec![0f32; w.len()];
+        for (o, row) in w.chunks(d_in).enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                wt[i * d_out + o] = v;
+            }
+        }
+        Ok(HostLinear { wt, b })
     }
 
+    fn d_in(&self) -> usize {
+        self.wt.len() / self.b.len()
+    }
+
+    /// y = x W^T + b.
     fn forward(&self, x: &[f32], y: &mut [f32], threads: Threads) {
-        let (d_out, d_in) = (self.b.len(), self.w.len() / self.b.len());
-        let rows = x.len() / d_in;
-        for row in y.chunks_mut(d_out) {
+        for row in y.chunks_mut(self.b.len()) {
             row.copy_from_slice(&self.b);
         }
-        matmul(y, 0, d_out, rows, d_out, d_in, View::rows(x, 0, d_in), View::rows(&self.w, 0, d_in).t(), true, threads);
+        self.accumulate(x, y, threads);
+    }
+
+    /// y += x W^T + b (the residual stream takes the product in place).
+    fn forward_add(&self, x: &[f32], y: &mut [f32], threads: Threads) {
+        for row in y.chunks_mut(self.b.len()) {
+            row.iter_mut().zip(&self.b).for_each(|(y, b)| *y += b);
+        }
+        self.accumulate(x, y, threads);
+    }
+
+    /// y += x W^T.
+    fn accumulate(&self, x: &[f32], y: &mut [f32], threads: Threads) {
+        let (d_out, d_in) = (self.b.len(), self.d_in());
+        matmul(y, 0, d_out, x.len() / d_in, d_out, d_in, View::rows(x, 0, d_in), View::rows(&self.wt, 0, d_out), true, threads);
     }
 }
 
@@ -119,7 +146,7 @@ impl<'a> BlockDecoder<'a> {
         // use every thread instead.
         let parts = rayon::current_num_threads().min(n).max(1);
         let threads = if parts == 1 { Threads::All } else { Threads::One };
-        let d = block.proj_in.w.len() / block.proj_in.b.len();
+        let d = block.proj_in.d_in();
         let cache = |rows: usize| vec![0f32; rows * block.heads * block.tokens * block.head_dim];
         let workers = (0..parts)
             .map(|p| {
@@ -149,7 +176,7 @@ impl<'a> BlockDecoder<'a> {
     /// the table, and write the affine parameters of the token after it to `a` and `b` (N, D).
     pub fn step(&mut self, tokens: &[f32], pos_row: usize, a: &mut [f32], b: &mut [f32]) {
         let (block, scales, threads) = (self.block, &self.scales, self.threads);
-        let d = block.proj_in.w.len() / block.proj_in.b.len();
+        let d = block.proj_in.d_in();
         let run = |w: &mut Worker, a: &mut [f32], b: &mut [f32]| {
             let rows = w.start..w.start + w.rows;
             worker_step(block, w, &tokens[rows.start * d..rows.end * d], pos_row, &scales[rows], a, b, threads);
@@ -209,18 +236,6 @@ fn worker_step(block: &HostBlock, w: &mut Worker, tokens: &[f32], pos_row: usize
             None => out_a.copy_from_slice(ra),
         }
         b[s * d..(s + 1) * d].copy_from_slice(rb);
-    }
-}
-
-impl HostLinear {
-    /// y += x W^T + b (the residual stream takes the product in place).
-    fn forward_add(&self, x: &[f32], y: &mut [f32], threads: Threads) {
-        let (d_out, d_in) = (self.b.len(), self.w.len() / self.b.len());
-        let rows = x.len() / d_in;
-        for row in y.chunks_mut(d_out) {
-            row.iter_mut().zip(&self.b).for_each(|(y, b)| *y += b);
-        }
-        matmul(y, 0, d_out, rows, d_out, d_in, View::rows(x, 0, d_in), View::rows(&self.w, 0, d_in).t(), true, threads);
     }
 }
 
