@@ -33,10 +33,16 @@ impl HostLinear {
     pub fn new(w: &Tensor, b: &Tensor) -> Result<Self> {
         let (w, b) = (host(w)?, host(b)?);
         let (d_out, d_in) = (b.len(), w.len() / b.len().max(1));
+        // Transposed in 32 x 32 tiles, so that reads and writes both stay within a few cache lines.
         let mut wt = vec![0f32; w.len()];
-        for (o, row) in w.chunks(d_in).enumerate() {
-            for (i, &v) in row.iter().enumerate() {
-                wt[i * d_out + o] = v;
+        const TILE: usize = 32;
+        for o0 in (0..d_out).step_by(TILE) {
+            for i0 in (0..d_in).step_by(TILE) {
+                for o in o0..(o0 + TILE).min(d_out) {
+                    for i in i0..(i0 + TILE).min(d_in) {
+                        wt[i * d_out + o] = w[o * d_in + i];
+                    }
+                }
             }
         }
         Ok(HostLinear { wt, b })
