@@ -65,10 +65,12 @@ def main():
     for _ in range(args.warmup):
         run()
     rates = []
+    cpu0 = time.process_time()
     for _ in range(args.repeats):
         start = time.perf_counter()
         run()
         rates.append(batch / (time.perf_counter() - start))
+    cpu = (time.process_time() - cpu0) / args.repeats
     print(json.dumps({
         "config": args.config,
         "what": "exact-sample (ml-tarflow Model.reverse)",
@@ -76,6 +78,9 @@ def main():
         "guidance": args.guidance,
         "imagesPerSecond": statistics.mean(rates),
         "imagesPerSecondRuns": [round(r, 3) for r in rates],
+        # CPU seconds of this process per decode (all threads; OpenMP threads that spin while
+        # waiting count too, so on a busy machine this overstates the work).
+        "cpuSeconds": cpu,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "peakRssMiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
