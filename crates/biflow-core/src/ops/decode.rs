@@ -14,6 +14,7 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Threads, View};
+use super::gelu::exp_nonpositive;
 use super::{gelu_fwd, layer_norm_fwd};
 
 /// A tensor's values as a host f32 vector.
@@ -148,6 +149,7 @@ impl<'a> BlockDecoder<'a> {
         if let Some(cl) = &block.class {
             ensure!(cl.len() == n * c, "decoder: class rows do not fit");
         }
+        ensure!(block.head_dim % VALUE_COLUMNS == 0, "decoder: head size {} is not a multiple of {VALUE_COLUMNS}", block.head_dim);
         // One slice of samples per thread; with fewer samples than threads, one slice whose products
         // use every thread instead.
         let parts = rayon::current_num_threads().min(n).max(1);
@@ -274,11 +276,31 @@ fn attend(qkv: &[f32], k: &mut [f32], v: &mut [f32], len: usize, block: &HostBlo
     }
 }
 
+/// Columns of the attention output accumulated at once; the head size must be a multiple.
+const VALUE_COLUMNS: usize = 64;
+
 simd_kernels! {
     /// One head of one sample: scores = scale q k_j, softmax over j, out = sum_j p_j v_j.
     fn attend_head(q: &[f32], ks: &[f32], vs: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
         let hd = q.len();
-        for (sc, kr) in scores.iter_mut().zip(ks.chunks_exact(hd)) {
+        // Four keys at a time: four independent accumulator chains instead of one.
+        let mut key_rows = ks.chunks_exact(4 * hd);
+        let mut score_quads = scores.chunks_exact_mut(4);
+        for (quad, k4) in (&mut score_quads).zip(&mut key_rows) {
+            let mut acc = [[0f32; 8]; 4];
+            for (c, qc) in q.chunks_exact(8).enumerate() {
+                for (u, acc) in acc.iter_mut().enumerate() {
+                    let kc = &k4[u * hd + c * 8..u * hd + c * 8 + 8];
+                    for i in 0..8 {
+                        acc[i] += qc[i] * kc[i];
+                    }
+                }
+            }
+            for (sc, acc) in quad.iter_mut().zip(&acc) {
+                *sc = acc.iter().sum::<f32>() * scale;
+            }
+        }
+        for (sc, kr) in score_quads.into_remainder().iter_mut().zip(key_rows.remainder().chunks_exact(hd)) {
             let mut acc = [0f32; 8];
             for (qc, kc) in q.chunks_exact(8).zip(kr.chunks_exact(8)) {
                 for i in 0..8 {
@@ -290,16 +312,22 @@ simd_kernels! {
         let m = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let mut sum = 0f32;
         for sc in scores.iter_mut() {
-            *sc = (*sc - m).exp();
+            *sc = exp_nonpositive(*sc - m);
             sum += *sc;
         }
-        out.fill(0.0);
-        for (&p, vr) in scores.iter().zip(vs.chunks_exact(hd)) {
-            for (o, &vv) in out.iter_mut().zip(vr) {
-                *o += p * vv;
+        // The weighted sum of the values, 64 columns at a time in a local accumulator (registers).
+        let inv = 1.0 / sum;
+        for (c0, out) in out.chunks_exact_mut(VALUE_COLUMNS).enumerate() {
+            let mut acc = [0f32; VALUE_COLUMNS];
+            for (&p, vr) in scores.iter().zip(vs.chunks_exact(hd)) {
+                let vr = &vr[c0 * VALUE_COLUMNS..(c0 + 1) * VALUE_COLUMNS];
+                for i in 0..VALUE_COLUMNS {
+                    acc[i] += p * vr[i];
+                }
+            }
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = a * inv;
             }
         }
-        let inv = 1.0 / sum;
-        out.iter_mut().for_each(|o| *o *= inv);
     }
 }
