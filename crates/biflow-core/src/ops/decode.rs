@@ -149,7 +149,7 @@ impl<'a> BlockDecoder<'a> {
         if let Some(cl) = &block.class {
             ensure!(cl.len() == n * c, "decoder: class rows do not fit");
         }
-        ensure!(block.head_dim % VALUE_COLUMNS == 0, "decoder: head size {} is not a multiple of {VALUE_COLUMNS}", block.head_dim);
+        ensure!(block.head_dim.is_multiple_of(VALUE_COLUMNS), "decoder: head size {} is not a multiple of {VALUE_COLUMNS}", block.head_dim);
         // One slice of samples per thread; with fewer samples than threads, one slice whose products
         // use every thread instead.
         let parts = rayon::current_num_threads().min(n).max(1);
