@@ -33,6 +33,7 @@ macro_rules! simd_kernels {
 }
 
 mod attention;
+mod decode;
 mod gelu;
 mod gemm;
 mod layer_norm;
@@ -44,6 +45,7 @@ pub use layer_norm::{layer_norm, layer_norm_reference};
 pub use linear::{linear, linear_reference};
 pub(crate) use {
     attention::{attention_bwd, attention_fwd, Dims as AttentionDims},
+    decode::{BlockDecoder, HostBlock, HostLayer, HostLinear, HostNorm},
     gelu::{gelu_bwd, gelu_fwd},
     layer_norm::{layer_norm_bwd, layer_norm_fwd},
     linear::{linear_bwd, linear_fwd},
