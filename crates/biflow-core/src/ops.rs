@@ -142,12 +142,13 @@ mod tests {
 
     #[test]
     fn fused_attention_matches_reference() {
-        // 2 samples, 19 tokens, 3 heads of 8 channels; causal (F) and bidirectional (G).
-        for causal in [true, false] {
+        // 19 tokens, 3 heads of 8 channels; causal (F) and bidirectional (G); one sample (a task per
+        // head) and three (a task per sample).
+        for (causal, n) in [(true, 3), (false, 3), (true, 1), (false, 1)] {
             check(
                 |t| attention(&t[0], 3, 0.35, causal).unwrap(),
                 |t| attention_reference(&t[0], 3, 0.35, causal).unwrap(),
-                vec![randn(&[2, 19, 72], 4, 2.0)],
+                vec![randn(&[n, 19, 72], 4, 2.0)],
                 2e-5,
             );
         }
