@@ -394,3 +394,24 @@ fn dataset_is_shareable_between_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Dataset>();
 }
+
+/// A disk that fills part way through `data prepare` (shards, labels, manifest): the dataset already at
+/// --out stays whole and loadable, the error names the file and the cause, no staging folder is left.
+#[test]
+fn a_full_disk_during_prepare_keeps_the_previous_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ds");
+    let opts = serde_json::json!({"recordsPerShard": 2, "valFraction": 0.25, "force": true});
+    prep(&fixture("folder-labelled"), &out, opts.clone()).unwrap();
+    let manifest = std::fs::read(out.join(MANIFEST)).unwrap();
+    for cut in [0u64, 1, 50, 200, 400] {
+        crate::io::atomic::fail_writes_after(Some(cut));
+        let r = prep(&fixture("folder-flat"), &out, opts.clone());
+        crate::io::atomic::fail_writes_after(None);
+        let err = format!("{:#}", r.unwrap_err());
+        assert!(err.contains("no space left") && err.contains(".ds.partial-"), "cut {cut}: {err}");
+        assert_eq!(std::fs::read(out.join(MANIFEST)).unwrap(), manifest, "cut {cut}");
+        Dataset::open(&out).unwrap().verify().unwrap();
+        no_leftovers(dir.path());
+    }
+}
