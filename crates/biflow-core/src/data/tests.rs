@@ -415,3 +415,24 @@ fn a_full_disk_during_prepare_keeps_the_previous_dataset() {
         no_leftovers(dir.path());
     }
 }
+
+/// The same on a real full disk: BIFLOW_SMALL_FS names a folder on a small filesystem (64 KiB is enough);
+/// skipped when unset.
+#[test]
+fn a_real_full_disk_during_prepare_keeps_the_previous_dataset() {
+    let Some(root) = std::env::var_os("BIFLOW_SMALL_FS") else {
+        eprintln!("skipped: set BIFLOW_SMALL_FS to a folder on a small filesystem");
+        return;
+    };
+    let images = tempfile::tempdir().unwrap();
+    synth_pngs(images.path(), 300, 16, 0, 1).unwrap();
+    let dir = tempfile::tempdir_in(root).unwrap();
+    let out = dir.path().join("ds");
+    prep(&fixture("folder-flat"), &out, serde_json::json!({})).unwrap();
+    let manifest = std::fs::read(out.join(MANIFEST)).unwrap();
+    let err = format!("{:#}", prep(images.path(), &out, serde_json::json!({"force": true})).unwrap_err());
+    assert!(err.contains("No space left") && err.contains(".ds.partial-"), "{err}");
+    assert_eq!(std::fs::read(out.join(MANIFEST)).unwrap(), manifest);
+    Dataset::open(&out).unwrap().verify().unwrap();
+    no_leftovers(dir.path());
+}

@@ -184,6 +184,23 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), new);
     }
 
+    /// The same on a real full disk: BIFLOW_SMALL_FS names a folder on a small filesystem (e.g. a 64 KiB
+    /// tmpfs: `mount -t tmpfs -o size=64k tmpfs DIR`); skipped when unset.
+    #[test]
+    fn a_real_full_disk_keeps_the_previous_file() {
+        let Some(root) = std::env::var_os("BIFLOW_SMALL_FS") else {
+            eprintln!("skipped: set BIFLOW_SMALL_FS to a folder on a small filesystem");
+            return;
+        };
+        let dir = tempfile::tempdir_in(root).unwrap();
+        let p = dir.path().join("stats.npz");
+        super::write(&p, b"previous").unwrap();
+        let err = format!("{:#}", super::write(&p, &vec![1u8; 16 << 20]).unwrap_err());
+        assert!(err.contains("stats.npz") && err.contains("No space left"), "{err}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"previous");
+        assert_eq!(names(dir.path()), ["stats.npz"]);
+    }
+
     /// A folder that cannot be written (permission lost): the error says which path and why.
     #[test]
     fn an_unwritable_folder_is_named() {
