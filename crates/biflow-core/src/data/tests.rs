@@ -436,3 +436,27 @@ fn a_real_full_disk_during_prepare_keeps_the_previous_dataset() {
     Dataset::open(&out).unwrap().verify().unwrap();
     no_leftovers(dir.path());
 }
+
+/// A PNG header claiming a huge image (a decompression bomb of a few bytes) is refused from its header,
+/// naming the limit, before any pixel is allocated.
+#[test]
+fn image_bombs_are_refused_from_the_header() {
+    let png = |w: u32, h: u32| {
+        let mut ihdr = b"IHDR".to_vec();
+        ihdr.extend(w.to_be_bytes());
+        ihdr.extend(h.to_be_bytes());
+        ihdr.extend([8, 2, 0, 0, 0]);
+        let mut crc = flate2::Crc::new();
+        crc.update(&ihdr);
+        let mut f = b"\x89PNG\r\n\x1a\n".to_vec();
+        f.extend(13u32.to_be_bytes());
+        f.extend(&ihdr);
+        f.extend(crc.sum().to_be_bytes());
+        f.extend(b"\x00\x00\x00\x00IEND\xaeB`\x82");
+        f
+    };
+    for (w, h) in [(60000, 60000), (16385, 1), (1, 16385)] {
+        let err = format!("{:#}", super::decode::decode_bytes(&png(w, h)).unwrap_err());
+        assert!(err.contains("16384"), "{w}x{h}: {err}");
+    }
+}
