@@ -344,6 +344,42 @@ impl Drop for Dict {
     }
 }
 
+/// Every list and dict a machine made. Lists and dicts can be made to contain themselves (through the memo),
+/// which reference counting alone would never free: dropping the arena empties each one still alive, which
+/// breaks every cycle (a tuple cannot close one: it is built from values that already exist).
+#[derive(Default)]
+struct Arena {
+    lists: Vec<std::rc::Weak<List>>,
+    dicts: Vec<std::rc::Weak<Dict>>,
+}
+
+impl Arena {
+    fn list(&mut self, items: Vec<Value>) -> Result<Value> {
+        let l = Rc::new(List { depth: Cell::new(depth_over(&items)?), items: RefCell::new(items) });
+        self.lists.push(Rc::downgrade(&l));
+        Ok(Value::List(l))
+    }
+    fn dict(&mut self) -> Value {
+        let d = Rc::new(Dict { depth: Cell::new(1), items: RefCell::new(Vec::new()), index: RefCell::new(HashMap::new()) });
+        self.dicts.push(Rc::downgrade(&d));
+        Value::Dict(d)
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        let mut orphans = Vec::new();
+        for l in self.lists.drain(..).filter_map(|w| w.upgrade()) {
+            orphans.append(&mut l.items.borrow_mut());
+        }
+        for d in self.dicts.drain(..).filter_map(|w| w.upgrade()) {
+            d.index.borrow_mut().clear();
+            orphans.extend(d.items.borrow_mut().drain(..).flat_map(|(k, v)| [k, v]));
+        }
+        drop_iteratively(orphans);
+    }
+}
+
 /// Values print as their kind only: printing contents could recurse without bound (or forever, for a list
 /// that contains itself).
 impl std::fmt::Debug for Value {
@@ -386,12 +422,6 @@ fn deepen(depth: &Cell<usize>, child: usize) -> Result<()> {
 impl Value {
     fn tuple(items: Vec<Value>) -> Result<Value> {
         Ok(Value::Tuple(Rc::new(Tuple { depth: depth_over(&items)?, items })))
-    }
-    fn list(items: Vec<Value>) -> Result<Value> {
-        Ok(Value::List(Rc::new(List { depth: Cell::new(depth_over(&items)?), items: RefCell::new(items) })))
-    }
-    fn dict() -> Value {
-        Value::Dict(Rc::new(Dict { depth: Cell::new(1), items: RefCell::new(Vec::new()), index: RefCell::new(HashMap::new()) }))
     }
     fn depth(&self) -> usize {
         match self {
@@ -468,6 +498,7 @@ struct Machine<'a> {
     flavor: Flavor,
     /// Work left (see [`WORK_PER_BYTE`]).
     budget: u64,
+    arena: Arena,
 }
 
 impl Drop for Machine<'_> {
@@ -482,7 +513,7 @@ impl Drop for Machine<'_> {
 impl<'a> Machine<'a> {
     fn new(b: &'a [u8], pos: usize, flavor: Flavor) -> Self {
         let budget = WORK_BASE.saturating_add(WORK_PER_BYTE.saturating_mul(b.len() as u64));
-        Machine { b, pos, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new(), flavor, budget }
+        Machine { b, pos, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new(), flavor, budget, arena: Arena::default() }
     }
 
     /// Spend `units` of the work budget.
@@ -614,7 +645,7 @@ impl<'a> Machine<'a> {
         match &*name {
             "collections.OrderedDict" => {
                 ensure!(a.is_empty(), "OrderedDict with arguments is not supported");
-                Ok(Value::dict())
+                Ok(self.arena.dict())
             }
             "torch._utils._rebuild_tensor" | "torch._utils._rebuild_tensor_v2" => {
                 ensure!(a.len() >= 4, "{name} takes at least 4 arguments, got {}", a.len());
@@ -637,8 +668,9 @@ impl<'a> Machine<'a> {
         }
     }
 
-    /// Run until STOP; return the unpickled object and the position after STOP.
-    fn run(mut self) -> Result<(Value, usize)> {
+    /// Run until STOP; return the unpickled object, the position after STOP, and the arena that must outlive
+    /// every use of the object (dropping it empties the object's lists and dicts).
+    fn run(mut self) -> Result<(Value, usize, Arena)> {
         loop {
             let at = self.pos;
             let op = self.u8()?;
@@ -653,7 +685,7 @@ impl<'a> Machine<'a> {
                 }
                 b'.' => {
                     let v = self.pop()?;
-                    return Ok((v, self.pos));
+                    return Ok((v, self.pos, std::mem::take(&mut self.arena)));
                 }
                 b'(' => self.marks.push(self.stack.len()),
                 b'0' => {
@@ -756,10 +788,14 @@ impl<'a> Machine<'a> {
                     let items = self.stack.split_off(self.stack.len() - n);
                     self.stack.push(Value::tuple(items)?)
                 }
-                b']' => self.stack.push(Value::list(Vec::new())?),
+                b']' => {
+                    let l = self.arena.list(Vec::new())?;
+                    self.stack.push(l)
+                }
                 b'l' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::list(items)?)
+                    let l = self.arena.list(items)?;
+                    self.stack.push(l)
                 }
                 b'a' => {
                     let v = self.pop()?;
@@ -781,11 +817,14 @@ impl<'a> Machine<'a> {
                         t => bail!("malformed pickle: APPENDS to a {}", t.kind()),
                     }
                 }
-                b'}' => self.stack.push(Value::dict()),
+                b'}' => {
+                    let d = self.arena.dict();
+                    self.stack.push(d)
+                }
                 b'd' => {
                     let items = self.pop_mark()?;
                     ensure!(items.len() % 2 == 0, "malformed pickle: odd DICT");
-                    let d = Value::dict();
+                    let d = self.arena.dict();
                     if let Value::Dict(d) = &d {
                         dict_set_all(d, items)?;
                     }
@@ -957,7 +996,7 @@ fn read_zip(bytes: &[u8]) -> Result<Vec<(String, PthTensor)>> {
         ensure!(order.trim_ascii() == b"little", "big-endian checkpoints are not supported");
     }
     let data = read_member(&mut zip, &pkl)?;
-    let (obj, _) = Machine::new(&data, 0, Flavor::Zip).run().context("cannot unpickle data.pkl")?;
+    let (obj, _, _arena) = Machine::new(&data, 0, Flavor::Zip).run().context("cannot unpickle data.pkl")?;
     let tensors = top_tensors(&obj)?;
     let mut cache: HashMap<Rc<str>, Vec<u8>> = HashMap::new();
     let mut budget = OutputBudget::new();
@@ -1014,20 +1053,20 @@ fn read_member<R: Read + Seek>(zip: &mut zip::ZipArchive<R>, name: &str) -> Resu
 const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
 
 fn read_legacy(bytes: &[u8]) -> Result<Vec<(String, PthTensor)>> {
-    let (magic, pos) = Machine::new(bytes, 0, Flavor::Legacy).run().context("cannot read the magic number")?;
+    let (magic, pos, _) = Machine::new(bytes, 0, Flavor::Legacy).run().context("cannot read the magic number")?;
     match magic {
         Value::BigInt(b) if *b == LEGACY_MAGIC => {}
         _ => bail!("not a PyTorch checkpoint: the legacy magic number is missing"),
     }
-    let (proto, pos) = Machine::new(bytes, pos, Flavor::Legacy).run().context("cannot read the protocol version")?;
+    let (proto, pos, _) = Machine::new(bytes, pos, Flavor::Legacy).run().context("cannot read the protocol version")?;
     match proto {
         Value::Int(1001) => {}
         Value::Int(v) => bail!("unsupported legacy protocol version ({v})"),
         v => bail!("unsupported legacy protocol version (a {})", v.kind()),
     }
-    let (_sys_info, pos) = Machine::new(bytes, pos, Flavor::Legacy).run().context("cannot read the system info")?;
-    let (obj, pos) = Machine::new(bytes, pos, Flavor::Legacy).run().context("cannot unpickle the state_dict")?;
-    let (keys, mut pos) = Machine::new(bytes, pos, Flavor::Legacy).run().context("cannot read the storage list")?;
+    let (_sys_info, pos, _) = Machine::new(bytes, pos, Flavor::Legacy).run().context("cannot read the system info")?;
+    let (obj, pos, _obj_arena) = Machine::new(bytes, pos, Flavor::Legacy).run().context("cannot unpickle the state_dict")?;
+    let (keys, mut pos, _keys_arena) = Machine::new(bytes, pos, Flavor::Legacy).run().context("cannot read the storage list")?;
     let keys: Vec<Rc<str>> = keys.as_seq("storage keys")?.iter().map(|k| k.as_str("storage key")).collect::<Result<_>>()?;
     let tensors = top_tensors(&obj)?;
 
@@ -1164,7 +1203,7 @@ mod tests {
         assert!(msg.contains("refusing the pickle global 'os.system'"), "{msg}");
         // STACK_GLOBAL (protocol 4) is checked the same way.
         let p4 = b"\x80\x04\x8c\x08builtins\x8c\x04eval\x93.".to_vec();
-        let msg = format!("{:#}", Machine::new(&p4, 0, Flavor::Zip).run().unwrap_err());
+        let msg = format!("{:#}", Machine::new(&p4, 0, Flavor::Zip).run().err().unwrap());
         assert!(msg.contains("builtins.eval"), "{msg}");
     }
 
@@ -1338,6 +1377,29 @@ mod tests {
         let p = b"\x80\x02]q\x00h\x00a.";
         for msg in load_both(p) {
             assert!(msg.contains("not a state_dict"), "{msg}");
+        }
+    }
+
+    /// A list and a dict that contain themselves are freed once the arena goes (no leak per hostile file).
+    #[test]
+    fn self_containing_values_are_freed() {
+        for p in [&b"\x80\x02]q\x00h\x00a."[..], b"\x80\x02}q\x00X\x01\x00\x00\x00kh\x00s.", b"\x80\x02]2a."] {
+            let (v, _, arena) = Machine::new(p, 0, Flavor::Zip).run().unwrap();
+            let weak: Box<dyn Fn() -> bool> = match &v {
+                Value::List(l) => {
+                    let w = Rc::downgrade(l);
+                    Box::new(move || w.upgrade().is_some())
+                }
+                Value::Dict(d) => {
+                    let w = Rc::downgrade(d);
+                    Box::new(move || w.upgrade().is_some())
+                }
+                v => panic!("{v:?}"),
+            };
+            drop(v);
+            assert!(weak(), "the cycle keeps it alive until the arena goes");
+            drop(arena);
+            assert!(!weak(), "freed");
         }
     }
 
