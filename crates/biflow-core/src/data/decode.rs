@@ -28,6 +28,9 @@ pub const MAX_IMAGE_BYTES: u64 = 512 << 20;
 /// The largest image file read from an archive (a tar member claiming more is refused, not buffered).
 pub const MAX_MEMBER_BYTES: u64 = 256 << 20;
 
+/// Labels may number classes up to this many (or 4 per image, if more): the manifest names every class.
+pub const MAX_CLASSES: i64 = 1 << 16;
+
 /// Items per batch sent by a reader thread (and decoded in parallel).
 pub const BATCH: usize = 256;
 /// Encoded bytes per batch at most (tar archives).
@@ -396,7 +399,12 @@ fn number_classes(what: &str, labels: &mut [i64], messages: &mut Vec<String>) ->
         return Ok(Vec::new());
     }
     ensure!(min >= 0, "{what} has a negative label ({min}); labels must be 0, 1, 2, ...");
-    ensure!(max < 1 << 24, "{what} has a label too large to be a class number ({max})");
+    // Each class up to the largest label gets a name in the manifest: a few images must not name millions.
+    let most = MAX_CLASSES.max(4 * labels.len() as i64).min(1 << 24);
+    ensure!(
+        max < most,
+        "{what} has a label too large to be a class number ({max}; labels must be below {most}: {MAX_CLASSES} or 4 per image)"
+    );
     let mut max = max;
     if min == 1 {
         for l in labels.iter_mut() {
