@@ -531,7 +531,7 @@ fn fuzz_tar() {
     let set = vec![("in.tar".to_string(), tars[0].clone())];
     fuzz_files(
         "tar",
-        250,
+        200,
         set,
         |rng, s| {
             s[0].1 = tars[rng.gen_range(0..tars.len())].clone();
@@ -590,7 +590,7 @@ fn fuzz_idx() {
     };
     fuzz_files(
         "idx",
-        400,
+        250,
         named(&sets[0]),
         |rng, s| {
             *s = named(&sets[rng.gen_range(0..sets.len())]);
