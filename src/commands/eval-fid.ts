@@ -25,8 +25,8 @@ export default class EvalFid extends BiflowCommand {
 SOURCE and REFERENCE can each be an image folder (png/jpg/webp, not recursive), an .npz of images
 (arr_0, uint8 N,H,W,C as the ADM reference batches, or float N,C,H,W in [-1,1]), an .npz of statistics
 (mu, sigma as written by --save-stats or pytorch-fid), a prepared dataset directory (--split), or a
-model RUN: --num N exact samples are drawn (--seed, --guidance) and scored batch by batch, never all
-held in memory.
+model RUN: --num N samples are drawn (--seed, --guidance; --method reverse, the 1-NFE model, for a
+distilled run, else exact) and scored batch by batch, never all held in memory.
 
 The network is the FID Inception-v3 of pytorch-fid. Its weights are pytorch-fid's published
 pt_inception-2015-12-05-6726825d.pth (legacy PyTorch format), a zip-format .pth, or a .safetensors
@@ -40,6 +40,7 @@ BIFLOW_INCEPTION_WEIGHTS variable, then ~/.cache/biflow/pt_inception-2015-12-05-
     '<%= config.bin %> eval-fid samples.npz VIRTUAL_imagenet64_labeled.npz --json',
     '<%= config.bin %> eval-fid samples/ --is --json',
     '<%= config.bin %> eval-fid runs/mnist data/mnist --num 10000 --seed 1 --json',
+    '<%= config.bin %> eval-fid runs/mnist-g data/mnist --num 10000 --method reverse --json',
   ]
 
   static args = {
@@ -57,6 +58,7 @@ BIFLOW_INCEPTION_WEIGHTS variable, then ~/.cache/biflow/pt_inception-2015-12-05-
     num: Flags.integer({min: 1, description: 'score at most this many images of each image source (the number of samples for a RUN)'}),
     seed: Flags.integer({default: 0, description: 'seed of the noise when a side is a model RUN'}),
     guidance: Flags.string({default: '0', description: 'classifier-free guidance weight when a side is a model RUN'}),
+    method: Flags.string({options: ['reverse', 'exact'], description: 'how a model RUN samples [default: reverse for a distilled run, else exact]'}),
     is: Flags.boolean({default: false, description: 'also compute the Inception Score of SOURCE (10 splits)'}),
     'is-splits': Flags.integer({default: 10, min: 1, description: 'number of splits for the Inception Score'}),
   }
@@ -77,7 +79,8 @@ BIFLOW_INCEPTION_WEIGHTS variable, then ~/.cache/biflow/pt_inception-2015-12-05-
       is: flags.is,
       isSplits: flags['is-splits'],
       seed: flags.seed,
-      guidance: Number(flags.guidance),
+      guidance: this.number('guidance', flags.guidance),
+      method: flags.method,
     })
     if (r.fid !== undefined) this.log(`FID: ${r.fid.toFixed(4)}`)
     if (r.is !== undefined) this.log(`IS: ${r.is.toFixed(4)} ± ${(r.isStd ?? 0).toFixed(4)}`)

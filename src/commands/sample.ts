@@ -4,30 +4,44 @@ import {BiflowCommand} from '../lib/command.js'
 
 interface SampleResult {
   out: string
+  method: string
   num: number
   format: string
   files: string[]
+  samplingSeconds: number
   imagesPerSecond: number
   denoised: boolean
 }
 
 export default class Sample extends BiflowCommand {
-  static description =
-    'Generate images from a run: --method exact decodes the forward flow causally (B*(T-1) steps with a KV cache), then one score-based denoising step'
+  static description = `Generate images from a run.
+
+--method reverse (the default for a distilled run): BiFlow's learned reverse model G, ONE network evaluation
+per batch, guidance included (G takes the scale as an input). --method exact (the default for a forward
+run, and available on a distilled one through its F): causal decoding of the forward flow, B*(T-1)
+sequential steps with a KV cache, then one score-based denoising step. Both read the same --noise and
+--seed, so grids of the two methods are one flag apart. --json reports samplingSeconds (sampling alone,
+after loading) and imagesPerSecond.`
   static examples = [
-    '<%= config.bin %> sample --model runs/mnist --num 64 --out samples/',
+    '<%= config.bin %> sample --model runs/mnist-g --num 64 --labels 0,1,2,3,4,5,6,7,8,9 --out samples/',
+    '<%= config.bin %> sample --model runs/mnist-g --method exact --num 64 --labels 0,1,2,3,4,5,6,7,8,9 --out samples-exact/',
+    '<%= config.bin %> sample --model runs/mnist-g --guidance 2 --labels 7 --num 16 --out sevens/',
     '<%= config.bin %> sample --model runs/afhq --method exact --guidance 1.5 --annealed --labels 0,1,2 --num 12 --out samples/ --format npz',
-    '<%= config.bin %> sample --model runs/tiny --noise z.npy --format npy --out decoded/ --no-denoise',
+    '<%= config.bin %> sample --model runs/tiny --noise z.npy --format npy --out decoded/ --denoise none',
   ]
   static flags = {
-    model: Flags.string({description: 'the run folder (trained or imported)', required: true}),
+    model: Flags.string({description: 'the run folder (distilled, trained or imported)', required: true}),
     out: Flags.string({description: 'output folder', required: true}),
     num: Flags.integer({description: 'number of images (default 16, or the number of --noise tokens)', min: 1}),
-    method: Flags.string({description: 'exact: causal decoding of the forward flow; reverse: the distilled 1-NFE model', options: ['exact', 'reverse'], default: 'exact'}),
+    method: Flags.string({description: 'reverse: the distilled 1-NFE model G; exact: causal decoding of the forward flow [default: reverse for a distilled run, else exact]', options: ['reverse', 'exact']}),
     guidance: Flags.string({description: 'classifier-free guidance weight w (0 = off)', default: '0'}),
-    annealed: Flags.boolean({description: 'anneal the guidance weight as w*(i+1)/(T-1) over the tokens'}),
-    'attn-temp': Flags.string({description: 'attention temperature of the guiding pass (guidance for unconditional models)', default: '1'}),
-    denoise: Flags.boolean({description: 'apply the score-based denoising step (default: on when the noise level is known)', allowNo: true}),
+    annealed: Flags.boolean({description: 'exact: anneal the guidance weight as w*(i+1)/(T-1) over the tokens'}),
+    'attn-temp': Flags.string({description: 'exact: attention temperature of the guiding pass (guidance for unconditional models)', default: '1'}),
+    denoise: Flags.string({
+      description: "score: apply F's score-based denoising step; none: do not; auto: score where nothing learned denoises (exact, or G distilled with --denoise none) and the noise level is known",
+      options: ['auto', 'score', 'none'],
+      default: 'auto',
+    }),
     'noise-std': Flags.string({description: 'training noise level sigma for denoising (default: from the run)'}),
     noise: Flags.string({description: 'decode these noise tokens (.npy, float32 N,T,D) instead of drawing them'}),
     labels: Flags.string({description: 'class labels, comma separated (cycled over the images; -1 = no class)'}),
@@ -39,12 +53,7 @@ export default class Sample extends BiflowCommand {
 
   async run(): Promise<SampleResult> {
     const {flags} = await this.parse(Sample)
-    const num = (name: string, v: string | undefined): number | undefined => {
-      if (v === undefined) return undefined
-      const x = Number(v)
-      if (!Number.isFinite(x)) this.error(`--${name} must be a number, got '${v}'`)
-      return x
-    }
+    const num = (name: string, v: string | undefined) => this.number(name, v)
     let labels: number[] | undefined
     if (flags.labels !== undefined) {
       labels = flags.labels.split(',').map((s) => {
@@ -61,7 +70,7 @@ export default class Sample extends BiflowCommand {
       guidance: num('guidance', flags.guidance),
       annealed: flags.annealed,
       attnTemp: num('attn-temp', flags['attn-temp']),
-      denoise: flags.denoise,
+      denoise: {auto: undefined, score: true, none: false}[flags.denoise],
       noiseStd: num('noise-std', flags['noise-std']),
       noise: flags.noise,
       labels,
@@ -71,7 +80,7 @@ export default class Sample extends BiflowCommand {
       force: flags.force,
     })
     this.log(
-      `wrote ${result.num} images to ${result.out} (${result.format}${result.denoised ? ', denoised' : ''}, ${result.imagesPerSecond.toFixed(2)} images/s)`,
+      `wrote ${result.num} ${result.method} samples to ${result.out} (${result.format}${result.denoised ? ', denoised' : ''}, ${result.samplingSeconds.toFixed(2)} s, ${result.imagesPerSecond.toFixed(2)} images/s)`,
     )
     return result
   }

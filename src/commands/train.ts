@@ -64,12 +64,7 @@ from --config FILE.json (same names in camelCase), then the defaults.`
 
   async run(): Promise<TrainResult> {
     const {flags} = await this.parse(Train)
-    const num = (name: string, v: string | undefined): number | undefined => {
-      if (v === undefined) return undefined
-      const x = Number(v)
-      if (!Number.isFinite(x)) this.error(`--${name} must be a number, got '${v}'`)
-      return x
-    }
+    const num = (name: string, v: string | undefined) => this.number(name, v)
 
     const result = await this.job<TrainResult>('train', {
       data: flags.data,

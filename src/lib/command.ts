@@ -6,6 +6,14 @@ import {JobCancelled, runJob} from './job.js'
 export abstract class BiflowCommand extends Command {
   static enableJsonFlag = true
 
+  /** A flag given as text that must be a number (oclif has no float flag); undefined stays undefined. */
+  protected number(name: string, v: string | undefined): number | undefined {
+    if (v === undefined) return undefined
+    const x = Number(v)
+    if (v.trim() === '' || !Number.isFinite(x)) this.error(`--${name} must be a number, got '${v}'`)
+    return x
+  }
+
   /** Run a core job, rendering its progress the way this invocation asked for. */
   protected job<T>(name: string, options: object): Promise<T> {
     return runJob<T>(name, options, {json: this.jsonEnabled()})

@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use rand_distr::Distribution;
 
 use crate::data::{Dataset, Split};
-use crate::flow::{bits_per_dim, TarFlow};
+use crate::flow::{bits_per_dim, FlowConfig, TarFlow};
 use crate::io::npy::read_npy;
 use crate::job::JobCtx;
 
@@ -77,6 +77,30 @@ pub fn evaluate(
     Ok(out)
 }
 
+/// A dataset to evaluate a model on: checked against the model's image shape, its `split` (default:
+/// val when the dataset has one), and how many images to take (at most `limit`).
+pub(crate) fn open_eval_split(dir: &str, split: Option<&str>, limit: Option<usize>, cfg: &FlowConfig) -> Result<(Dataset, Split, usize)> {
+    let ds = Dataset::open(Path::new(dir))?;
+    let (c, h, w) = ds.shape();
+    ensure!(
+        c == cfg.in_channels && h == cfg.img_size && w == cfg.img_size,
+        "dataset {dir} holds {c}x{h}x{w} images; this model takes {}x{}x{}",
+        cfg.in_channels,
+        cfg.img_size,
+        cfg.img_size
+    );
+    let split = match split {
+        Some("val") => Split::Val,
+        Some("train") => Split::Train,
+        Some(s) => bail!("unknown split '{s}': use val or train"),
+        None if !ds.is_empty(Split::Val) => Split::Val,
+        None => Split::Train,
+    };
+    let n = limit.map_or(ds.len(split), |l| l.min(ds.len(split)));
+    ensure!(n > 0, "the {split:?} split of {dir} is empty");
+    Ok((ds, split, n))
+}
+
 pub fn eval_bpd(o: BpdOptions, ctx: &JobCtx) -> Result<Value> {
     let device = Device::Cpu;
     let run = crate::run::Run::open(Path::new(&o.model))?;
@@ -110,24 +134,8 @@ pub fn eval_bpd(o: BpdOptions, ctx: &JobCtx) -> Result<Value> {
         }
         (None, Some(dir)) => {
             ensure!(o.labels.is_none(), "--labels applies to --input only: datasets carry their own labels");
-            let ds = Dataset::open(Path::new(dir))?;
+            let (ds, split, n) = open_eval_split(dir, o.split.as_deref(), o.limit, &cfg)?;
             let (c, h, w) = ds.shape();
-            ensure!(
-                c == cfg.in_channels && h == cfg.img_size && w == cfg.img_size,
-                "dataset {dir} holds {c}x{h}x{w} images; this model takes {}x{}x{}",
-                cfg.in_channels,
-                cfg.img_size,
-                cfg.img_size
-            );
-            let split = match o.split.as_deref() {
-                Some("val") => Split::Val,
-                Some("train") => Split::Train,
-                Some(s) => bail!("unknown split '{s}': use val or train"),
-                None if !ds.is_empty(Split::Val) => Split::Val,
-                None => Split::Train,
-            };
-            let n = o.limit.map_or(ds.len(split), |l| l.min(ds.len(split)));
-            ensure!(n > 0, "the {split:?} split of {dir} is empty");
             // Seeded uniform dequantisation: pixel k -> (k + u) / 256 * 2 - 1, u ~ U[0, 1).
             let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
             let u = rand_distr::Uniform::new(0.0f32, 1.0);

@@ -92,7 +92,7 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn new(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
         Ok(Linear { weight: vb.get((d_out, d_in), "weight")?, bias: vb.get(d_out, "bias")? })
     }
 
@@ -108,7 +108,7 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         Ok(LayerNorm { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")? })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -123,28 +123,31 @@ struct KvCache {
     len: usize,
 }
 
-/// Multi-head causal self-attention: LayerNorm -> qkv -> softmax(q k^T / sqrt(64)) v -> proj.
+/// Multi-head self-attention: LayerNorm -> qkv -> softmax(q k^T / sqrt(64)) v -> proj; causal in F,
+/// bidirectional in G.
 pub struct Attention {
     norm: LayerNorm,
     qkv: Linear,
     proj: Linear,
     heads: usize,
+    causal: bool,
 }
 
 impl Attention {
-    fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, channels: usize, causal: bool) -> Result<Self> {
         Ok(Attention {
             norm: LayerNorm::new(vb.pp("norm"), channels)?,
             qkv: Linear::new(vb.pp("qkv"), channels, 3 * channels)?,
             proj: Linear::new(vb.pp("proj"), channels, channels)?,
             heads: channels / HEAD_DIM,
+            causal,
         })
     }
 
-    /// Full causal attention over x: (N, T, C).
+    /// Attention over all of x: (N, T, C).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let qkv = self.qkv.forward(&self.norm.forward(x)?)?;
-        self.proj.forward(&ops::causal_attention(&qkv, self.heads, 1.0 / (HEAD_DIM as f64).sqrt())?)
+        self.proj.forward(&ops::attention(&qkv, self.heads, 1.0 / (HEAD_DIM as f64).sqrt(), self.causal)?)
     }
 
     /// One decoding step: x (N, 1, C) is the token at position `cache.len`; attends to the cache and
@@ -197,10 +200,10 @@ pub struct AttentionBlock {
 }
 
 impl AttentionBlock {
-    fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        Ok(AttentionBlock { attention: Attention::new(vb.pp("attention"), channels)?, mlp: Mlp::new(vb.pp("mlp"), channels)? })
+    pub(crate) fn new(vb: VarBuilder, channels: usize, causal: bool) -> Result<Self> {
+        Ok(AttentionBlock { attention: Attention::new(vb.pp("attention"), channels, causal)?, mlp: Mlp::new(vb.pp("mlp"), channels)? })
     }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = (x + self.attention.forward(x)?)?;
         Ok((&x + self.mlp.forward(&x)?)?)
     }
@@ -227,7 +230,7 @@ impl FlowBlock {
         let (t, d, c) = (cfg.num_tokens(), cfg.token_dim(), cfg.channels);
         let class_embed = if cfg.num_classes > 0 { Some(vb.get((cfg.num_classes, 1, c), "class_embed")?) } else { None };
         let layers = (0..cfg.layers_per_block)
-            .map(|j| AttentionBlock::new(vb.pp(format!("attn_blocks.{j}")), c))
+            .map(|j| AttentionBlock::new(vb.pp(format!("attn_blocks.{j}")), c, true))
             .collect::<Result<Vec<_>>>()?;
         Ok(FlowBlock {
             proj_in: Linear::new(vb.pp("proj_in"), d, c)?,
@@ -325,7 +328,7 @@ impl FlowBlock {
 }
 
 /// Map labels (N, i64; -1 = dropped) to rows of [class_embed; mean] (index K for -1).
-fn label_indices(y: &Tensor, k: usize) -> Result<Tensor> {
+pub(crate) fn label_indices(y: &Tensor, k: usize) -> Result<Tensor> {
     let v: Vec<i64> = y.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
     let mut idx = Vec::with_capacity(v.len());
     for l in v {
@@ -587,60 +590,101 @@ pub fn bits_per_dim(out: &FlowOutput, cfg: &FlowConfig) -> Result<Tensor> {
 /// LayerNorm weight 1 and bias 0, proj_out weight 0.
 pub fn initial_parameters(cfg: &FlowConfig, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
     cfg.validate()?;
-    let mut rng = seeded_rng(seed);
     let (t, d, c) = (cfg.num_tokens(), cfg.token_dim(), cfg.channels);
-    let mut out = HashMap::new();
-    let linear = |out: &mut HashMap<String, Tensor>, rng: &mut rand::rngs::StdRng, name: &str, d_in: usize, d_out: usize, zero_w: bool| -> Result<()> {
-        let bound = 1.0 / (d_in as f32).sqrt();
-        let u = Uniform::new(-bound, bound);
-        let w: Vec<f32> = if zero_w { vec![0.0; d_in * d_out] } else { (0..d_in * d_out).map(|_| u.sample(rng)).collect() };
-        let b: Vec<f32> = (0..d_out).map(|_| u.sample(rng)).collect();
-        out.insert(format!("{name}.weight"), Tensor::from_vec(w, (d_out, d_in), device)?);
-        out.insert(format!("{name}.bias"), Tensor::from_vec(b, d_out, device)?);
-        Ok(())
-    };
-    let normal = Normal::new(0.0f32, 0.01).unwrap();
+    let mut init = ParamInit::new(seed, device);
     for i in 0..cfg.num_blocks {
         let p = format!("blocks.{i}");
-        linear(&mut out, &mut rng, &format!("{p}.proj_in"), d, c, false)?;
-        let pos: Vec<f32> = (0..t * c).map(|_| normal.sample(&mut rng)).collect();
-        out.insert(format!("{p}.pos_embed"), Tensor::from_vec(pos, (t, c), device)?);
+        init.linear(&format!("{p}.proj_in"), d, c)?;
+        init.embedding(&format!("{p}.pos_embed"), &[t, c])?;
         if cfg.num_classes > 0 {
-            let ce: Vec<f32> = (0..cfg.num_classes * c).map(|_| normal.sample(&mut rng)).collect();
-            out.insert(format!("{p}.class_embed"), Tensor::from_vec(ce, (cfg.num_classes, 1, c), device)?);
+            init.embedding(&format!("{p}.class_embed"), &[cfg.num_classes, 1, c])?;
         }
         for j in 0..cfg.layers_per_block {
-            let l = format!("{p}.attn_blocks.{j}");
-            for norm in ["attention.norm", "mlp.norm"] {
-                out.insert(format!("{l}.{norm}.weight"), Tensor::ones(c, DType::F32, device)?);
-                out.insert(format!("{l}.{norm}.bias"), Tensor::zeros(c, DType::F32, device)?);
-            }
-            linear(&mut out, &mut rng, &format!("{l}.attention.qkv"), c, 3 * c, false)?;
-            linear(&mut out, &mut rng, &format!("{l}.attention.proj"), c, c, false)?;
-            linear(&mut out, &mut rng, &format!("{l}.mlp.main.0"), c, MLP_EXPANSION * c, false)?;
-            linear(&mut out, &mut rng, &format!("{l}.mlp.main.2"), MLP_EXPANSION * c, c, false)?;
+            init.transformer_layer(&format!("{p}.attn_blocks.{j}"), c)?;
         }
-        linear(&mut out, &mut rng, &format!("{p}.proj_out"), c, 2 * d, true)?;
+        init.zero_linear(&format!("{p}.proj_out"), c, 2 * d)?;
     }
-    Ok(out)
+    Ok(init.params)
 }
 
-fn seeded_rng(seed: u64) -> rand::rngs::StdRng {
-    rand::rngs::StdRng::seed_from_u64(seed)
+/// Seeded initial parameters, drawn in the order they are asked for (F and G share it).
+pub(crate) struct ParamInit {
+    rng: rand::rngs::StdRng,
+    device: Device,
+    pub params: HashMap<String, Tensor>,
 }
 
-/// A trainable model: a VarMap holding seeded initial parameters, and the model built over it.
-pub fn new_trainable(cfg: &FlowConfig, seed: u64, device: &Device) -> Result<(VarMap, TarFlow)> {
+impl ParamInit {
+    pub fn new(seed: u64, device: &Device) -> ParamInit {
+        ParamInit { rng: rand::rngs::StdRng::seed_from_u64(seed), device: device.clone(), params: HashMap::new() }
+    }
+
+    fn put(&mut self, name: String, values: Vec<f32>, shape: &[usize]) -> Result<()> {
+        self.params.insert(name, Tensor::from_vec(values, shape, &self.device)?);
+        Ok(())
+    }
+
+    fn uniform(&mut self, n: usize, bound: f32) -> Vec<f32> {
+        let u = Uniform::new(-bound, bound);
+        (0..n).map(|_| u.sample(&mut self.rng)).collect()
+    }
+
+    /// Weight and bias U(-1/sqrt(d_in), 1/sqrt(d_in)) (PyTorch's nn.Linear).
+    pub fn linear(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<()> {
+        let bound = 1.0 / (d_in as f32).sqrt();
+        let w = self.uniform(d_in * d_out, bound);
+        let b = self.uniform(d_out, bound);
+        self.put(format!("{name}.weight"), w, &[d_out, d_in])?;
+        self.put(format!("{name}.bias"), b, &[d_out])
+    }
+
+    /// A linear layer whose weight starts at zero (the bias as in [`Self::linear`]).
+    pub fn zero_linear(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<()> {
+        let b = self.uniform(d_out, 1.0 / (d_in as f32).sqrt());
+        self.put(format!("{name}.weight"), vec![0.0; d_in * d_out], &[d_out, d_in])?;
+        self.put(format!("{name}.bias"), b, &[d_out])
+    }
+
+    /// N(0, 0.01^2) entries.
+    pub fn embedding(&mut self, name: &str, shape: &[usize]) -> Result<()> {
+        let normal = Normal::new(0.0f32, 0.01).unwrap();
+        let v = (0..shape.iter().product::<usize>()).map(|_| normal.sample(&mut self.rng)).collect();
+        self.put(name.to_string(), v, shape)
+    }
+
+    /// Weight 1, bias 0.
+    pub fn layer_norm(&mut self, name: &str, dim: usize) -> Result<()> {
+        self.put(format!("{name}.weight"), vec![1.0; dim], &[dim])?;
+        self.put(format!("{name}.bias"), vec![0.0; dim], &[dim])
+    }
+
+    /// An [`AttentionBlock`] of width `c` under `prefix`.
+    pub fn transformer_layer(&mut self, prefix: &str, c: usize) -> Result<()> {
+        self.layer_norm(&format!("{prefix}.attention.norm"), c)?;
+        self.layer_norm(&format!("{prefix}.mlp.norm"), c)?;
+        self.linear(&format!("{prefix}.attention.qkv"), c, 3 * c)?;
+        self.linear(&format!("{prefix}.attention.proj"), c, c)?;
+        self.linear(&format!("{prefix}.mlp.main.0"), c, MLP_EXPANSION * c)?;
+        self.linear(&format!("{prefix}.mlp.main.2"), MLP_EXPANSION * c, c)
+    }
+}
+
+/// A VarMap holding `params` as trainable variables.
+pub(crate) fn varmap_of(params: HashMap<String, Tensor>) -> Result<VarMap> {
     let varmap = VarMap::new();
-    let params = initial_parameters(cfg, seed, device)?;
     {
         let mut data = varmap.data().lock().unwrap();
         for (name, t) in params {
             data.insert(name, candle_core::Var::from_tensor(&t)?);
         }
     }
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-    let model = TarFlow::new(vb, cfg)?;
+    Ok(varmap)
+}
+
+/// A trainable model: a VarMap holding seeded initial parameters, and the model built over it.
+pub fn new_trainable(cfg: &FlowConfig, seed: u64, device: &Device) -> Result<(VarMap, TarFlow)> {
+    let varmap = varmap_of(initial_parameters(cfg, seed, device)?)?;
+    let model = TarFlow::new(VarBuilder::from_varmap(&varmap, DType::F32, device), cfg)?;
     Ok((varmap, model))
 }
 

@@ -3,6 +3,9 @@
 
 pub mod bpd;
 pub mod data;
+pub mod distill;
+pub mod edit;
+pub mod eval_reverse;
 pub mod fid;
 pub mod flow;
 pub mod import;
@@ -12,8 +15,10 @@ pub mod jobs;
 pub mod nll_grad;
 pub mod ops;
 pub mod optim;
+pub mod reverse;
 pub mod run;
 pub mod sample;
 pub mod train;
+pub mod trainer;
 
 pub use job::{Cancelled, Event, JobCtx};

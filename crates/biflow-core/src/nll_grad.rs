@@ -162,7 +162,7 @@ impl NllGrad {
                 bail!("label {l} is out of range: the model has {} classes (use -1 for no label)", self.cfg.num_classes);
             }
         }
-        let dims = AttentionDims::of(t, c, c / HEAD_DIM).context("channels must be a multiple of the head size")?;
+        let dims = AttentionDims::of(t, c, c / HEAD_DIM, true).context("channels must be a multiple of the head size")?;
         let scale = 1.0 / (HEAD_DIM as f32).sqrt();
         let eps = LN_EPS as f32;
         let rows = n * t;
@@ -249,7 +249,7 @@ impl NllGrad {
                 layer_norm_bwd(&la.h_mid, params, lp.norm2, da2, dh, grads, eps);
                 // h_mid = h + proj(attention(qkv(norm1(h)))); dh becomes d h.
                 linear_bwd(&la.att, params, lp.proj, dh, Some(datt), grads);
-                ops::causal_attention_bwd(&la.qkv, datt, dims, dims.heads(), scale, dqkv);
+                ops::attention_bwd(&la.qkv, datt, dims, dims.heads(), scale, dqkv);
                 linear_bwd(&la.a1, params, lp.qkv, dqkv, Some(da1), grads);
                 layer_norm_bwd(&la.h, params, lp.norm1, da1, dh, grads, eps);
             }
@@ -273,7 +273,7 @@ fn layer_forward(params: &[&[f32]], lp: &LayerParams, la: &mut LayerActs, out: &
     let ((nw, nb), (qw, qb), (pw, pb)) = (p(lp.norm1), p(lp.qkv), p(lp.proj));
     ops::layer_norm_fwd(&la.h, nw, nb, eps, &mut la.a1);
     ops::linear_fwd(&la.a1, qw, qb, &mut la.qkv);
-    ops::causal_attention_fwd(&la.qkv, dims, dims.heads(), scale, &mut la.att);
+    ops::attention_fwd(&la.qkv, dims, dims.heads(), scale, &mut la.att);
     ops::linear_fwd(&la.att, pw, pb, &mut la.h_mid);
     add_assign(&mut la.h_mid, &la.h);
     let ((nw, nb), (w1, b1), (w2, b2)) = (p(lp.norm2), p(lp.fc1), p(lp.fc2));

@@ -38,12 +38,12 @@ mod gemm;
 mod layer_norm;
 mod linear;
 
-pub use attention::{causal_attention, causal_attention_reference};
+pub use attention::{attention, attention_reference};
 pub use gelu::gelu;
 pub use layer_norm::{layer_norm, layer_norm_reference};
 pub use linear::{linear, linear_reference};
 pub(crate) use {
-    attention::{causal_attention_bwd, causal_attention_fwd, Dims as AttentionDims},
+    attention::{attention_bwd, attention_fwd, Dims as AttentionDims},
     gelu::{gelu_bwd, gelu_fwd},
     layer_norm::{layer_norm_bwd, layer_norm_fwd},
     linear::{linear_bwd, linear_fwd},
@@ -139,14 +139,16 @@ mod tests {
     }
 
     #[test]
-    fn fused_causal_attention_matches_reference() {
-        // 2 samples, 19 tokens, 3 heads of 8 channels.
-        check(
-            |t| causal_attention(&t[0], 3, 0.35).unwrap(),
-            |t| causal_attention_reference(&t[0], 3, 0.35).unwrap(),
-            vec![randn(&[2, 19, 72], 4, 2.0)],
-            2e-5,
-        );
+    fn fused_attention_matches_reference() {
+        // 2 samples, 19 tokens, 3 heads of 8 channels; causal (F) and bidirectional (G).
+        for causal in [true, false] {
+            check(
+                |t| attention(&t[0], 3, 0.35, causal).unwrap(),
+                |t| attention_reference(&t[0], 3, 0.35, causal).unwrap(),
+                vec![randn(&[2, 19, 72], 4, 2.0)],
+                2e-5,
+            );
+        }
     }
 
     #[test]

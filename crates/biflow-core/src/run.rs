@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::flow::{FlowConfig, TarFlow};
+use crate::reverse::{ReverseConfig, ReverseModel};
 use crate::io::atomic;
 pub use crate::io::tensors::{decode_safetensors, encode_safetensors, read_safetensors, write_safetensors, HostTensor};
 
@@ -52,6 +53,20 @@ pub struct RunConfig {
     /// Where the weights came from (e.g. the imported checkpoint), free-form.
     #[serde(default)]
     pub source: Value,
+    /// A distilled run ("biflow"): the forward run G was distilled from, and G itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward: Option<ForwardRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverse: Option<ReverseConfig>,
+}
+
+/// Where a distilled run's forward model F lives, and the checksum of the weights G learned from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ForwardRef {
+    /// The forward run's folder: absolute, or relative to the distilled run's own folder.
+    pub dir: String,
+    pub weights_sha256: String,
 }
 
 impl RunConfig {
@@ -64,7 +79,14 @@ impl RunConfig {
             dequantize: false,
             train: Value::Null,
             source: Value::Null,
+            forward: None,
+            reverse: None,
         }
+    }
+
+    /// A distilled run: G over the tokens of the forward model `model`, which lives in `forward`.
+    pub fn biflow(model: FlowConfig, reverse: ReverseConfig, forward: ForwardRef) -> RunConfig {
+        RunConfig { kind: "biflow".into(), forward: Some(forward), reverse: Some(reverse), ..RunConfig::tarflow(model) }
     }
 }
 
@@ -124,8 +146,10 @@ impl Run {
         }
         let config: RunConfig =
             serde_json::from_value(raw).with_context(|| format!("{} is not a valid biflow run config", path.display()))?;
-        if config.kind != "tarflow" {
-            bail!("{} holds a '{}' run, not a forward flow (tarflow) run", dir.display(), config.kind);
+        match (config.kind.as_str(), &config.forward, &config.reverse) {
+            ("tarflow", _, _) | ("biflow", Some(_), Some(_)) => {}
+            ("biflow", _, _) => bail!("{} is a distilled run without its forward run or reverse model description", path.display()),
+            (kind, _, _) => bail!("{} holds a '{kind}' run; biflow knows 'tarflow' and 'biflow' runs", dir.display()),
         }
         let m = &config.model;
         if m.patch_size == 0 || m.img_size % m.patch_size != 0 || m.num_blocks == 0 || m.channels == 0 || m.in_channels == 0 {
@@ -210,7 +234,36 @@ impl Run {
     }
 
     /// The TarFlow with the run's sampling weights (weights.safetensors, else the latest checkpoint's EMA).
+    /// Whether this run holds a distilled reverse model G.
+    pub fn is_distilled(&self) -> bool {
+        self.config.reverse.is_some()
+    }
+
+    /// The forward run a distilled run was made from, checked to be the same F (weights checksum).
+    pub fn forward_run(&self) -> Result<Run> {
+        let Some(fr) = &self.config.forward else { bail!("{} is not a distilled run", self.dir.display()) };
+        // A relative location is inside the distilled run (an imported bundle carries its F along).
+        let dir = self.dir.join(&fr.dir);
+        let f = Run::open(&dir).with_context(|| {
+            format!("the forward run of {} ({}) cannot be opened: was it moved or deleted?", self.dir.display(), fr.dir)
+        })?;
+        let path = f.sampling_weights_path()?;
+        let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        if crate::io::sha256_hex(&bytes) != fr.weights_sha256 {
+            bail!(
+                "the forward run {} changed since {} was distilled from it (its weights' checksum differs): distill again, or restore that F",
+                fr.dir,
+                self.dir.display()
+            );
+        }
+        Ok(f)
+    }
+
+    /// The forward flow F: this run's own, or for a distilled run the (verified) one it was made from.
     pub fn load_flow(&self, device: &Device) -> Result<TarFlow> {
+        if self.is_distilled() {
+            return self.forward_run()?.load_flow(device);
+        }
         let path = self.sampling_weights_path()?;
         let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, device)
@@ -218,6 +271,18 @@ impl Run {
         TarFlow::new(vb, &self.config.model).with_context(|| {
             format!("the weights in {} do not fit the model described in {}", path.display(), self.config_path().display())
         })
+    }
+
+    /// The distilled reverse model G (EMA weights).
+    pub fn load_reverse(&self, device: &Device) -> Result<ReverseModel> {
+        let Some(cfg) = &self.config.reverse else {
+            bail!("{} is a forward run without a reverse model: distill one with `biflow distill --forward {}`", self.dir.display(), self.dir.display())
+        };
+        let path = self.sampling_weights_path()?;
+        let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, device)
+            .with_context(|| format!("{} is not a readable safetensors file (truncated or corrupted?)", path.display()))?;
+        ReverseModel::new(vb, cfg).with_context(|| format!("the weights in {} do not fit the reverse model of {}", path.display(), self.config_path().display()))
     }
 }
 

@@ -1,4 +1,7 @@
-//! `biflow sample`: exact sampling (causal decoding of the forward flow) and image output.
+//! `biflow sample`: noise to images by either of the two inverses of F, and image output.
+//!
+//! `reverse`: BiFlow's learned reverse model G, one network evaluation (distilled runs).
+//! `exact`: F's exact inverse, causal decoding in B*(T-1) sequential steps (any run).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -11,6 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::flow::{nll_loss, ReverseOptions, TarFlow};
+use crate::reverse::ReverseModel;
 use crate::io::npy::{read_npy, write_npy, write_npz, Array};
 use crate::job::JobCtx;
 
@@ -51,12 +55,12 @@ pub struct SampleOptions {
 
 impl SampleOptions {
     /// Defaults for sampling `num` images from the run `model` (no output folder: a streaming consumer).
-    pub fn streaming(model: &str, num: usize, seed: u64, guidance: f64) -> SampleOptions {
+    pub fn streaming(model: &str, method: Option<String>, num: usize, seed: u64, guidance: f64) -> SampleOptions {
         SampleOptions {
             model: model.to_string(),
             out: String::new(),
             num: Some(num),
-            method: default_method(),
+            method: method.unwrap_or_else(default_method),
             guidance,
             annealed: false,
             attn_temp: 1.0,
@@ -72,11 +76,20 @@ impl SampleOptions {
     }
 }
 
-/// Exact samples of a run, batch by batch: noise (seeded, or given tokens) -> causal decoding ->
-/// optional denoising. `biflow sample` keeps them; `eval-fid` on a run scores and drops each batch.
-pub struct ExactSampler {
+/// How noise becomes tokens.
+enum Method {
+    /// Causal decoding of F with these settings.
+    Exact(ReverseOptions),
+    /// One evaluation of G at guidance scale w.
+    Reverse(ReverseModel, f64),
+}
+
+/// Samples of a run, batch by batch: noise (seeded, or given tokens) -> G or causal decoding ->
+/// optional score-based denoising. `biflow sample` keeps them; `eval-fid` on a run scores and drops
+/// each batch.
+pub struct Sampler {
     model: TarFlow,
-    opts: ReverseOptions,
+    method: Method,
     /// The noise level of the denoising step; None = no denoising.
     pub sigma: Option<f64>,
     labels: Option<Vec<i64>>,
@@ -86,17 +99,24 @@ pub struct ExactSampler {
     done: usize,
 }
 
-impl ExactSampler {
-    pub fn new(o: &SampleOptions) -> Result<ExactSampler> {
-        match o.method.as_str() {
-            "exact" => {}
-            "reverse" => bail!(
-                "--method reverse needs a distilled reverse model (biflow distill), which is not available yet; use --method exact"
-            ),
-            m => bail!("unknown sampling method '{m}': use exact or reverse"),
-        }
+impl Sampler {
+    pub fn new(o: &SampleOptions) -> Result<Sampler> {
         ensure!(o.guidance.is_finite() && o.guidance >= 0.0, "--guidance must be a number >= 0");
         let run = crate::run::Run::open(Path::new(&o.model))?;
+        let reverse = match o.method.as_str() {
+            "auto" => run.is_distilled(),
+            "exact" => false,
+            "reverse" => {
+                ensure!(
+                    run.is_distilled(),
+                    "--method reverse needs a distilled run: {} is a forward run (make one with `biflow distill --forward {}`), or use --method exact",
+                    o.model,
+                    o.model
+                );
+                true
+            }
+            m => bail!("unknown sampling method '{m}': use reverse or exact"),
+        };
         let model = run.load_flow(&Device::Cpu)?;
         let cfg = model.config().clone();
         let (t, d) = (cfg.num_tokens(), cfg.token_dim());
@@ -117,17 +137,29 @@ impl ExactSampler {
         };
         ensure!(n > 0, "nothing to sample: --num must be at least 1");
         let labels = make_labels(&o.labels, n, cfg.num_classes)?;
+        let method = if reverse {
+            let g = run.load_reverse(&Device::Cpu)?;
+            ensure!(o.guidance == 0.0 || g.config().guided(), "--guidance needs a class-conditional model; this one is unconditional");
+            ensure!(!o.annealed && o.attn_temp == 1.0, "--annealed and --attn-temp apply to --method exact only (G takes the guidance scale as an input)");
+            Method::Reverse(g, o.guidance)
+        } else {
+            Method::Exact(ReverseOptions { guidance: o.guidance, annealed: o.annealed, attn_temp: o.attn_temp })
+        };
+        // The score step is on by default where nothing learned denoises: exact sampling, and a G
+        // distilled with --denoise none.
+        let learned = matches!(&method, Method::Reverse(g, _) if g.config().denoise_layers > 0);
         let run_sigma = o.noise_std.or(run.config.noise_std);
         let sigma = match o.denoise {
             Some(false) => None,
             Some(true) => Some(run_sigma.context(
                 "denoising needs the training noise level: this run does not record one, give --noise-std",
             )?),
+            None if learned => None,
             None => run_sigma,
         };
-        Ok(ExactSampler {
+        Ok(Sampler {
             model,
-            opts: ReverseOptions { guidance: o.guidance, annealed: o.annealed, attn_temp: o.attn_temp },
+            method,
             sigma,
             labels,
             given_noise,
@@ -153,9 +185,24 @@ impl ExactSampler {
     pub fn denoises(&self) -> bool {
         self.sigma.is_some()
     }
+    /// "reverse" or "exact".
+    pub fn method(&self) -> &'static str {
+        match self.method {
+            Method::Exact(_) => "exact",
+            Method::Reverse(..) => "reverse",
+        }
+    }
+    /// Sequential network steps per batch: B*(T-1) for causal decoding, 1 for G.
+    pub fn steps_per_batch(&self) -> usize {
+        let cfg = self.model.config();
+        match self.method {
+            Method::Exact(_) => cfg.num_blocks * (cfg.num_tokens() - 1),
+            Method::Reverse(..) => 1,
+        }
+    }
 
     /// The next at most `max` images (N,C,H,W f32, about [-1,1]), or None when all are made.
-    /// `on_step(k)` is called after each of the B*(T-1) decoding steps; its error stops the batch.
+    /// `on_step(k)` is called after each of the [`Self::steps_per_batch`] steps; its error stops the batch.
     pub fn next_batch(&mut self, max: usize, on_step: impl FnMut(usize) -> Result<()>) -> Result<Option<Tensor>> {
         if self.done >= self.n {
             return Ok(None);
@@ -174,7 +221,15 @@ impl ExactSampler {
             None => None,
         };
         let mut on_step = on_step;
-        let mut x = self.model.reverse(&z, y.as_ref(), &self.opts, |k, _| on_step(k))?;
+        let mut x = match &self.method {
+            Method::Exact(opts) => self.model.reverse(&z, y.as_ref(), opts, |k, _| on_step(k))?,
+            Method::Reverse(g, w) => {
+                let w = g.config().guided().then(|| vec![*w as f32; m]);
+                let x = self.model.unpatchify(&g.forward(&z, y.as_ref(), w.as_deref(), false)?.x)?;
+                on_step(1)?;
+                x
+            }
+        };
         if let Some(sigma) = self.sigma {
             x = denoise(&self.model, &x, y.as_ref(), sigma)?;
         }
@@ -189,7 +244,7 @@ impl ExactSampler {
 }
 
 fn default_method() -> String {
-    "exact".into()
+    "auto".into()
 }
 fn default_format() -> String {
     "png".into()
@@ -215,8 +270,8 @@ pub fn to_u8(v: f32) -> u8 {
     (((v + 1.0) * 0.5).clamp(0.0, 1.0) * 255.0 + 0.5).floor() as u8
 }
 
-/// Write one (C, H, W) image as PNG (C = 1 or 3), values in [-1, 1].
-fn image_buffer(chw: &[f32], c: usize, h: usize, w: usize) -> Result<image::DynamicImage> {
+/// One (C, H, W) image in [-1, 1] as an 8-bit PNG-ready image (C = 1 or 3).
+pub(crate) fn image_buffer(chw: &[f32], c: usize, h: usize, w: usize) -> Result<image::DynamicImage> {
     Ok(match c {
         1 => image::DynamicImage::ImageLuma8(
             image::GrayImage::from_raw(w as u32, h as u32, chw.iter().map(|&v| to_u8(v)).collect()).unwrap(),
@@ -235,7 +290,7 @@ fn image_buffer(chw: &[f32], c: usize, h: usize, w: usize) -> Result<image::Dyna
 }
 
 /// A grid like torchvision's make_grid (nrow = ceil(sqrt(N)), 2-pixel black padding).
-fn grid(images: &[f32], n: usize, c: usize, h: usize, w: usize) -> Result<image::DynamicImage> {
+pub(crate) fn grid(images: &[f32], n: usize, c: usize, h: usize, w: usize) -> Result<image::DynamicImage> {
     let cols = (n as f64).sqrt().ceil() as usize;
     let rows = n.div_ceil(cols);
     let pad = 2;
@@ -274,23 +329,29 @@ fn make_labels(given: &Option<Vec<i64>>, n: usize, classes: usize) -> Result<Opt
     Ok(Some((0..n).map(|i| base[i % base.len()]).collect()))
 }
 
-pub fn sample(o: SampleOptions, ctx: &JobCtx) -> Result<Value> {
-    ensure!(matches!(o.format.as_str(), "png" | "npz" | "npy"), "unknown format '{}': use png, npz or npy", o.format);
-    let out = PathBuf::from(&o.out);
-    if let Ok(mut entries) = std::fs::read_dir(&out) {
+/// Refuse to write into a folder that already holds files, unless `force`.
+pub(crate) fn ensure_empty_out(out: &Path, force: bool) -> Result<()> {
+    if let Ok(mut entries) = std::fs::read_dir(out) {
         ensure!(
-            o.force || entries.next().is_none(),
+            force || entries.next().is_none(),
             "{} exists and is not empty: choose another --out, or add --force to write into it",
             out.display()
         );
     }
-    let mut sampler = ExactSampler::new(&o)?;
+    Ok(())
+}
+
+pub fn sample(o: SampleOptions, ctx: &JobCtx) -> Result<Value> {
+    ensure!(matches!(o.format.as_str(), "png" | "npz" | "npy"), "unknown format '{}': use png, npz or npy", o.format);
+    let out = PathBuf::from(&o.out);
+    ensure_empty_out(&out, o.force)?;
+    let mut sampler = Sampler::new(&o)?;
     let cfg = sampler.config().clone();
     let (n, labels, denoise_on, sigma) = (sampler.len(), sampler.labels().map(<[i64]>::to_vec), sampler.denoises(), sampler.sigma);
     let bs = o.batch_size.unwrap_or(64).max(1);
-    let steps_per_batch = cfg.num_blocks * (cfg.num_tokens() - 1);
+    let steps_per_batch = sampler.steps_per_batch();
     let total = (n.div_ceil(bs) * steps_per_batch) as u64;
-    ctx.start("decode", Some(total));
+    ctx.start(if sampler.method() == "exact" { "decode" } else { "sample" }, Some(total));
     let started = Instant::now();
     let mut images: Vec<f32> = Vec::with_capacity(n * cfg.image_dim());
     let mut batch_index = 0;
@@ -354,7 +415,7 @@ pub fn sample(o: SampleOptions, ctx: &JobCtx) -> Result<Value> {
     }
     Ok(json!({
         "out": out.display().to_string(),
-        "method": "exact",
+        "method": sampler.method(),
         "num": n,
         "format": o.format,
         "files": files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
@@ -362,7 +423,7 @@ pub fn sample(o: SampleOptions, ctx: &JobCtx) -> Result<Value> {
         "denoised": denoise_on,
         "noiseStd": if denoise_on { sigma } else { None },
         "guidance": o.guidance,
-        "seconds": secs,
+        "samplingSeconds": secs,
         "imagesPerSecond": n as f64 / secs.max(1e-9),
     }))
 }

@@ -1,182 +1,24 @@
 //! `biflow train`: maximum-likelihood training of the forward flow (TARFlow) with exact resume.
 //!
-//! One step: a batch in the epoch's seeded order, Gaussian noise (`noiseStd`) or uniform
-//! dequantisation, label dropout, `loss = 0.5 mean(z^2) - mean(logdet)`, backward, global-norm
-//! clipping, AdamW (host-side state, see optim.rs) under warmup + cosine, EMA.
-//!
-//! Everything a step depends on is in the checkpoint: weights, EMA, AdamW moments and step count, the
-//! data position (epoch, offset; the epoch's order is a function of the seed and the epoch), and the
-//! host RNG (ChaCha8 seed, stream, word position) that draws noise and label drops. So a resumed run
-//! repeats the uninterrupted one bit for bit on the same machine and thread count.
+//! The objective: Gaussian noise (`noiseStd`) or uniform dequantisation, label dropout, then
+//! `loss = 0.5 mean(z^2) - mean(logdet)`. The loop, checkpoints and resume are the trainer's
+//! (trainer/), shared with `distill`.
 
-use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use candle_core::{Device, Tensor};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-use sha2::{Digest, Sha256};
 
 use crate::flow::{bits_per_dim, nll_loss, FlowConfig, FlowOutput, TarFlow};
-use crate::job::{Cancelled, JobCtx};
+use crate::job::JobCtx;
 use crate::nll_grad::NllGrad;
-use crate::optim::{self, AdamW, AdamWConfig, Moments};
-use crate::run::{decode_safetensors, encode_safetensors, Checkpoint, HostTensor, Run, RunConfig};
-
-// ---------------------------------------------------------------------------------------------
-// Data
-
-/// What the trainer needs from a dataset: images as f32 in [-1,1] (N*C*H*W) and labels.
-pub trait TrainData: Send + Sync {
-    /// (channels, height, width)
-    fn shape(&self) -> (usize, usize, usize);
-    /// 0 when unlabelled.
-    fn num_classes(&self) -> usize;
-    fn len(&self) -> usize;
-    fn batch(&self, indices: &[usize]) -> Result<(Vec<f32>, Vec<i64>)>;
-}
-
-/// An in-memory dataset (tests, benchmarks).
-pub struct MemData {
-    pub channels: usize,
-    pub size: usize,
-    pub classes: usize,
-    pub images: Vec<f32>,
-    pub labels: Vec<i64>,
-}
-
-impl TrainData for MemData {
-    fn shape(&self) -> (usize, usize, usize) {
-        (self.channels, self.size, self.size)
-    }
-    fn num_classes(&self) -> usize {
-        self.classes
-    }
-    fn len(&self) -> usize {
-        self.labels.len()
-    }
-    fn batch(&self, indices: &[usize]) -> Result<(Vec<f32>, Vec<i64>)> {
-        let per = self.channels * self.size * self.size;
-        let mut x = Vec::with_capacity(per * indices.len());
-        let mut y = Vec::with_capacity(indices.len());
-        for &i in indices {
-            x.extend_from_slice(&self.images[i * per..(i + 1) * per]);
-            y.push(self.labels[i]);
-        }
-        Ok((x, y))
-    }
-}
-
-/// Only the first `limit` images of another dataset.
-struct Limited<'a> {
-    inner: &'a dyn TrainData,
-    limit: usize,
-}
-
-impl TrainData for Limited<'_> {
-    fn shape(&self) -> (usize, usize, usize) {
-        self.inner.shape()
-    }
-    fn num_classes(&self) -> usize {
-        self.inner.num_classes()
-    }
-    fn len(&self) -> usize {
-        self.inner.len().min(self.limit)
-    }
-    fn batch(&self, indices: &[usize]) -> Result<(Vec<f32>, Vec<i64>)> {
-        self.inner.batch(indices)
-    }
-}
-
-impl<D: TrainData + ?Sized> TrainData for Box<D> {
-    fn shape(&self) -> (usize, usize, usize) {
-        (**self).shape()
-    }
-    fn num_classes(&self) -> usize {
-        (**self).num_classes()
-    }
-    fn len(&self) -> usize {
-        (**self).len()
-    }
-    fn batch(&self, indices: &[usize]) -> Result<(Vec<f32>, Vec<i64>)> {
-        (**self).batch(indices)
-    }
-}
-
-/// A prepared dataset (`biflow data prepare`): its training split.
-impl TrainData for crate::data::Dataset {
-    fn shape(&self) -> (usize, usize, usize) {
-        crate::data::Dataset::shape(self)
-    }
-    fn num_classes(&self) -> usize {
-        self.manifest.classes.len()
-    }
-    fn len(&self) -> usize {
-        crate::data::Dataset::len(self, crate::data::Split::Train)
-    }
-    fn batch(&self, indices: &[usize]) -> Result<(Vec<f32>, Vec<i64>)> {
-        self.batch_f32(crate::data::Split::Train, indices)
-    }
-}
-
-/// Open a prepared dataset folder for training.
-pub fn open_data(dir: &Path) -> Result<Box<dyn TrainData>> {
-    let ds = crate::data::Dataset::open(dir)?;
-    if ds.is_empty(crate::data::Split::Train) {
-        bail!("the dataset {} has no training images", dir.display());
-    }
-    Ok(Box::new(ds))
-}
-
-/// Where the trainer is in the data: epoch `epoch`, `offset` images into that epoch's order.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct DataPos {
-    pub epoch: u64,
-    pub offset: usize,
-}
-
-/// The order of epoch `epoch`: a seeded shuffle (ChaCha8, stream = epoch).
-fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5851_f42d_4c95_7f2d);
-    rng.set_stream(epoch);
-    let mut idx: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = rng.gen_range(0..=i);
-        idx.swap(i, j);
-    }
-    idx
-}
-
-struct Loader {
-    seed: u64,
-    n: usize,
-    batch: usize,
-    pos: DataPos,
-    order: Vec<usize>,
-    order_epoch: Option<u64>,
-}
-
-impl Loader {
-    fn next_indices(&mut self) -> Vec<usize> {
-        if self.pos.offset + self.batch > self.n {
-            self.pos = DataPos { epoch: self.pos.epoch + 1, offset: 0 };
-        }
-        if self.order_epoch != Some(self.pos.epoch) {
-            self.order = epoch_order(self.seed, self.pos.epoch, self.n);
-            self.order_epoch = Some(self.pos.epoch);
-        }
-        let out = self.order[self.pos.offset..self.pos.offset + self.batch].to_vec();
-        self.pos.offset += self.batch;
-        out
-    }
-}
+use crate::run::{Run, RunConfig};
+use crate::trainer::{self, load_checkpoint, open_data, Fit, Limited, Objective, Schedule, Slot, StepOutput, TrainData};
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -290,23 +132,12 @@ impl TrainArgs {
 #[serde(rename_all = "camelCase")]
 pub struct TrainOptions {
     pub data: String,
-    pub batch_size: usize,
-    pub steps: u64,
+    #[serde(flatten)]
+    pub schedule: Schedule,
     pub epochs: Option<f64>,
-    pub lr: f64,
-    pub min_lr: f64,
-    pub warmup: u64,
-    pub weight_decay: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub grad_clip: f64,
-    pub ema_decay: f64,
     pub noise_std: Option<f64>,
     pub dequantize: bool,
     pub drop_label: f64,
-    pub seed: u64,
-    pub save_every: u64,
-    pub keep: usize,
     pub limit: Option<usize>,
 }
 
@@ -410,23 +241,25 @@ fn resolve(s: &TrainSettings, data: &dyn TrainData, data_dir: &str) -> Result<(T
     };
     let opts = TrainOptions {
         data: data_dir.to_string(),
-        batch_size,
-        steps,
+        schedule: Schedule {
+            batch_size,
+            steps,
+            lr,
+            min_lr: s.min_lr.unwrap_or(1e-6).min(lr),
+            warmup: s.warmup.unwrap_or((steps / 20).min(1000)),
+            weight_decay: s.weight_decay.unwrap_or(1e-4),
+            beta1: 0.9,
+            beta2: 0.95,
+            grad_clip: s.grad_clip.unwrap_or(1.0),
+            ema_decay: s.ema_decay.unwrap_or(0.999),
+            seed: s.seed.unwrap_or(0),
+            save_every: s.save_every.unwrap_or(1000).max(1),
+            keep: s.keep.unwrap_or(3).max(1),
+        },
         epochs: s.epochs,
-        lr,
-        min_lr: s.min_lr.unwrap_or(1e-6).min(lr),
-        warmup: s.warmup.unwrap_or((steps / 20).min(1000)),
-        weight_decay: s.weight_decay.unwrap_or(1e-4),
-        beta1: 0.9,
-        beta2: 0.95,
-        grad_clip: s.grad_clip.unwrap_or(1.0),
-        ema_decay: s.ema_decay.unwrap_or(0.999),
         noise_std,
         dequantize,
         drop_label,
-        seed: s.seed.unwrap_or(0),
-        save_every: s.save_every.unwrap_or(1000).max(1),
-        keep: s.keep.unwrap_or(3).max(1),
         limit: s.limit,
     };
     Ok((opts, model))
@@ -436,26 +269,26 @@ fn resolve(s: &TrainSettings, data: &dyn TrainData, data_dir: &str) -> Result<(T
 fn settings_of(t: &TrainOptions, m: &FlowConfig) -> TrainSettings {
     TrainSettings {
         data: Some(t.data.clone()),
-        batch_size: Some(t.batch_size),
-        steps: Some(t.steps),
+        batch_size: Some(t.schedule.batch_size),
+        steps: Some(t.schedule.steps),
         epochs: None,
-        lr: Some(t.lr),
-        min_lr: Some(t.min_lr),
-        warmup: Some(t.warmup),
-        weight_decay: Some(t.weight_decay),
-        grad_clip: Some(t.grad_clip),
-        ema_decay: Some(t.ema_decay),
+        lr: Some(t.schedule.lr),
+        min_lr: Some(t.schedule.min_lr),
+        warmup: Some(t.schedule.warmup),
+        weight_decay: Some(t.schedule.weight_decay),
+        grad_clip: Some(t.schedule.grad_clip),
+        ema_decay: Some(t.schedule.ema_decay),
         noise_std: Some(t.noise_std.unwrap_or(0.0)),
         dequantize: Some(t.dequantize),
         drop_label: Some(t.drop_label),
-        seed: Some(t.seed),
+        seed: Some(t.schedule.seed),
         patch_size: Some(m.patch_size),
         channels: Some(m.channels),
         blocks: Some(m.num_blocks),
         layers_per_block: Some(m.layers_per_block),
         clip_scale: Some(m.clip_scale.unwrap_or(0.0)),
-        save_every: Some(t.save_every),
-        keep: Some(t.keep),
+        save_every: Some(t.schedule.save_every),
+        keep: Some(t.schedule.keep),
         limit: t.limit,
     }
 }
@@ -471,385 +304,93 @@ fn check_resume_settings(given: &TrainSettings, run: &RunConfig, saved: &TrainOp
     flat.insert("blocks".into(), json!(m.num_blocks));
     flat.insert("layersPerBlock".into(), json!(m.layers_per_block));
     flat.insert("clipScale".into(), json!(m.clip_scale));
-    let mut problems = Vec::new();
-    for (k, v) in given.as_object().unwrap() {
-        if RESUMABLE.contains(&k.as_str()) {
-            continue;
-        }
-        let s = flat.get(k).cloned().unwrap_or(Value::Null);
-        let same = match (v.as_f64(), s.as_f64()) {
-            (Some(a), Some(b)) => a == b,
-            _ => *v == s || ((k == "noiseStd" || k == "clipScale") && v.as_f64() == Some(0.0) && s.is_null()),
-        };
-        if !same {
-            problems.push(format!("{k} = {s} in the run, {v} asked for"));
-        }
-    }
-    if !problems.is_empty() {
-        bail!(
-            "--resume: the options do not match the run being resumed ({}); drop them to continue the run as it was, or train a new run",
-            problems.join("; ")
-        );
-    }
-    Ok(())
+    trainer::check_resume_options(given.as_object().unwrap(), flat, RESUMABLE, &["noiseStd", "clipScale"])
 }
 
 // ---------------------------------------------------------------------------------------------
-// Model parameters
+// The objective: maximum likelihood
 
-/// One trainable parameter with its host-side value, moments and EMA.
-struct Slot {
-    name: String,
-    shape: Vec<usize>,
-    var: Var,
-    value: Vec<f32>,
-    mom: Moments,
-    ema: Vec<f32>,
-    decay: bool,
+/// F's negative log-likelihood on noisy (or dequantised) images with label dropout. On the CPU the
+/// gradient is computed by hand (nll_grad), elsewhere by candle's autograd.
+struct Likelihood {
+    model: TarFlow,
+    engine: Option<NllGrad>,
+    opts: TrainOptions,
 }
 
-/// The error that stops a run whose loss or gradient norm stopped being finite at `step`.
-fn non_finite_stop(what: &str, value: f64, step: u64, last: Option<&Checkpoint>) -> anyhow::Error {
-    let keep = match last {
-        Some(c) => format!("the last good checkpoint is {}", c.dir.display()),
-        None => "no checkpoint was written before it".to_string(),
-    };
-    anyhow!("training stopped: the {what} became {value} at step {step}; {keep} (try a lower --lr, or --clip-scale)")
-}
-
-/// The loss, the mean bits/dim and the gradient of every slot (in slot order) for one batch.
-fn loss_and_gradients(model: &TarFlow, engine: Option<&mut NllGrad>, slots: &[Slot], x: &Tensor, labels: Option<&Tensor>) -> Result<(f64, f64, Vec<Vec<f32>>)> {
-    let (out, grads) = match engine {
-        Some(engine) => {
-            let cfg = model.config();
-            let tokens: Vec<f32> = model.patchify(x)?.flatten_all()?.to_vec1()?;
-            let labels: Option<Vec<i64>> = labels.map(|y| y.to_vec1()).transpose()?;
-            let params: Vec<&[f32]> = slots.iter().map(|s| s.value.as_slice()).collect();
-            let mut grads: Vec<Vec<f32>> = slots.iter().map(|s| vec![0f32; s.value.len()]).collect();
-            let r = engine.run(&params, &tokens, labels.as_deref(), &mut grads)?;
-            let n = r.logdets.len();
-            let out = FlowOutput {
-                z: Tensor::from_vec(r.z, (n, cfg.num_tokens(), cfg.token_dim()), x.device())?,
-                logdets: Tensor::from_vec(r.logdets, n, x.device())?,
-                trajectory: Vec::new(),
-            };
-            (out, Some(grads))
-        }
-        None => (model.forward(x, labels)?, None),
-    };
-    let loss = nll_loss(&out)?;
-    let loss_v = loss.to_scalar::<f32>()? as f64;
-    let bpd_v = bits_per_dim(&out, model.config())?.mean_all()?.to_scalar::<f32>()? as f64;
-    let grads = match grads {
-        Some(g) => g,
-        None => {
-            let store = loss.backward()?;
-            let mut host = Vec::with_capacity(slots.len());
-            for s in slots {
-                host.push(match store.get(s.var.as_tensor()) {
-                    Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
-                    None => vec![0.0; s.value.len()],
-                });
+impl Objective for Likelihood {
+    fn step(&mut self, slots: &[Slot], mut xs: Vec<f32>, mut ys: Vec<i64>, rng: &mut ChaCha8Rng) -> Result<StepOutput> {
+        let cfg = self.model.config();
+        let device = self.model.device().clone();
+        let n = ys.len();
+        if self.opts.dequantize {
+            for v in xs.iter_mut() {
+                let k = ((*v + 1.0) * 127.5).round().clamp(0.0, 255.0);
+                *v = (k + rng.gen::<f32>()) / 128.0 - 1.0;
             }
-            host
+        } else if let Some(sd) = self.opts.noise_std {
+            let sd = sd as f32;
+            for v in xs.iter_mut() {
+                *v += sd * rng.sample::<f32, _>(rand_distr::StandardNormal);
+            }
         }
-    };
-    Ok((loss_v, bpd_v, grads))
+        let labels = if cfg.num_classes > 0 {
+            for y in ys.iter_mut() {
+                if self.opts.drop_label > 0.0 && rng.gen::<f64>() < self.opts.drop_label {
+                    *y = -1;
+                }
+            }
+            Some(Tensor::from_vec(ys, n, &device)?)
+        } else {
+            None
+        };
+        let x = Tensor::from_vec(xs, (n, cfg.in_channels, cfg.img_size, cfg.img_size), &device)?;
+        let (out, grads) = match &mut self.engine {
+            Some(engine) => {
+                let tokens: Vec<f32> = self.model.patchify(&x)?.flatten_all()?.to_vec1()?;
+                let labels: Option<Vec<i64>> = labels.map(|y| y.to_vec1()).transpose()?;
+                let params: Vec<&[f32]> = slots.iter().map(|s| s.value.as_slice()).collect();
+                let mut grads: Vec<Vec<f32>> = slots.iter().map(|s| vec![0f32; s.value.len()]).collect();
+                let r = engine.run(&params, &tokens, labels.as_deref(), &mut grads)?;
+                let out = FlowOutput {
+                    z: Tensor::from_vec(r.z, (n, cfg.num_tokens(), cfg.token_dim()), &device)?,
+                    logdets: Tensor::from_vec(r.logdets, n, &device)?,
+                    trajectory: Vec::new(),
+                };
+                (out, Some(grads))
+            }
+            None => (self.model.forward(&x, labels.as_ref())?, None),
+        };
+        let loss = nll_loss(&out)?;
+        let loss_v = loss.to_scalar::<f32>()? as f64;
+        let bpd = bits_per_dim(&out, cfg)?.mean_all()?.to_scalar::<f32>()? as f64;
+        let grads = match grads {
+            Some(g) => g,
+            None => host_gradients(&loss, slots)?,
+        };
+        Ok(StepOutput { loss: loss_v, metrics: crate::metrics!["bpd" => bpd], grads })
+    }
+
+    fn reads_vars(&self) -> bool {
+        self.engine.is_none()
+    }
 }
 
-/// Build the model with seeded initial weights; parameters in name order.
-fn build_model(cfg: &FlowConfig, seed: u64, device: &Device) -> Result<(TarFlow, Vec<Slot>)> {
-    let (map, model) = crate::flow::new_trainable(cfg, seed, device).context("cannot build the model")?;
-    let vars: HashMap<String, Var> = map.data().lock().unwrap().clone();
-    let mut names: Vec<&String> = vars.keys().collect();
-    names.sort();
-    let mut slots = Vec::new();
-    for name in names {
-        let var = vars[name].clone();
-        let shape = var.dims().to_vec();
-        let value = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-        let n = value.len();
-        slots.push(Slot {
-            name: name.clone(),
-            decay: shape.len() >= 2 && name.ends_with("weight"),
-            shape,
-            var,
-            ema: value.clone(),
-            value,
-            mom: Moments::zeros(n),
+/// The gradient of `loss` for every slot (zeros where it does not reach), on the host.
+pub(crate) fn host_gradients(loss: &Tensor, slots: &[Slot]) -> Result<Vec<Vec<f32>>> {
+    let store = loss.backward()?;
+    let mut host = Vec::with_capacity(slots.len());
+    for s in slots {
+        host.push(match store.get(s.var.as_tensor()) {
+            Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
+            None => vec![0.0; s.value.len()],
         });
     }
-    Ok((model, slots))
+    Ok(host)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Checkpoints
-
-/// RNG position, exactly restorable.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct RngState {
-    pub seed: u64,
-    pub stream: u64,
-    /// u128 as a decimal string.
-    pub word_pos: String,
-}
-
-fn rng_state(seed: u64, rng: &ChaCha8Rng) -> RngState {
-    RngState { seed, stream: rng.get_stream(), word_pos: rng.get_word_pos().to_string() }
-}
-
-fn rng_restore(s: &RngState) -> Result<ChaCha8Rng> {
-    let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
-    rng.set_stream(s.stream);
-    rng.set_word_pos(s.word_pos.parse::<u128>().map_err(|_| anyhow!("bad RNG position '{}'", s.word_pos))?);
-    Ok(rng)
-}
-
-/// RUN/checkpoints/step-N/state.json.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct CheckpointState {
-    pub version: u32,
-    pub step: u64,
-    pub adam_steps: u64,
-    pub data: DataPos,
-    pub rng: RngState,
-    pub model: FlowConfig,
-    pub train: TrainOptions,
-    /// sha256 of each file in the folder.
-    pub files: std::collections::BTreeMap<String, String>,
-    pub loss: Option<f64>,
-    pub elapsed_secs: f64,
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    let d = Sha256::digest(bytes);
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
-}
-
-struct TrainState<'a> {
-    run: &'a Run,
-    opts: &'a TrainOptions,
-    slots: &'a [Slot],
-    adam: &'a AdamW,
-    data: DataPos,
-    rng: RngState,
-    loss: Option<f64>,
-    elapsed: f64,
-}
-
-/// Write checkpoint `step` atomically (temp folder, then rename), update weights.safetensors (EMA),
-/// and keep only the newest `keep` checkpoints.
-fn save_checkpoint(step: u64, st: &TrainState) -> Result<Checkpoint> {
-    let run = st.run;
-    let cdir = run.checkpoints_dir();
-    fs::create_dir_all(&cdir)?;
-    let tmp = cdir.join(format!(".step-{step:08}.tmp-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let host = |f: &dyn Fn(&Slot) -> Vec<f32>| -> Vec<(String, HostTensor)> {
-        st.slots.iter().map(|s| (s.name.clone(), HostTensor { shape: s.shape.clone(), data: f(s) })).collect()
-    };
-    let model = host(&|s| s.value.clone());
-    let ema = host(&|s| s.ema.clone());
-    let mut optim_t = Vec::new();
-    for s in st.slots {
-        optim_t.push((format!("m.{}", s.name), HostTensor { shape: s.shape.clone(), data: s.mom.m.clone() }));
-        optim_t.push((format!("v.{}", s.name), HostTensor { shape: s.shape.clone(), data: s.mom.v.clone() }));
-    }
-    let mut files = std::collections::BTreeMap::new();
-    let ema_bytes = encode_safetensors(&ema)?;
-    for (name, bytes) in [
-        ("model.safetensors", encode_safetensors(&model)?),
-        ("ema.safetensors", ema_bytes.clone()),
-        ("optimizer.safetensors", encode_safetensors(&optim_t)?),
-    ] {
-        files.insert(name.to_string(), sha256_hex(&bytes));
-        write_synced(&tmp.join(name), &bytes)?;
-    }
-    let state = CheckpointState {
-        version: 1,
-        step,
-        adam_steps: st.adam.t,
-        data: st.data,
-        rng: st.rng.clone(),
-        model: run.config.model.clone(),
-        train: st.opts.clone(),
-        files,
-        loss: st.loss,
-        elapsed_secs: st.elapsed,
-    };
-    write_synced(&tmp.join("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
-    if let Ok(d) = fs::File::open(&tmp) {
-        let _ = d.sync_all();
-    }
-    let dest = run.checkpoint_dir(step);
-    if dest.exists() {
-        fs::remove_dir_all(&dest).with_context(|| format!("cannot replace {}", dest.display()))?;
-    }
-    fs::rename(&tmp, &dest).with_context(|| format!("cannot move the checkpoint into {}", dest.display()))?;
-    if let Ok(d) = fs::File::open(&cdir) {
-        let _ = d.sync_all();
-    }
-    crate::io::atomic::write(&run.weights_path(), &ema_bytes)?;
-    let all = run.checkpoints()?;
-    if all.len() > st.opts.keep {
-        for old in &all[..all.len() - st.opts.keep] {
-            let _ = fs::remove_dir_all(&old.dir);
-        }
-    }
-    Ok(Checkpoint { step, dir: dest })
-}
-
-/// A checkpoint read back and verified.
-pub struct LoadedCheckpoint {
-    pub state: CheckpointState,
-    pub model: Vec<(String, HostTensor)>,
-    pub ema: Vec<(String, HostTensor)>,
-    pub optimizer: Vec<(String, HostTensor)>,
-}
-
-/// Read and verify a checkpoint: every file present, its checksum as recorded, parseable.
-pub fn load_checkpoint(c: &Checkpoint) -> Result<LoadedCheckpoint> {
-    let d = c.dir.display();
-    let text = fs::read_to_string(c.state_path()).with_context(|| format!("checkpoint {d} is incomplete: cannot read state.json"))?;
-    let state: CheckpointState =
-        serde_json::from_str(&text).with_context(|| format!("checkpoint {d} is corrupted: state.json is not a valid checkpoint state"))?;
-    let read = |name: &str| -> Result<Vec<(String, HostTensor)>> {
-        let path = c.dir.join(name);
-        let bytes = fs::read(&path).with_context(|| format!("checkpoint {d} is incomplete: cannot read {name}"))?;
-        let want = state.files.get(name).ok_or_else(|| anyhow!("checkpoint {d} is corrupted: state.json records no checksum for {name}"))?;
-        if &sha256_hex(&bytes) != want {
-            bail!("checkpoint {d} is corrupted or truncated: {name} does not match the checksum in state.json (delete this checkpoint folder to resume from an earlier one)");
-        }
-        decode_safetensors(&bytes).with_context(|| format!("checkpoint {d} is corrupted: {name} is not a readable safetensors file"))
-    };
-    let model = read("model.safetensors")?;
-    let ema = read("ema.safetensors")?;
-    let optimizer = read("optimizer.safetensors")?;
-    Ok(LoadedCheckpoint { state, model, ema, optimizer })
-}
-
-fn restore_slots(slots: &mut [Slot], ck: &LoadedCheckpoint, device: &Device) -> Result<()> {
-    let index = |v: &Vec<(String, HostTensor)>| v.iter().map(|(n, t)| (n.clone(), t.clone())).collect::<HashMap<_, _>>();
-    let (mut model, mut ema, mut opt) = (index(&ck.model), index(&ck.ema), index(&ck.optimizer));
-    if model.len() != slots.len() {
-        bail!("the checkpoint holds {} tensors but the model has {} parameters", model.len(), slots.len());
-    }
-    for s in slots.iter_mut() {
-        let take = |map: &mut HashMap<String, HostTensor>, key: &str, what: &str| -> Result<Vec<f32>> {
-            let t = map.remove(key).ok_or_else(|| anyhow!("the checkpoint's {what} lacks {key}"))?;
-            if t.shape != s.shape {
-                bail!("the checkpoint's {what} has {key} with shape {:?}, the model wants {:?}", t.shape, s.shape);
-            }
-            Ok(t.data)
-        };
-        s.value = take(&mut model, &s.name, "model")?;
-        s.ema = take(&mut ema, &s.name, "EMA")?;
-        s.mom.m = take(&mut opt, &format!("m.{}", s.name), "optimizer state")?;
-        s.mom.v = take(&mut opt, &format!("v.{}", s.name), "optimizer state")?;
-        s.var.set(&Tensor::from_slice(&s.value, s.shape.as_slice(), device)?)?;
-    }
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Metrics and the loss plot
-
-fn rewrite_metrics_up_to(path: &Path, step: u64) -> Result<()> {
-    let Ok(text) = fs::read_to_string(path) else { return Ok(()) };
-    let mut keep = String::new();
-    for line in text.lines() {
-        if let Ok(v) = serde_json::from_str::<Value>(line) {
-            if v.get("step").and_then(Value::as_u64).is_some_and(|s| s <= step) {
-                keep.push_str(line);
-                keep.push('\n');
-            }
-        }
-    }
-    crate::io::atomic::write(path, keep.as_bytes())
-}
-
-/// Draw the loss curve (raw points and a moving average) into a PNG.
-pub fn plot_loss(metrics: &Path, out: &Path) -> Result<()> {
-    let text = fs::read_to_string(metrics).unwrap_or_default();
-    let pts: Vec<(f64, f64)> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| Some((v.get("step")?.as_f64()?, v.get("loss")?.as_f64()?)))
-        .filter(|p| p.1.is_finite())
-        .collect();
-    let (w, h) = (800u32, 400u32);
-    let mut img = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
-    let (l, r, t, b) = (50.0, 20.0, 20.0, 40.0);
-    let axis = image::Rgb([0, 0, 0]);
-    for x in l as u32..(w - r as u32) {
-        img.put_pixel(x, h - b as u32, axis);
-    }
-    for y in t as u32..=(h - b as u32) {
-        img.put_pixel(l as u32, y, axis);
-    }
-    if pts.len() >= 2 {
-        let win = (pts.len() / 50).max(1);
-        let mut smooth = Vec::with_capacity(pts.len());
-        let mut acc = 0.0;
-        for i in 0..pts.len() {
-            acc += pts[i].1;
-            if i >= win {
-                acc -= pts[i - win].1;
-            }
-            smooth.push((pts[i].0, acc / (i + 1).min(win) as f64));
-        }
-        let mut sorted: Vec<f64> = pts.iter().map(|p| p.1).collect();
-        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let lo = sorted[0];
-        let hi = sorted[((sorted.len() - 1) as f64 * 0.98) as usize].max(lo + 1e-9);
-        let (x0, x1) = (pts[0].0, pts[pts.len() - 1].0.max(pts[0].0 + 1.0));
-        let px = |x: f64| l + (x - x0) / (x1 - x0) * (w as f64 - l - r);
-        let py = |y: f64| t + (1.0 - ((y - lo) / (hi - lo)).clamp(0.0, 1.0)) * (h as f64 - t - b);
-        for k in 1..4 {
-            let y = (t + k as f64 * (h as f64 - t - b) / 4.0) as u32;
-            for x in (l as u32 + 1..(w - r as u32)).step_by(3) {
-                img.put_pixel(x, y, image::Rgb([210, 210, 210]));
-            }
-        }
-        for p in &pts {
-            let (x, y) = (px(p.0) as u32, py(p.1) as u32);
-            if x < w && y < h {
-                img.put_pixel(x, y, image::Rgb([150, 180, 230]));
-            }
-        }
-        for s in smooth.windows(2) {
-            line(&mut img, (px(s[0].0), py(s[0].1)), (px(s[1].0), py(s[1].1)), image::Rgb([20, 60, 170]));
-        }
-    }
-    crate::io::atomic::write_png(out, &image::DynamicImage::ImageRgb8(img))
-}
-
-fn line(img: &mut image::RgbImage, a: (f64, f64), b: (f64, f64), c: image::Rgb<u8>) {
-    let n = ((b.0 - a.0).abs().max((b.1 - a.1).abs()).ceil() as usize).max(1);
-    for i in 0..=n {
-        let f = i as f64 / n as f64;
-        let (x, y) = (a.0 + f * (b.0 - a.0), a.1 + f * (b.1 - a.1));
-        for dy in 0..2 {
-            let (xi, yi) = (x as u32, y as u32 + dy);
-            if xi < img.width() && yi < img.height() {
-                img.put_pixel(xi, yi, c);
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The trainer
+// The job
 
 /// The `train` job: open the data named in the options, then [`train_with`].
 pub fn train_job(options: Value, ctx: &JobCtx) -> Result<Value> {
@@ -913,7 +454,7 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
     }
 
     // The run folder: new, or the one being resumed with its checkpoint.
-    let (run, resume_from) = if let Some((mut run, saved)) = prior {
+    let (run, resume) = if let Some((mut run, saved)) = prior {
         if run.config.model != model_cfg {
             bail!(
                 "--resume: the data ({}x{}x{}, {} classes) does not fit the run's model ({}x{}x{}, {} classes)",
@@ -926,7 +467,7 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
             bail!("--resume: {} has no checkpoint to resume from", run.dir.display());
         };
         let loaded = load_checkpoint(&ck)?;
-        if loaded.state.model != model_cfg {
+        if loaded.state.model != serde_json::to_value(&model_cfg)? {
             bail!("checkpoint {} was written for another model than the run's config.json", ck.dir.display());
         }
         if opts != saved {
@@ -943,196 +484,27 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
         (Run::create(&args.out, cfg)?, None)
     };
 
-    let (model, mut slots) = build_model(&model_cfg, opts.seed, &device)?;
-    let mut adam = AdamW::new(AdamWConfig { beta1: opts.beta1, beta2: opts.beta2, eps: 1e-8, weight_decay: opts.weight_decay });
-    let mut loader = Loader { seed: opts.seed, n: data.len(), batch: opts.batch_size, pos: DataPos { epoch: 0, offset: 0 }, order: Vec::new(), order_epoch: None };
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    rng.set_stream(1);
-    let mut step = 0u64;
-    let mut elapsed_before = 0.0;
-    let mut last_loss = None;
-    if let Some((ck, loaded)) = &resume_from {
-        restore_slots(&mut slots, loaded, &device).with_context(|| format!("cannot resume from {}", ck.dir.display()))?;
-        adam.t = loaded.state.adam_steps;
-        loader.pos = loaded.state.data;
-        rng = rng_restore(&loaded.state.rng)?;
-        step = loaded.state.step;
-        elapsed_before = loaded.state.elapsed_secs;
-        last_loss = loaded.state.loss;
-        rewrite_metrics_up_to(&run.metrics_path(), step)?;
-        ctx.message(format!("resuming {} from step {step}", run.dir.display()));
-    }
-    if step >= opts.steps {
-        bail!("the run is already at step {step} of {}; pass a larger --steps to train further", opts.steps);
-    }
-
-    let mut metrics_file = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(run.metrics_path())
-        .with_context(|| format!("cannot open {}", run.metrics_path().display()))?;
-
-    let (c, hgt, wid) = data.shape();
-    let per_image = c * hgt * wid;
-    let total = opts.steps;
-    let start_step = step;
-    let started = Instant::now();
-    let mut last_saved = resume_from.as_ref().map(|(c, _)| c.step);
-    let mut last_ckpt: Option<Checkpoint> = resume_from.as_ref().map(|(c, _)| c.clone());
-    let mut last_report = Instant::now() - std::time::Duration::from_secs(1);
-    let mut last_bpd = None;
-    let mut rate_ema: Option<f64> = None;
-    let mut last_step_time = Instant::now();
-    // Where the time goes (seconds, this session): batch assembly, loss and gradients, optimiser, checkpoints.
-    let mut phase = [0f64; 4];
-    // On the CPU the gradient is computed by hand (nll_grad), elsewhere by candle's autograd.
-    let mut engine = if device.is_cpu() {
+    let (map, model) = crate::flow::new_trainable(&model_cfg, opts.schedule.seed, &device).context("cannot build the model")?;
+    let slots = trainer::slots_of(&map)?;
+    let engine = if device.is_cpu() {
         let names: Vec<String> = slots.iter().map(|s| s.name.clone()).collect();
         let sizes: Vec<usize> = slots.iter().map(|s| s.value.len()).collect();
         Some(NllGrad::new(&model_cfg, &names, &sizes)?)
     } else {
         None
     };
-
-    ctx.start("train", Some(total - start_step));
-    macro_rules! snapshot {
-        ($step:expr) => {
-            TrainState {
-                run: &run,
-                opts: &opts,
-                slots: &slots,
-                adam: &adam,
-                data: loader.pos,
-                rng: rng_state(opts.seed, &rng),
-                loss: last_loss,
-                elapsed: elapsed_before + started.elapsed().as_secs_f64(),
-            }
-        };
-    }
-
-    while step < total {
-        if ctx.is_cancelled() {
-            ctx.end();
-            if last_saved != Some(step) {
-                let ck = save_checkpoint(step, &snapshot!(step))?;
-                ctx.message(format!("interrupted at step {step}: checkpoint written to {}", ck.dir.display()));
-            } else if let Some(ck) = &last_ckpt {
-                ctx.message(format!("interrupted at step {step}: the latest checkpoint is {}", ck.dir.display()));
-            }
-            let _ = plot_loss(&run.metrics_path(), &run.loss_png_path());
-            return Err(Cancelled.into());
-        }
-
-        // The batch: data order, augmentation noise and label drops all from seeded host RNGs.
-        let t0 = Instant::now();
-        let idx = loader.next_indices();
-        let (mut xs, mut ys) = data.batch(&idx)?;
-        if xs.len() != per_image * idx.len() {
-            bail!("the dataset returned {} values for {} images of {c}x{hgt}x{wid}", xs.len(), idx.len());
-        }
-        if opts.dequantize {
-            for v in xs.iter_mut() {
-                let k = ((*v + 1.0) * 127.5).round().clamp(0.0, 255.0);
-                *v = (k + rng.gen::<f32>()) / 128.0 - 1.0;
-            }
-        } else if let Some(sd) = opts.noise_std {
-            let sd = sd as f32;
-            for v in xs.iter_mut() {
-                *v += sd * rng.sample::<f32, _>(rand_distr::StandardNormal);
-            }
-        }
-        let labels = if model_cfg.num_classes > 0 {
-            for y in ys.iter_mut() {
-                if opts.drop_label > 0.0 && rng.gen::<f64>() < opts.drop_label {
-                    *y = -1;
-                }
-            }
-            Some(Tensor::from_vec(ys, idx.len(), &device)?)
-        } else {
-            None
-        };
-        let x = Tensor::from_vec(xs, (idx.len(), c, hgt, wid), &device)?;
-
-        let t1 = Instant::now();
-        let (loss_v, bpd_v, host_grads) = loss_and_gradients(&model, engine.as_mut(), &slots, &x, labels.as_ref())?;
-        let loss_v = if args.debug_nan_at_step == Some(step + 1) { f64::NAN } else { loss_v };
-        if !loss_v.is_finite() {
-            ctx.end();
-            return Err(non_finite_stop("loss", loss_v, step + 1, last_ckpt.as_ref()));
-        }
-        let t2 = Instant::now();
-        let gnorm = optim::global_norm(host_grads.iter().map(|g| g.as_slice()));
-        if !gnorm.is_finite() {
-            ctx.end();
-            return Err(non_finite_stop("gradient norm", gnorm, step + 1, last_ckpt.as_ref()));
-        }
-        step += 1;
-        let lr = optim::lr_at(step, total, opts.warmup, opts.lr, opts.min_lr);
-        let scale = optim::clip_scale(gnorm, opts.grad_clip);
-        adam.begin_step();
-        let ema_d = optim::ema_decay_at(step, opts.ema_decay);
-        for (s, g) in slots.iter_mut().zip(&host_grads) {
-            adam.update(&mut s.value, g, &mut s.mom, lr, scale, s.decay);
-            optim::ema_update(&mut s.ema, &s.value, ema_d);
-            if engine.is_none() {
-                // The autograd path reads the weights from the model's variables.
-                s.var.set(&Tensor::from_slice(&s.value, s.shape.as_slice(), &device)?)?;
-            }
-        }
-        last_loss = Some(loss_v);
-        last_bpd = Some(bpd_v);
-        let t3 = Instant::now();
-        phase[0] += (t1 - t0).as_secs_f64();
-        phase[1] += (t2 - t1).as_secs_f64();
-        phase[2] += (t3 - t2).as_secs_f64();
-
-        let now = Instant::now();
-        let dt = now.duration_since(last_step_time).as_secs_f64().max(1e-9);
-        last_step_time = now;
-        rate_ema = Some(match rate_ema {
-            None => 1.0 / dt,
-            Some(r) => 0.9 * r + 0.1 / dt,
-        });
-        let line = json!({"step": step, "loss": loss_v, "bpd": bpd_v, "lr": lr, "gradNorm": gnorm,
-            "epoch": loader.pos.epoch, "time": elapsed_before + started.elapsed().as_secs_f64()});
-        writeln!(metrics_file, "{line}").context("cannot append to metrics.jsonl")?;
-
-        if step % opts.save_every == 0 || step == total {
-            let tc = Instant::now();
-            last_ckpt = Some(save_checkpoint(step, &snapshot!(step))?);
-            last_saved = Some(step);
-            phase[3] += tc.elapsed().as_secs_f64();
-        }
-        if step - start_step <= 20 || now.duration_since(last_report).as_secs_f64() >= 0.1 || step == total {
-            last_report = now;
-            let sps = (step - start_step) as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            let eta = (total - step) as f64 / sps.max(1e-9);
-            ctx.progress(
-                step - start_step,
-                Some(total - start_step),
-                crate::metrics!["step" => step, "loss" => loss_v, "bpd" => bpd_v, "lr" => lr, "gradNorm" => gnorm,
-                    "stepsPerSec" => sps, "imagesPerSec" => sps * opts.batch_size as f64, "etaSecs" => eta.round()],
-            );
-        }
-    }
-    ctx.end();
-    plot_loss(&run.metrics_path(), &run.loss_png_path())?;
-    let secs = started.elapsed().as_secs_f64();
-    let sps = (step - start_step) as f64 / secs.max(1e-9);
-    Ok(json!({
-        "run": run.dir,
-        "steps": step,
-        "resumedFrom": resume_from.as_ref().map(|(c, _)| c.step),
-        "loss": last_loss,
-        "bpd": last_bpd,
-        "lastCheckpoint": last_ckpt.as_ref().map(|c| c.dir.clone()),
-        "weights": run.weights_path(),
-        "metrics": run.metrics_path(),
-        "lossPlot": run.loss_png_path(),
-        "stepsPerSec": sps,
-        "imagesPerSec": sps * opts.batch_size as f64,
-        "seconds": secs,
-        "parameters": slots.iter().map(|s| s.value.len()).sum::<usize>(),
-        "phaseSeconds": {"data": phase[0], "lossAndGradients": phase[1], "optimizer": phase[2], "checkpoints": phase[3]},
-    }))
+    let fit = Fit {
+        run: &run,
+        data,
+        schedule: opts.schedule.clone(),
+        options: serde_json::to_value(&opts)?,
+        model: serde_json::to_value(&model_cfg)?,
+        slots,
+        resume,
+        phase: "train",
+        debug_nan_at_step: args.debug_nan_at_step,
+    };
+    let mut objective = Likelihood { model, engine, opts };
+    let fitted = trainer::fit(fit, &mut objective, ctx)?;
+    Ok(Value::Object(fitted.result))
 }

@@ -1,33 +1,15 @@
 //! Trainer tests on a tiny synthetic dataset: the loss falls, resume is bit-exact, damaged checkpoints
 //! and mismatched resumes are refused clearly, a NaN stops the run keeping the last good checkpoint.
 
+mod common;
+
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
-use biflow_core::job::{Event, JobCtx};
+use biflow_core::job::JobCtx;
 use biflow_core::run::Run;
-use biflow_core::train::{load_checkpoint, train_with, MemData, TrainArgs, TrainSettings};
-use rand::{Rng, SeedableRng};
-
-/// 8x8 grey images with structure (a smooth ramp per class plus a little noise), 2 classes.
-fn toy_data(n: usize) -> MemData {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-    let (size, mut images, mut labels) = (8usize, Vec::new(), Vec::new());
-    for i in 0..n {
-        let class = (i % 2) as i64;
-        let amp: f32 = rng.gen_range(0.5..0.9);
-        for y in 0..size {
-            for x in 0..size {
-                let t = if class == 0 { x } else { y } as f32 / (size - 1) as f32;
-                let v = amp * (2.0 * t - 1.0) + rng.gen_range(-0.05..0.05);
-                images.push(((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() / 127.5 - 1.0);
-            }
-        }
-        labels.push(class);
-    }
-    MemData { channels: 1, size, classes: 2, images, labels }
-}
+use biflow_core::train::{train_with, TrainArgs, TrainSettings};
+use biflow_core::trainer::load_checkpoint;
+use common::{cancelling_ctx, toy_data};
 
 fn settings(steps: u64) -> TrainSettings {
     TrainSettings {
@@ -50,27 +32,11 @@ fn args(out: &Path, resume: bool, s: &TrainSettings) -> TrainArgs {
     TrainArgs { out: out.to_path_buf(), resume, config: None, settings: s.clone(), debug_nan_at_step: None }
 }
 
-/// A context that asks the job to stop (as Ctrl-C does) once it reports step `at`.
-fn cancelling_ctx(at: u64) -> JobCtx {
-    let cancel = Arc::new(AtomicBool::new(false));
-    let c2 = cancel.clone();
-    JobCtx::new(
-        move |e| {
-            if let Event::Progress { metrics, .. } = e {
-                if metrics.get("step").and_then(|v| v.as_u64()).is_some_and(|s| s >= at) {
-                    c2.store(true, Ordering::SeqCst);
-                }
-            }
-        },
-        cancel,
-    )
-}
-
 #[test]
 fn loss_falls_and_run_folder_is_complete() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let data = toy_data(256);
+    let data = toy_data(256, 3);
     let s = settings(60);
     let r = train_with(&args(&out, false, &s), &s, "toy", &data, &JobCtx::silent()).unwrap();
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -95,7 +61,7 @@ fn loss_falls_and_run_folder_is_complete() {
 #[test]
 fn resume_after_interrupt_is_bit_exact() {
     let dir = tempfile::tempdir().unwrap();
-    let data = toy_data(100); // 6 batches per epoch: the run crosses epochs
+    let data = toy_data(100, 3); // 6 batches per epoch: the run crosses epochs
     let s = settings(25);
     let a = dir.path().join("a");
     train_with(&args(&a, false, &s), &s, "toy", &data, &JobCtx::silent()).unwrap();
@@ -125,7 +91,7 @@ fn resume_after_interrupt_is_bit_exact() {
 #[test]
 fn damaged_checkpoints_and_mismatched_resume_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let data = toy_data(64);
+    let data = toy_data(64, 3);
     let s = settings(10);
     let out = dir.path().join("r");
     train_with(&args(&out, false, &s), &s, "toy", &data, &JobCtx::silent()).unwrap();
@@ -170,7 +136,7 @@ fn damaged_checkpoints_and_mismatched_resume_are_refused() {
 #[test]
 fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let data = toy_data(64);
+    let data = toy_data(64, 3);
     let s = settings(30);
     let out = dir.path().join("nan");
     let mut a = args(&out, false, &s);

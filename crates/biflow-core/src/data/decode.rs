@@ -614,6 +614,12 @@ pub fn decode(item: &Item) -> Result<DynamicImage> {
     }
 }
 
+/// Decode one image file (PNG, JPEG, WebP) to 8-bit grey or RGB; the error names the file.
+pub fn decode_file(path: &Path) -> Result<DynamicImage> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read image {}", path.display()))?;
+    decode_bytes(&bytes).with_context(|| format!("cannot decode image {}", path.display()))
+}
+
 /// A JPEG decoder fills a cut-off scan with grey instead of failing: require the end-of-image
 /// marker after the last start-of-scan (an embedded thumbnail's EOI comes before the main scan).
 fn check_jpeg_complete(bytes: &[u8]) -> Result<()> {

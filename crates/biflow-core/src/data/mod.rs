@@ -21,6 +21,7 @@ mod prepare;
 mod resize;
 mod shard;
 
+pub use decode::decode_file;
 pub use inspect::{inspect, InspectOptions};
 pub use prepare::{prepare, PrepareOptions};
 pub use shard::{ShardWriter, WriterSummary};

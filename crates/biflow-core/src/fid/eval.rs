@@ -44,6 +44,10 @@ pub struct EvalOptions {
     /// Classifier-free guidance weight when a side is a model run.
     #[serde(default)]
     pub guidance: f64,
+    /// Sampling method when a side is a model run: reverse | exact (default: reverse for a
+    /// distilled run, else exact).
+    #[serde(default)]
+    pub method: Option<String>,
 }
 
 /// What a side (source or reference) turned out to be.
@@ -75,7 +79,7 @@ fn open_side(spec: &str, o: &EvalOptions) -> Result<(Side, &'static str)> {
     }
     if path.join("config.json").is_file() && path.join("weights.safetensors").is_file() {
         let n = num.with_context(|| format!("{spec} is a model run: give --num N, the number of samples to score"))?;
-        return Ok((Side::Images(Box::new(RunSource::open(path, n, o.seed, o.guidance)?)), "run"));
+        return Ok((Side::Images(Box::new(RunSource::open(path, o.method.clone(), n, o.seed, o.guidance)?)), "run"));
     }
     if path.join("manifest.json").is_file() {
         return Ok((Side::Images(limit(super::dataset_source(path, split)?)), "dataset"));

@@ -254,20 +254,21 @@ mod tests {
     }
 }
 
-/// Exact samples of a model run, made batch by batch and quantised to 8 bits as `biflow sample` would
+/// Samples of a model run (G's for a distilled run, else exact), made batch by batch and quantised to 8 bits as `biflow sample` would
 /// save them; only one batch is ever held, so 50,000 samples need no more memory than one.
 pub struct RunSource {
-    sampler: crate::sample::ExactSampler,
+    sampler: crate::sample::Sampler,
     what: String,
 }
 
 impl RunSource {
-    pub fn open(run: &Path, num: usize, seed: u64, guidance: f64) -> Result<Self> {
-        let o = crate::sample::SampleOptions::streaming(&run.display().to_string(), num, seed, guidance);
-        let sampler = crate::sample::ExactSampler::new(&o)?;
+    pub fn open(run: &Path, method: Option<String>, num: usize, seed: u64, guidance: f64) -> Result<Self> {
+        let o = crate::sample::SampleOptions::streaming(&run.display().to_string(), method, num, seed, guidance);
+        let sampler = crate::sample::Sampler::new(&o)?;
         let c = sampler.config().in_channels;
         ensure!(c == 1 || c == 3, "FID needs grey or RGB images; the model at {} makes {c} channels", run.display());
-        Ok(RunSource { sampler, what: format!("{num} exact samples of {}", run.display()) })
+        let what = format!("{num} {} samples of {}", sampler.method(), run.display());
+        Ok(RunSource { sampler, what })
     }
 }
 

@@ -1,6 +1,7 @@
-//! Causal multi-head self-attention as one op over the packed qkv projection.
+//! Multi-head self-attention, causal (F) or bidirectional (G), as one op over the packed qkv
+//! projection.
 //!
-//! Per sample and head: S = q k^T, P = causal softmax(scale S), y = P v, all on views into the qkv
+//! Per sample and head: S = q k^T, P = (masked) softmax(scale S), y = P v, all on views into the qkv
 //! buffer (no head split, no permuted copies). The backward recomputes P (cheaper than keeping the
 //! N x H x T x T probabilities alive between passes) and writes dq, dk, dv straight into one dqkv.
 
@@ -12,41 +13,44 @@ use super::gemm::{matmul, Threads, View};
 use super::{fused, slice};
 
 /// qkv (N, T, 3C), laid out per token as [q heads | k heads | v heads] with C / heads channels per
-/// head -> (N, T, C): softmax(scale q k^T) v per head with a causal mask, heads side by side.
-pub fn causal_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+/// head -> (N, T, C): softmax(scale q k^T) v per head, heads side by side; with `causal`, token i
+/// attends to tokens j <= i only.
+pub fn attention(qkv: &Tensor, heads: usize, scale: f64, causal: bool) -> Result<Tensor> {
     if fused(qkv) {
-        Ok(qkv.contiguous()?.apply_op1(CausalAttention { heads, scale: scale as f32 })?)
+        Ok(qkv.contiguous()?.apply_op1(Attention { heads, scale: scale as f32, causal })?)
     } else {
-        causal_attention_reference(qkv, heads, scale)
+        attention_reference(qkv, heads, scale, causal)
     }
 }
 
-pub fn causal_attention_reference(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+pub fn attention_reference(qkv: &Tensor, heads: usize, scale: f64, causal: bool) -> Result<Tensor> {
     let (n, t, c3) = qkv.dims3()?;
     let c = c3 / 3;
     // (N, T, 3, H, hd) -> (3, N, H, T, hd).
     let qkv = qkv.reshape((n, t, 3, heads, c / heads))?.permute((2, 0, 3, 1, 4))?;
     let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
-    let att = causal_softmax_reference(&q.matmul(&k.t()?)?, scale)?;
+    let att = softmax_reference(&q.matmul(&k.t()?)?, scale, causal)?;
     Ok(att.matmul(&v)?.transpose(1, 2)?.reshape((n, t, c))?)
 }
 
-/// softmax(scale * s) over the last dimension with a causal mask (key j > query i gets weight 0);
-/// s: (..., T, T).
-fn causal_softmax_reference(s: &Tensor, scale: f64) -> Result<Tensor> {
+/// softmax(scale * s) over the last dimension, with a causal mask (key j > query i gets weight 0)
+/// when asked; s: (..., T, T).
+fn softmax_reference(s: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
     let t = s.dim(D::Minus1)?;
-    let mask: Vec<f32> = (0..t * t).map(|k| if k % t > k / t { f32::NEG_INFINITY } else { 0.0 }).collect();
-    let mask = Tensor::from_vec(mask, (t, t), s.device())?.to_dtype(s.dtype())?;
-    let s = (s * scale)?.broadcast_add(&mask)?;
+    let mut s = (s * scale)?;
+    if causal {
+        let mask: Vec<f32> = (0..t * t).map(|k| if k % t > k / t { f32::NEG_INFINITY } else { 0.0 }).collect();
+        s = s.broadcast_add(&Tensor::from_vec(mask, (t, t), s.device())?.to_dtype(s.dtype())?)?;
+    }
     let m = s.max_keepdim(D::Minus1)?.detach();
     let e = s.broadcast_sub(&m)?.exp()?;
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
-/// In place, row by row: p[i, j] = softmax_j(scale s[i, j]) over j <= i, and 0 for j > i.
-fn causal_softmax_rows(p: &mut [f32], t: usize, scale: f32) {
+/// In place, row by row: p[i, j] = softmax_j(scale s[i, j]), over j <= i with 0 for j > i when causal.
+fn softmax_rows(p: &mut [f32], t: usize, scale: f32, causal: bool) {
     for (i, row) in p.chunks_mut(t).enumerate() {
-        let (live, masked) = row.split_at_mut(i + 1);
+        let (live, masked) = row.split_at_mut(if causal { i + 1 } else { t });
         let m = live.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let mut sum = 0f32;
         for v in live.iter_mut() {
@@ -65,19 +69,20 @@ pub(crate) struct Dims {
     t: usize,
     c: usize,
     hd: usize,
+    causal: bool,
 }
 
 impl Dims {
-    fn new(l: &Layout, heads: usize) -> candle_core::Result<Dims> {
+    fn new(l: &Layout, heads: usize, causal: bool) -> candle_core::Result<Dims> {
         let (_, t, c3) = l.shape().dims3()?;
-        match Dims::of(t, c3 / 3, heads) {
+        match Dims::of(t, c3 / 3, heads, causal) {
             Some(d) if c3 % 3 == 0 => Ok(d),
             _ => candle_core::bail!("attention: {c3} qkv channels do not split into 3 x {heads} heads"),
         }
     }
     /// T tokens of C channels in `heads` heads; None when C does not split.
-    pub(crate) fn of(t: usize, c: usize, heads: usize) -> Option<Dims> {
-        (heads > 0 && c % heads == 0).then_some(Dims { t, c, hd: c / heads })
+    pub(crate) fn of(t: usize, c: usize, heads: usize, causal: bool) -> Option<Dims> {
+        (heads > 0 && c % heads == 0).then_some(Dims { t, c, hd: c / heads, causal })
     }
     pub(crate) fn heads(&self) -> usize {
         self.c / self.hd
@@ -91,7 +96,7 @@ impl Dims {
 }
 
 /// The kernel: qkv (N, T, 3C) -> y (N, T, C).
-pub(crate) fn causal_attention_fwd(x: &[f32], d: Dims, heads: usize, scale: f32, y: &mut [f32]) {
+pub(crate) fn attention_fwd(x: &[f32], d: Dims, heads: usize, scale: f32, y: &mut [f32]) {
     let (t, c, hd) = (d.t, d.c, d.hd);
     // One task per sample; each head writes its own columns of the sample's rows.
     y.par_chunks_mut(t * c).enumerate().for_each(|(i, ys)| {
@@ -99,14 +104,14 @@ pub(crate) fn causal_attention_fwd(x: &[f32], d: Dims, heads: usize, scale: f32,
         for h in 0..heads {
             let (q, k, v) = d.qkv(x, i * t * 3 * c, h);
             matmul(&mut p, 0, t, t, t, hd, q, k.t(), false, Threads::One);
-            causal_softmax_rows(&mut p, t, scale);
+            softmax_rows(&mut p, t, scale, d.causal);
             matmul(ys, h * hd, c, t, hd, t, View::rows(&p, 0, t), v, false, Threads::One);
         }
     });
 }
 
 /// The backward kernel: (qkv, dy) -> dqkv (written).
-pub(crate) fn causal_attention_bwd(x: &[f32], g: &[f32], d: Dims, heads: usize, scale: f32, dx: &mut [f32]) {
+pub(crate) fn attention_bwd(x: &[f32], g: &[f32], d: Dims, heads: usize, scale: f32, dx: &mut [f32]) {
     let (t, c, hd) = (d.t, d.c, d.hd);
     dx.par_chunks_mut(t * 3 * c).enumerate().for_each(|(i, ds)| {
         let (mut p, mut dp) = (vec![0f32; t * t], vec![0f32; t * t]);
@@ -114,7 +119,7 @@ pub(crate) fn causal_attention_bwd(x: &[f32], g: &[f32], d: Dims, heads: usize, 
             let (q, k, v) = d.qkv(x, i * t * 3 * c, h);
             let dy = View::rows(g, i * t * c + h * hd, c);
             matmul(&mut p, 0, t, t, t, hd, q, k.t(), false, Threads::One);
-            causal_softmax_rows(&mut p, t, scale);
+            softmax_rows(&mut p, t, scale, d.causal);
             let pv = View::rows(&p, 0, t);
             // dv = P^T dy; dP = dy v^T.
             matmul(ds, 2 * c + h * hd, 3 * c, t, hd, t, pv.t(), dy, false, Threads::One);
@@ -132,46 +137,48 @@ pub(crate) fn causal_attention_bwd(x: &[f32], g: &[f32], d: Dims, heads: usize, 
     });
 }
 
-struct CausalAttention {
+struct Attention {
     heads: usize,
     scale: f32,
+    causal: bool,
 }
 
-impl CustomOp1 for CausalAttention {
+impl CustomOp1 for Attention {
     fn name(&self) -> &'static str {
-        "biflow-causal-attention"
+        "biflow-attention"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l)?;
-        let d = Dims::new(l, self.heads)?;
+        let d = Dims::new(l, self.heads, self.causal)?;
         let mut y = vec![0f32; x.len() / 3];
-        causal_attention_fwd(x, d, self.heads, self.scale, &mut y);
+        attention_fwd(x, d, self.heads, self.scale, &mut y);
         let (n, _, _) = l.shape().dims3()?;
         Ok((CpuStorage::F32(y), Shape::from((n, d.t, d.c))))
     }
 
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &CausalAttentionBwd { heads: self.heads, scale: self.scale })?))
+        Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &AttentionBwd { heads: self.heads, scale: self.scale, causal: self.causal })?))
     }
 }
 
 /// (qkv, dy) -> dqkv.
-struct CausalAttentionBwd {
+struct AttentionBwd {
     heads: usize,
     scale: f32,
+    causal: bool,
 }
 
-impl CustomOp2 for CausalAttentionBwd {
+impl CustomOp2 for AttentionBwd {
     fn name(&self) -> &'static str {
-        "biflow-causal-attention-bwd"
+        "biflow-attention-bwd"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, g) = (slice(s1, l1)?, slice(s2, l2)?);
-        let d = Dims::new(l1, self.heads)?;
+        let d = Dims::new(l1, self.heads, self.causal)?;
         let mut dx = vec![0f32; x.len()];
-        causal_attention_bwd(x, g, d, self.heads, self.scale, &mut dx);
+        attention_bwd(x, g, d, self.heads, self.scale, &mut dx);
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

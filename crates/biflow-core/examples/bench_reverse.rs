@@ -1,0 +1,184 @@
+//! Benchmark of BiFlow's reverse model G against F's exact inverse, and of a distillation step.
+//! Prints one JSON object per measurement:
+//!
+//! - `matmul`: this CPU's plain f32 matmul throughput (1024^3, candle/gemm), the ceiling the
+//!   reverse pass is compared with;
+//! - `sample`: images/s of reverse sampling (one evaluation of G) and of exact sampling (causal
+//!   decoding plus its denoising step) on the same F, noise and machine, with the FLOPs of each path;
+//! - `distill`: where the time of one distillation step goes (F's trajectory, G with its heads,
+//!   the unconditional pass for guidance, the loss, backward) and steps/s.
+//!
+//!   cargo run --release -p biflow-core --example bench_reverse -- [tiny|paper|all] [matmul|sample|distill|all] [--batches 1,64] [--steps N]
+
+use std::time::Instant;
+
+use biflow_core::flow::{initial_parameters, FlowConfig, ReverseOptions, TarFlow};
+use biflow_core::reverse::loss::{implied_conditional, LossConfig, LossKind, Targets};
+use biflow_core::reverse::{self, ReverseConfig, ReverseModel};
+use biflow_core::sample::denoise;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal, Uniform};
+use serde_json::json;
+
+fn config(name: &str) -> FlowConfig {
+    match name {
+        // MNIST at 32x32, patch 4: T = 64, D = 16 (the forward benchmark's tiny).
+        "tiny" => FlowConfig { img_size: 32, in_channels: 1, patch_size: 4, channels: 256, num_blocks: 4, layers_per_block: 2, num_classes: 10, clip_scale: None },
+        // The MNIST recipe of the README and docs/: 128 channels, 4 blocks of 1 layer.
+        "mnist" => FlowConfig { img_size: 32, in_channels: 1, patch_size: 4, channels: 128, num_blocks: 4, layers_per_block: 1, num_classes: 10, clip_scale: Some(3.0) },
+        // 64x64x4 with patch 4: T = 256, D = 64 (the forward benchmark's paper shape).
+        "paper" => FlowConfig { img_size: 64, in_channels: 4, patch_size: 4, channels: 512, num_blocks: 8, layers_per_block: 1, num_classes: 10, clip_scale: None },
+        _ => panic!("unknown config {name}: use tiny or paper"),
+    }
+}
+
+/// FLOPs of one transformer layer over `t` tokens of width `c` attending to `keys` keys each:
+/// qkv, proj and the 4x MLP (24 c^2 per token) plus q k^T and P v (4 c keys per token).
+fn layer_flops(t: f64, c: f64, keys: f64) -> f64 {
+    t * (24.0 * c * c + 4.0 * c * keys)
+}
+
+/// FLOPs of one image through G (no heads): proj_in, B*L + Ld bidirectional layers, proj_out.
+fn reverse_flops(g: &ReverseConfig) -> f64 {
+    let (t, c, d) = (g.num_tokens as f64, g.channels as f64, g.token_dim as f64);
+    let layers = (g.stages * g.layers_per_stage + g.denoise_layers) as f64;
+    layers * layer_flops(t, c, t) + 4.0 * t * c * d
+}
+
+/// FLOPs of one image through F's forward pass (causal: T/2 keys per token on average).
+fn forward_flops(f: &FlowConfig) -> f64 {
+    let (t, c, d) = (f.num_tokens() as f64, f.channels as f64, f.token_dim() as f64);
+    (f.num_blocks * f.layers_per_block) as f64 * layer_flops(t, c, t / 2.0) + f.num_blocks as f64 * 6.0 * t * c * d
+}
+
+/// FLOPs of one image of exact sampling: the decoding steps (each block: T-1 tokens, KV cache) plus
+/// the denoising step (a forward and a backward pass of F, about 3 forward passes).
+fn exact_flops(f: &FlowConfig) -> f64 {
+    forward_flops(f) + 3.0 * forward_flops(f)
+}
+
+fn matmul_gflops() -> anyhow::Result<f64> {
+    let n = 1024;
+    let u = Uniform::new(-1.0f32, 1.0);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let a = Tensor::from_vec((0..n * n).map(|_| u.sample(&mut rng)).collect::<Vec<f32>>(), (n, n), &Device::Cpu)?;
+    let b = Tensor::from_vec((0..n * n).map(|_| u.sample(&mut rng)).collect::<Vec<f32>>(), (n, n), &Device::Cpu)?;
+    a.matmul(&b)?;
+    let reps = 10;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        a.matmul(&b)?;
+    }
+    Ok(2.0 * (n * n * n) as f64 * reps as f64 / t0.elapsed().as_secs_f64() / 1e9)
+}
+
+fn randn(shape: &[usize], rng: &mut rand::rngs::StdRng) -> anyhow::Result<Tensor> {
+    let v: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| StandardNormal.sample(rng)).collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+/// The models: F frozen (constant weights, as distill loads it), G of F's width (1 layer per stage,
+/// 1 denoising layer) trainable.
+fn models(cfg: &FlowConfig) -> anyhow::Result<(TarFlow, ReverseModel, ReverseConfig)> {
+    let params = initial_parameters(cfg, 0, &Device::Cpu)?;
+    let flow = TarFlow::new(VarBuilder::from_tensors(params, DType::F32, &Device::Cpu), cfg)?;
+    let g_cfg = ReverseConfig::for_flow(cfg, cfg.channels, 1, 1, true);
+    let (_gm, g) = reverse::new_trainable(&g_cfg, 1, &Device::Cpu)?;
+    Ok((flow, g, g_cfg))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let which = args.first().cloned().unwrap_or_else(|| "all".into());
+    let what = args.get(1).cloned().unwrap_or_else(|| "all".into());
+    let flag = |f: &str| args.iter().position(|a| a == f).and_then(|i| args.get(i + 1)).cloned();
+    let batches: Vec<usize> = flag("--batches").unwrap_or_else(|| "1,64".into()).split(',').map(|s| s.parse().unwrap()).collect();
+    let steps: usize = flag("--steps").map_or(5, |s| s.parse().unwrap());
+    let dev = Device::Cpu;
+    let peak = matmul_gflops()?;
+    if what == "all" || what == "matmul" {
+        println!("{}", json!({"what": "matmul", "size": 1024, "gflops": peak, "threads": rayon::current_num_threads()}));
+    }
+    let names: Vec<&str> = if which == "all" { vec!["tiny", "paper"] } else { vec![which.as_str()] };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    for name in names {
+        let cfg = config(name);
+        let (flow, g, g_cfg) = models(&cfg)?;
+        let (t, d) = (cfg.num_tokens(), cfg.token_dim());
+        if what == "all" || what == "sample" {
+            for &n in &batches {
+                let z = randn(&[n, t, d], &mut rng)?;
+                let y = Tensor::from_vec((0..n as i64).map(|i| i % 10).collect::<Vec<_>>(), n, &dev)?;
+                let w = vec![0.0f32; n];
+                // Reverse: one evaluation of G (warm-up first; repeated until it has run 2 s).
+                flow.unpatchify(&g.forward(&z, Some(&y), Some(&w), false)?.x)?;
+                let (t0, mut reps) = (Instant::now(), 0);
+                while reps == 0 || t0.elapsed().as_secs_f64() < 2.0 {
+                    flow.unpatchify(&g.forward(&z, Some(&y), Some(&w), false)?.x)?;
+                    reps += 1;
+                }
+                let reverse_s = t0.elapsed().as_secs_f64() / reps as f64;
+                // Exact: causal decoding and the denoising step, once.
+                let t0 = Instant::now();
+                let x = flow.reverse(&z, Some(&y), &ReverseOptions::default(), |_, _| Ok(()))?;
+                denoise(&flow, &x, Some(&y), 0.05)?;
+                let exact_s = t0.elapsed().as_secs_f64();
+                let (rf, ef) = (reverse_flops(&g_cfg) * n as f64, exact_flops(&cfg) * n as f64);
+                println!(
+                    "{}",
+                    json!({"what": "sample", "config": name, "batch": n,
+                        "reverseImagesPerSecond": n as f64 / reverse_s, "exactImagesPerSecond": n as f64 / exact_s,
+                        "speedup": exact_s / reverse_s,
+                        "reverseGflopPerImage": rf / n as f64 / 1e9, "exactGflopPerImage": ef / n as f64 / 1e9,
+                        "reverseGflops": rf / reverse_s / 1e9, "reverseFractionOfMatmul": rf / reverse_s / 1e9 / peak,
+                        "exactGflops": ef / exact_s / 1e9, "exactSequentialSteps": cfg.num_blocks * (t - 1), "matmulGflops": peak})
+                );
+            }
+        }
+        if what == "all" || what == "distill" {
+            let n = if name == "paper" { 16 } else { 64 };
+            let loss_cfg = LossConfig { kind: LossKind::Align, rms_norm: true, learned_denoise: true, adaptive_p: 1.0, adaptive_eps: 0.01 };
+            let u = Uniform::new(-1.0f32, 1.0);
+            let mut phase = [0f64; 6];
+            for s in 0..=steps {
+                let x = Tensor::from_vec((0..n * cfg.image_dim()).map(|_| u.sample(&mut rng)).collect::<Vec<f32>>(), (n, cfg.in_channels, cfg.img_size, cfg.img_size), &dev)?;
+                let clean = flow.patchify(&x)?;
+                let noisy = (&clean + (randn(&[n, t, d], &mut rng)? * 0.05)?)?;
+                let y = Tensor::from_vec((0..n as i64).map(|i| i % 10).collect::<Vec<_>>(), n, &dev)?;
+                let w: Vec<f32> = (0..n).map(|i| (i % 4) as f32).collect();
+                let c0 = Instant::now();
+                let fo = flow.forward_tokens(&noisy, Some(&y))?;
+                let c1 = Instant::now();
+                let guided = g.forward(&fo.z, Some(&y), Some(&w), true)?;
+                let c2 = Instant::now();
+                let null = Tensor::from_vec(vec![-1i64; n], n, &dev)?;
+                let uncond = g.forward(&fo.z, Some(&null), Some(&w), true)?;
+                let pred = implied_conditional(&guided, &uncond, &w)?;
+                let c3 = Instant::now();
+                let loss = loss_cfg.loss(&pred, &Targets { clean: &clean, noisy: &noisy, trajectory: &fo.trajectory }, &[])?;
+                loss.total.to_scalar::<f32>()?;
+                let c4 = Instant::now();
+                let grads = loss.total.backward()?;
+                drop(grads);
+                let c5 = Instant::now();
+                if s > 0 {
+                    for (k, (a, b)) in [(c0, c1), (c1, c2), (c2, c3), (c3, c4), (c4, c5), (c0, c5)].into_iter().enumerate() {
+                        phase[k] += (b - a).as_secs_f64() / steps as f64;
+                    }
+                }
+            }
+            // A step: F forward, G forward twice (with heads), G backward (about 2 forwards).
+            let flops = n as f64 * (forward_flops(&cfg) + 4.0 * reverse_flops(&g_cfg));
+            println!(
+                "{}",
+                json!({"what": "distill", "config": name, "batch": n, "steps": steps,
+                    "forwardTrajectoryS": phase[0], "guidedPassS": phase[1], "unconditionalPassS": phase[2],
+                    "lossS": phase[3], "backwardS": phase[4], "stepS": phase[5], "stepsPerSecond": 1.0 / phase[5],
+                    "gflopPerStep": flops / 1e9, "gflops": flops / phase[5] / 1e9, "fractionOfMatmul": flops / phase[5] / 1e9 / peak})
+            );
+        }
+    }
+    Ok(())
+}
