@@ -714,16 +714,16 @@ fn fuzz_checkpoint() {
                 step: 1,
                 dir: dir.to_path_buf(),
             };
-            biflow_core::train::load_checkpoint(&c).map(|_| ())
+            biflow_core::trainer::load_checkpoint(&c).map(|_| ())
         },
     );
 }
 
-/// Ignored until `train::plot_loss` bounds its coordinates: a metrics.jsonl line with a huge step (e.g.
+/// Ignored until `trainer::plot_loss` bounds its coordinates: a metrics.jsonl line with a huge step (e.g.
 /// 1e300, fixtures/fuzz/metrics/huge-step.bin) makes its line drawing loop for ~2^64 pixels. Run it with
 /// `cargo test --release -p biflow-core --test fuzz -- --ignored fuzz_metrics` once that is fixed.
 #[test]
-#[ignore = "train::plot_loss hangs on a huge step (see the doc comment)"]
+#[ignore = "trainer::plot_loss hangs on a huge step (see the doc comment)"]
 fn fuzz_metrics() {
     let seeds = seeds::metrics_files();
     fuzz_files(
@@ -740,6 +740,6 @@ fn fuzz_metrics() {
                 }
             }
         },
-        |dir| biflow_core::train::plot_loss(&dir.join("metrics.jsonl"), &dir.join("loss.png")),
+        |dir| biflow_core::trainer::plot_loss(&dir.join("metrics.jsonl"), &dir.join("loss.png")),
     );
 }

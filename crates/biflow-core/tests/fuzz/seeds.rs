@@ -447,13 +447,6 @@ pub fn run_files() -> Vec<(String, Vec<u8>)> {
     ]
 }
 
-fn sha256_hex(b: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(b)
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect()
-}
 
 /// A checkpoint folder: state.json first, then the three tensor files it checksums.
 pub fn checkpoint_files() -> Vec<(String, Vec<u8>)> {
@@ -465,7 +458,7 @@ pub fn checkpoint_files() -> Vec<(String, Vec<u8>)> {
     ];
     let files: serde_json::Map<String, serde_json::Value> = names
         .iter()
-        .map(|n| (n.to_string(), sha256_hex(&w).into()))
+        .map(|n| (n.to_string(), biflow_core::io::sha256_hex(&w).into()))
         .collect();
     let state = serde_json::json!({
         "version": 1, "step": 1, "adamSteps": 1,
@@ -493,7 +486,7 @@ pub fn fix_checksum(set: &mut [(String, Vec<u8>)], i: usize) {
         return;
     };
     if let Some(files) = state.get_mut("files").and_then(|f| f.as_object_mut()) {
-        files.insert(set[i].0.clone(), sha256_hex(&set[i].1).into());
+        files.insert(set[i].0.clone(), biflow_core::io::sha256_hex(&set[i].1).into());
         set[0].1 = serde_json::to_vec(&state).unwrap();
     }
 }
