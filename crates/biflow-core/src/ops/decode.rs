@@ -189,11 +189,9 @@ impl<'a> BlockDecoder<'a> {
             let rows = w.start..w.start + w.rows;
             worker_step(block, w, &tokens[rows.start * d..rows.end * d], pos_row, &scales[rows], a, b, threads);
         };
-        if self.workers.len() == 1 {
-            run(&mut self.workers[0], a, b);
-            return;
-        }
-        // Cut a and b into the workers' row ranges.
+        // Cut a and b into the workers' row ranges. Even a single worker runs on the pool: the
+        // kernels' own parallel loops then run inside it, instead of each handing its work over from
+        // this thread (a wake-up per op, which costs most when other processes share the cores).
         let mut jobs = Vec::with_capacity(self.workers.len());
         let (mut a_rest, mut b_rest) = (a, b);
         for w in self.workers.iter_mut() {
