@@ -22,11 +22,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(c, 3 * c)
         self.proj = nn.Linear(c, c)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask=None):
         n, t, c = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(n, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         att = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5
-        att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+        if mask is not None:
+            att = att.masked_fill(~mask, float("-inf"))
+        att = att.softmax(-1)
         return self.proj((att @ v).transpose(1, 2).reshape(n, t, c))
 
 
@@ -37,26 +39,35 @@ class Layer(nn.Module):
         self.norm = nn.LayerNorm(c)
         self.mlp = nn.Sequential(nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c))
 
-    def forward(self, x, mask):
+    def forward(self, x, mask=None):
         x = x + self.attention(x, mask)
         return x + self.mlp(self.norm(x))
 
 
+def class_rows(table, y):
+    """Rows of a (K, C) class-embedding table for labels y (N); label -1 takes the mean row."""
+    rows = table[y.clamp(min=0)]
+    return torch.where((y < 0)[:, None], table.mean(0, keepdim=True), rows)
+
+
 class FlowBlock(nn.Module):
-    def __init__(self, d, t, c, layers, flip):
+    def __init__(self, d, t, c, layers, flip, classes=0):
         super().__init__()
         self.flip = flip
         self.proj_in = nn.Linear(d, c)
         self.pos = nn.Parameter(torch.randn(t, c) * 1e-2)
+        self.class_embed = nn.Parameter(torch.randn(classes, c) * 1e-2) if classes else None
         self.layers = nn.ModuleList(Layer(c) for _ in range(layers))
         self.proj_out = nn.Linear(c, 2 * d)
         nn.init.zeros_(self.proj_out.weight)
         self.register_buffer("mask", torch.tril(torch.ones(t, t, dtype=torch.bool)))
 
-    def forward(self, x):
+    def forward(self, x, y=None):
         if self.flip:
             x = x.flip(1)
         h = self.proj_in(x) + self.pos
+        if self.class_embed is not None and y is not None:
+            h = h + class_rows(self.class_embed, y)[:, None]
         for layer in self.layers:
             h = layer(h, self.mask)
         o = self.proj_out(h)
@@ -69,20 +80,27 @@ class FlowBlock(nn.Module):
 
 
 class TarFlow(nn.Module):
-    def __init__(self, img, ch, patch, c, blocks, layers):
+    def __init__(self, img, ch, patch, c, blocks, layers, classes=0):
         super().__init__()
         self.patch = patch
         t, d = (img // patch) ** 2, ch * patch * patch
-        self.blocks = nn.ModuleList(FlowBlock(d, t, c, layers, i % 2 == 1) for i in range(blocks))
+        self.blocks = nn.ModuleList(FlowBlock(d, t, c, layers, i % 2 == 1, classes) for i in range(blocks))
 
-    def forward(self, x):
-        n, ch, _, _ = x.shape
-        x = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)
-        logdets = 0
+    def patchify(self, x):
+        return F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)
+
+    def trajectory(self, x, y=None):
+        """Tokens x^0 (N, T, D) -> [x^1, ..., x^B] (canonical token order) and the summed logdets."""
+        out, logdets = [], 0
         for block in self.blocks:
-            x, ld = block(x)
+            x, ld = block(x, y)
+            out.append(x)
             logdets = logdets + ld
-        return x, logdets
+        return out, logdets
+
+    def forward(self, x, y=None):
+        traj, logdets = self.trajectory(self.patchify(x), y)
+        return traj[-1], logdets
 
 
 def bench(name, img, ch, patch, c, blocks, layers, batch, steps, warmup=3):

@@ -13,6 +13,10 @@
 use std::time::Instant;
 
 use biflow_core::flow::{initial_parameters, FlowConfig, ReverseOptions, TarFlow};
+use biflow_core::distill::{distill_with, DistillArgs, DistillSettings};
+use biflow_core::job::JobCtx;
+use biflow_core::run::{write_safetensors, HostTensor, Run, RunConfig};
+use biflow_core::trainer::MemData;
 use biflow_core::reverse::loss::{implied_conditional, LossConfig, LossKind, Targets};
 use biflow_core::reverse::{self, ReverseConfig, ReverseModel};
 use biflow_core::sample::denoise;
@@ -89,6 +93,42 @@ fn models(cfg: &FlowConfig) -> anyhow::Result<(TarFlow, ReverseModel, ReverseCon
     Ok((flow, g, g_cfg))
 }
 
+/// Steps/s of the whole `distill` job (data, the step above, AdamW, EMA) on random images, from a
+/// forward run of F's initial weights written to a temporary folder.
+fn distill_steps_per_second(cfg: &FlowConfig, batch: usize, steps: usize) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let f_dir = dir.path().join("f");
+    let mut rc = RunConfig::tarflow(cfg.clone());
+    rc.noise_std = Some(0.05);
+    let run = Run::create(&f_dir, rc)?;
+    let params = initial_parameters(cfg, 0, &Device::Cpu)?;
+    let host = params
+        .into_iter()
+        .map(|(k, t)| Ok((k, HostTensor { shape: t.dims().to_vec(), data: t.flatten_all()?.to_vec1()? })))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    write_safetensors(&run.weights_path(), &host)?;
+    let n = 4 * batch;
+    let u = Uniform::new(-1.0f32, 1.0);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let data = MemData {
+        channels: cfg.in_channels,
+        size: cfg.img_size,
+        classes: cfg.num_classes,
+        images: (0..n * cfg.image_dim()).map(|_| u.sample(&mut rng)).collect(),
+        labels: (0..n as i64).map(|i| i % cfg.num_classes as i64).collect(),
+    };
+    let settings = DistillSettings {
+        forward: Some(f_dir.display().to_string()),
+        batch_size: Some(batch),
+        steps: Some(steps as u64 + 1),
+        save_every: Some(1_000_000),
+        ..Default::default()
+    };
+    let args = DistillArgs { out: dir.path().join("g"), resume: false, settings, debug_nan_at_step: None };
+    let r = distill_with(&args, "synthetic", &data, &JobCtx::silent())?;
+    Ok(r["stepsPerSec"].as_f64().unwrap_or(0.0))
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let which = args.first().cloned().unwrap_or_else(|| "all".into());
@@ -123,6 +163,7 @@ fn main() -> anyhow::Result<()> {
                 // Exact: causal decoding and the denoising step, once.
                 let t0 = Instant::now();
                 let x = flow.reverse(&z, Some(&y), &ReverseOptions::default(), |_, _| Ok(()))?;
+                let decode_s = t0.elapsed().as_secs_f64();
                 denoise(&flow, &x, Some(&y), 0.05)?;
                 let exact_s = t0.elapsed().as_secs_f64();
                 let (rf, ef) = (reverse_flops(&g_cfg) * n as f64, exact_flops(&cfg) * n as f64);
@@ -130,7 +171,8 @@ fn main() -> anyhow::Result<()> {
                     "{}",
                     json!({"what": "sample", "config": name, "batch": n,
                         "reverseImagesPerSecond": n as f64 / reverse_s, "exactImagesPerSecond": n as f64 / exact_s,
-                        "speedup": exact_s / reverse_s,
+                        "speedup": exact_s / reverse_s, "exactDecodeSeconds": decode_s, "exactDenoiseSeconds": exact_s - decode_s,
+                        "reverseSeconds": reverse_s,
                         "reverseGflopPerImage": rf / n as f64 / 1e9, "exactGflopPerImage": ef / n as f64 / 1e9,
                         "reverseGflops": rf / reverse_s / 1e9, "reverseFractionOfMatmul": rf / reverse_s / 1e9 / peak,
                         "exactGflops": ef / exact_s / 1e9, "exactSequentialSteps": cfg.num_blocks * (t - 1), "matmulGflops": peak})
@@ -171,11 +213,13 @@ fn main() -> anyhow::Result<()> {
             }
             // A step: F forward, G forward twice (with heads), G backward (about 2 forwards).
             let flops = n as f64 * (forward_flops(&cfg) + 4.0 * reverse_flops(&g_cfg));
+            let whole = distill_steps_per_second(&cfg, n, steps)?;
             println!(
                 "{}",
                 json!({"what": "distill", "config": name, "batch": n, "steps": steps,
                     "forwardTrajectoryS": phase[0], "guidedPassS": phase[1], "unconditionalPassS": phase[2],
                     "lossS": phase[3], "backwardS": phase[4], "stepS": phase[5], "stepsPerSecond": 1.0 / phase[5],
+                    "trainerStepsPerSecond": whole,
                     "gflopPerStep": flops / 1e9, "gflops": flops / phase[5] / 1e9, "fractionOfMatmul": flops / phase[5] / 1e9 / peak})
             );
         }

@@ -325,6 +325,39 @@ impl FlowBlock {
         let b = o.narrow(1, self.token_dim, self.token_dim)?;
         Ok((a, b))
     }
+
+    /// Host copies of this block's parameters for the CPU f32 decoder ([`ops::BlockDecoder`]), with
+    /// the class embedding rows `class` (N, 1, C) of the batch being decoded.
+    fn host_decoder(&self, class: Option<&Tensor>) -> Result<ops::HostBlock> {
+        let linear = |l: &Linear| ops::HostLinear::new(&l.weight, &l.bias);
+        let norm = |n: &LayerNorm| ops::HostNorm::new(&n.weight, &n.bias, LN_EPS);
+        let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?) };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(ops::HostLayer {
+                    attn_norm: norm(&l.attention.norm)?,
+                    qkv: linear(&l.attention.qkv)?,
+                    proj: linear(&l.attention.proj)?,
+                    mlp_norm: norm(&l.mlp.norm)?,
+                    fc1: linear(&l.mlp.fc1)?,
+                    fc2: linear(&l.mlp.fc2)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ops::HostBlock {
+            proj_in: linear(&self.proj_in)?,
+            pos: host(&self.pos_embed)?,
+            class: class.map(host).transpose()?,
+            heads: self.layers[0].attention.heads,
+            head_dim: HEAD_DIM,
+            tokens: self.pos_embed.dim(0)?,
+            layers,
+            proj_out: linear(&self.proj_out)?,
+            clip: self.clip_scale.map(|c| c as f32),
+        })
+    }
 }
 
 /// Map labels (N, i64; -1 = dropped) to rows of [class_embed; mean] (index K for -1).
@@ -482,6 +515,8 @@ impl TarFlow {
         if guided {
             scales.extend(std::iter::repeat((base_scale / opts.attn_temp) as f32).take(n));
         }
+        let host = self.device.is_cpu() && dtype == DType::F32;
+        let host_scales = scales.clone();
         let scale = Tensor::from_vec(scales, nb, &self.device)?.to_dtype(dtype)?;
         let total = self.blocks.len() * (t - 1);
         let mut done = 0;
@@ -496,38 +531,51 @@ impl TarFlow {
                     (c, _) => c,
                 }
             };
-            let mut caches = (0..block.layers.len())
-                .map(|_| -> Result<KvCache> {
-                    Ok(KvCache {
-                        k: Tensor::zeros((nb, heads, t, HEAD_DIM), dtype, &self.device)?,
-                        v: Tensor::zeros((nb, heads, t, HEAD_DIM), dtype, &self.device)?,
-                        len: 0,
+            // CPU f32: the host decoder; elsewhere the candle ops with KV-cache tensors.
+            let host_block = if host { Some(block.host_decoder(class.as_ref())?) } else { None };
+            let mut decoder = host_block.as_ref().map(|hb| ops::BlockDecoder::new(hb, host_scales.clone())).transpose()?;
+            let mut caches = if host {
+                Vec::new()
+            } else {
+                (0..block.layers.len())
+                    .map(|_| -> Result<KvCache> {
+                        Ok(KvCache {
+                            k: Tensor::zeros((nb, heads, t, HEAD_DIM), dtype, &self.device)?,
+                            v: Tensor::zeros((nb, heads, t, HEAD_DIM), dtype, &self.device)?,
+                            len: 0,
+                        })
                     })
-                })
-                .collect::<Result<Vec<_>>>()?;
+                    .collect::<Result<Vec<_>>>()?
+            };
             // Work in this block's token order.
             let perm = |i: usize| if block.flip { t - 1 - i } else { i };
+            let (mut a, mut b) = (vec![0f32; nb * d], vec![0f32; nb * d]);
+            let mut tok = vec![0f32; nb * d];
             for i in 0..t - 1 {
-                let mut tok = Vec::with_capacity(nb * d);
                 for s in 0..n {
                     let off = (s * t + perm(i)) * d;
-                    tok.extend_from_slice(&x[off..off + d]);
+                    tok[s * d..(s + 1) * d].copy_from_slice(&x[off..off + d]);
                 }
                 if guided {
-                    tok.extend_from_within(0..n * d);
+                    tok.copy_within(0..n * d, n * d);
                 }
-                let tok = Tensor::from_vec(tok, (nb, 1, d), &self.device)?.to_dtype(dtype)?;
-                let (a, b) = block.step(&tok, i, class.as_ref(), &mut caches, &scale)?;
-                let (a, b) = if guided {
-                    let g = if opts.annealed { opts.guidance * (i + 1) as f64 / (t - 1) as f64 } else { opts.guidance };
-                    let (ac, au) = (a.narrow(0, 0, n)?, a.narrow(0, n, n)?);
-                    let (bc, bu) = (b.narrow(0, 0, n)?, b.narrow(0, n, n)?);
-                    (((&ac - &au)? * g + &ac)?, ((&bc - &bu)? * g + &bc)?)
-                } else {
-                    (a, b)
-                };
-                let a: Vec<f32> = a.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-                let b: Vec<f32> = b.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                match decoder.as_mut() {
+                    Some(dec) => dec.step(&tok, perm(i), &mut a, &mut b),
+                    None => {
+                        let tok = Tensor::from_slice(&tok, (nb, 1, d), &self.device)?.to_dtype(dtype)?;
+                        let (at, bt) = block.step(&tok, i, class.as_ref(), &mut caches, &scale)?;
+                        a = at.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                        b = bt.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                    }
+                }
+                if guided {
+                    // a += g (a - a_u), b += g (b - b_u): conditional rows first, guiding rows after.
+                    let g = if opts.annealed { opts.guidance * (i + 1) as f64 / (t - 1) as f64 } else { opts.guidance } as f32;
+                    for v in [&mut a, &mut b] {
+                        let (cond, uncond) = v.split_at_mut(n * d);
+                        cond.iter_mut().zip(uncond.iter()).for_each(|(c, u)| *c += (*c - u) * g);
+                    }
+                }
                 for s in 0..n {
                     let off = (s * t + perm(i + 1)) * d;
                     for j in 0..d {

@@ -33,6 +33,7 @@ macro_rules! simd_kernels {
 }
 
 mod attention;
+mod decode;
 mod gelu;
 mod gemm;
 mod layer_norm;
@@ -44,6 +45,7 @@ pub use layer_norm::{layer_norm, layer_norm_reference};
 pub use linear::{linear, linear_reference};
 pub(crate) use {
     attention::{attention_bwd, attention_fwd, Dims as AttentionDims},
+    decode::{BlockDecoder, HostBlock, HostLayer, HostLinear, HostNorm},
     gelu::{gelu_bwd, gelu_fwd},
     layer_norm::{layer_norm_bwd, layer_norm_fwd},
     linear::{linear_bwd, linear_fwd},
@@ -140,12 +142,13 @@ mod tests {
 
     #[test]
     fn fused_attention_matches_reference() {
-        // 2 samples, 19 tokens, 3 heads of 8 channels; causal (F) and bidirectional (G).
-        for causal in [true, false] {
+        // 19 tokens, 3 heads of 8 channels; causal (F) and bidirectional (G); one sample (a task per
+        // head) and three (a task per sample).
+        for (causal, n) in [(true, 3), (false, 3), (true, 1), (false, 1)] {
             check(
                 |t| attention(&t[0], 3, 0.35, causal).unwrap(),
                 |t| attention_reference(&t[0], 3, 0.35, causal).unwrap(),
-                vec![randn(&[2, 19, 72], 4, 2.0)],
+                vec![randn(&[n, 19, 72], 4, 2.0)],
                 2e-5,
             );
         }

@@ -183,3 +183,32 @@ fn loss_falls_on_mnist() {
     assert_eq!(run.config.model.img_size, 32);
     assert_eq!(run.config.model.num_classes, 10);
 }
+
+/// A disk that fills up while checkpoint 20 is written: the run stops with the path and the cause,
+/// checkpoint 10 stays loadable, and no temp folder is left behind.
+#[test]
+fn a_failing_disk_keeps_the_last_checkpoint_and_leaves_no_temp_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let s = settings(20);
+    // From step 12 on, writes on this thread fail after 1000 more bytes (the trainer runs here).
+    let ctx = JobCtx::new(
+        |e| {
+            if let biflow_core::job::Event::Progress { metrics, .. } = e {
+                if metrics.get("step").and_then(|v| v.as_u64()) == Some(12) {
+                    biflow_core::io::atomic::fail_writes_after(Some(1000));
+                }
+            }
+        },
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
+    let e = format!("{:#}", train_with(&args(&out, false, &s), &s, "toy", &toy_data(64, 3), &ctx).unwrap_err());
+    biflow_core::io::atomic::fail_writes_after(None);
+    assert!(e.contains("checkpoint 20 was not written") && e.contains("no space left") && e.contains("step-00000020"), "{e}");
+    let run = Run::open(&out).unwrap();
+    let last = run.latest_checkpoint().unwrap().unwrap();
+    assert_eq!(last.step, 10);
+    load_checkpoint(&last).unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(run.checkpoints_dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers.len(), 1, "only step-00000010 remains: {leftovers:?}");
+}

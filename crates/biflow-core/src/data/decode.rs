@@ -21,6 +21,16 @@ use crate::io::npy::{DType, Npz};
 /// Image file extensions looked for (case-insensitive); other files are ignored.
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
 
+/// The largest image side read (pixels): bigger images are refused before any pixel is decoded.
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+/// The most memory one image's decoder may allocate.
+pub const MAX_IMAGE_BYTES: u64 = 512 << 20;
+/// The largest image file read from an archive (a tar member claiming more is refused, not buffered).
+pub const MAX_MEMBER_BYTES: u64 = 256 << 20;
+
+/// Labels may number classes up to this many (or 4 per image, if more): the manifest names every class.
+pub const MAX_CLASSES: i64 = 1 << 16;
+
 /// Items per batch sent by a reader thread (and decoded in parallel).
 pub const BATCH: usize = 256;
 /// Encoded bytes per batch at most (tar archives).
@@ -290,7 +300,14 @@ pub fn open_tar(path: &Path, limit: Option<usize>) -> Result<Source> {
             if limit.is_some_and(|n| taken >= n) {
                 break;
             }
-            let mut data = Vec::with_capacity(entry.size() as usize);
+            // The size in the header is a claim: refuse an absurd one, reserve no more than a batch.
+            ensure!(
+                entry.size() <= MAX_MEMBER_BYTES,
+                "{shown}: member {name} claims {} bytes; image files over {} MiB are refused",
+                entry.size(),
+                MAX_MEMBER_BYTES >> 20
+            );
+            let mut data = Vec::with_capacity((entry.size() as usize).min(BATCH_BYTES));
             entry.read_to_end(&mut data).map_err(bad)?;
             let name = name.trim_start_matches("./").to_string();
             let dir = name.rsplit_once('/').map(|(d, _)| d.to_string()).unwrap_or_default();
@@ -382,7 +399,12 @@ fn number_classes(what: &str, labels: &mut [i64], messages: &mut Vec<String>) ->
         return Ok(Vec::new());
     }
     ensure!(min >= 0, "{what} has a negative label ({min}); labels must be 0, 1, 2, ...");
-    ensure!(max < 1 << 24, "{what} has a label too large to be a class number ({max})");
+    // Each class up to the largest label gets a name in the manifest: a few images must not name millions.
+    let most = MAX_CLASSES.max(4 * labels.len() as i64).min(1 << 24);
+    ensure!(
+        max < most,
+        "{what} has a label too large to be a class number ({max}; labels must be below {most}: {MAX_CLASSES} or 4 per image)"
+    );
     let mut max = max;
     if min == 1 {
         for l in labels.iter_mut() {
@@ -400,6 +422,19 @@ const NPZ_LABEL_KEYS: &[&str] = &["labels", "y"];
 /// The shape (n, h, w, c, layout) of an image array: N,H,W,C or N,C,H,W (channels 1 or 3), N,H,W
 /// (grey), or N,3*S*S (flattened C,H,W rows as in the downsampled-ImageNet files).
 fn image_shape(what: &str, shape: &[usize]) -> Result<(usize, usize, usize, usize, Layout)> {
+    let dims = image_shape_unchecked(what, shape)?;
+    check_side(what, dims.1, dims.2)?;
+    Ok(dims)
+}
+
+/// Raw arrays claim their image size in a header: refuse sides past [`MAX_IMAGE_SIDE`] before allocating.
+fn check_side(what: &str, h: usize, w: usize) -> Result<()> {
+    let max = MAX_IMAGE_SIDE as usize;
+    ensure!(h <= max && w <= max, "{what} holds {h}x{w} images; sides over {max} pixels are refused");
+    Ok(())
+}
+
+fn image_shape_unchecked(what: &str, shape: &[usize]) -> Result<(usize, usize, usize, usize, Layout)> {
     let is_c = |c: usize| c == 1 || c == 3;
     Ok(match *shape {
         [n, h, w] => (n, h, w, 1, Layout::Hwc),
@@ -407,7 +442,7 @@ fn image_shape(what: &str, shape: &[usize]) -> Result<(usize, usize, usize, usiz
         [n, c, h, w] if is_c(c) => (n, h, w, c, Layout::Chw),
         [n, d] => {
             let s = ((d / 3) as f64).sqrt().round() as usize;
-            ensure!(s > 0 && 3 * s * s == d, "{what} has rows of {d} values, which is not 3*S*S (a flattened square RGB image)");
+            ensure!(s > 0 && s.checked_mul(s).and_then(|x| x.checked_mul(3)) == Some(d), "{what} has rows of {d} values, which is not 3*S*S (a flattened square RGB image)");
             (n, s, s, 3, Layout::Chw)
         }
         _ => bail!(
@@ -520,6 +555,7 @@ pub fn open_idx(dir: &Path, limit: Option<usize>) -> Result<Source> {
         _ => bail!("{what} has {} dimensions; MNIST images are N,H,W", dims.len()),
     };
     ensure!(n > 0 && h > 0 && w > 0, "{what} holds no images");
+    check_side(&what, h, w)?;
     let mut messages = Vec::new();
     let (labels, names) = match &labels_path {
         Some(lp) => {
@@ -527,8 +563,10 @@ pub fn open_idx(dir: &Path, limit: Option<usize>) -> Result<Source> {
             let mut lr = open_maybe_gz(lp)?;
             let ldims = idx_header(&mut lr, &lwhat)?;
             ensure!(ldims == [n], "{lwhat} has shape {ldims:?}, expected {n} labels for {what}");
-            let mut raw = vec![0u8; n];
-            lr.read_exact(&mut raw).with_context(|| format!("{lwhat} is truncated"))?;
+            // n is the header's claim: read what is there rather than allocating n first.
+            let mut raw = Vec::new();
+            lr.by_ref().take(n as u64).read_to_end(&mut raw).with_context(|| format!("{lwhat} is unreadable"))?;
+            ensure!(raw.len() == n, "{lwhat} is truncated: {} of {n} labels present", raw.len());
             let mut l: Vec<i64> = raw.into_iter().map(|v| v as i64).collect();
             let names = number_classes(&lwhat, &mut l, &mut messages)?;
             (Some(l), Some(names))
@@ -597,9 +635,23 @@ fn check_jpeg_complete(bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn decode_bytes(bytes: &[u8]) -> Result<DynamicImage> {
+/// Decode an encoded image (PNG, JPEG, WebP) to 8-bit grey or RGB, within [`MAX_IMAGE_SIDE`] and
+/// [`MAX_IMAGE_BYTES`].
+pub fn decode_bytes(bytes: &[u8]) -> Result<DynamicImage> {
     check_jpeg_complete(bytes)?;
-    let img = image::load_from_memory(bytes)?;
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_BYTES);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => anyhow::anyhow!(
+            "{e}: images larger than {MAX_IMAGE_SIDE} pixels a side or {} MiB decoded are refused",
+            MAX_IMAGE_BYTES >> 20
+        ),
+        e => e.into(),
+    })?;
     ensure!(img.width() > 0 && img.height() > 0, "the image is empty");
     Ok(match img {
         DynamicImage::ImageLuma8(_) | DynamicImage::ImageRgb8(_) => img,

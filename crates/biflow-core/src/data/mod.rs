@@ -27,6 +27,9 @@ pub use prepare::{prepare, PrepareOptions};
 pub use shard::{ShardWriter, WriterSummary};
 #[doc(hidden)]
 pub use decode::synth_pngs;
+#[doc(hidden)]
+pub use decode::decode_bytes as decode_image_bytes;
+pub use decode::{MAX_IMAGE_BYTES, MAX_IMAGE_SIDE, MAX_MEMBER_BYTES};
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -223,38 +226,44 @@ impl Dataset {
         let manifest: Manifest =
             serde_json::from_value(value).with_context(|| format!("{} is a malformed dataset manifest", mpath.display()))?;
         let m = &manifest;
-        ensure!(m.record_bytes == m.channels * m.height * m.width, "{}: recordBytes does not match the image shape", mpath.display());
+        ensure!(
+            m.channels.checked_mul(m.height).and_then(|x| x.checked_mul(m.width)) == Some(m.record_bytes),
+            "{}: recordBytes does not match the image shape",
+            mpath.display()
+        );
         ensure!(m.record_bytes > 0 && m.records_per_shard > 0, "{}: empty record layout", mpath.display());
+        ensure!(m.count <= u32::MAX as usize, "dataset {} is too large", dir.display());
 
         let mut shards = Vec::with_capacity(m.shards.len());
         let mut total = 0usize;
+        // Every file a manifest names sits in the dataset folder: no paths (e.g. /dev/zero), no hidden names.
+        let plain = |f: &str| !f.is_empty() && !f.contains('/') && !f.contains('\\') && !f.starts_with('.');
+        for f in std::iter::once(&m.labels_file).chain(&m.val_file) {
+            ensure!(plain(f), "{}: bad file name '{f}'", mpath.display());
+        }
         for (i, s) in m.shards.iter().enumerate() {
-            ensure!(
-                !s.file.contains('/') && !s.file.contains('\\') && !s.file.starts_with('.'),
-                "{}: bad shard file name '{}'",
-                mpath.display(),
-                s.file
-            );
+            ensure!(plain(&s.file), "{}: bad shard file name '{}'", mpath.display(), s.file);
             if i + 1 < m.shards.len() {
                 ensure!(s.count == m.records_per_shard, "{}: shard {} is not full", mpath.display(), s.file);
+            } else {
+                ensure!(s.count <= m.records_per_shard, "{}: shard {} holds more than recordsPerShard", mpath.display(), s.file);
             }
             let map = map_file(&dir.join(&s.file))?;
             ensure!(
-                map.len() == s.count * m.record_bytes,
+                s.count.checked_mul(m.record_bytes) == Some(map.len()),
                 "dataset {} is damaged: {} has {} bytes, expected {}",
                 dir.display(),
                 s.file,
                 map.len(),
                 s.count * m.record_bytes
             );
-            total += s.count;
+            total = total.saturating_add(s.count);
             shards.push(map);
         }
         ensure!(total == m.count, "dataset {} is damaged: the shards hold {total} records, the manifest says {}", dir.display(), m.count);
-        ensure!(m.count <= u32::MAX as usize, "dataset {} is too large", dir.display());
         let labels = map_file(&dir.join(&m.labels_file))?;
         ensure!(
-            labels.len() == 4 * m.count,
+            labels.len() as u64 == 4 * m.count as u64,
             "dataset {} is damaged: {} has {} bytes, expected {}",
             dir.display(),
             m.labels_file,

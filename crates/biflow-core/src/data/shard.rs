@@ -3,6 +3,8 @@
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
+
+use crate::io::atomic::Output;
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
@@ -22,10 +24,10 @@ pub struct ShardWriter {
     dir: PathBuf,
     record_bytes: usize,
     records_per_shard: usize,
-    current: Option<BufWriter<File>>,
+    current: Option<BufWriter<Output>>,
     in_current: usize,
     shards: Vec<ShardInfo>,
-    labels: BufWriter<File>,
+    labels: BufWriter<Output>,
     hasher: Sha256,
     count: usize,
 }
@@ -47,7 +49,7 @@ impl ShardWriter {
     pub fn create(dir: &Path, record_bytes: usize, records_per_shard: usize) -> Result<ShardWriter> {
         ensure!(record_bytes > 0 && records_per_shard > 0, "empty record layout");
         let lp = dir.join(LABELS_FILE);
-        let labels = File::create(&lp).with_context(|| format!("cannot create {}", lp.display()))?;
+        let labels = Output::create(&lp)?;
         Ok(ShardWriter {
             dir: dir.to_path_buf(),
             record_bytes,
@@ -77,8 +79,9 @@ impl ShardWriter {
 
     fn close_current(&mut self) -> Result<()> {
         if let Some(w) = self.current.take() {
-            let f = w.into_inner().map_err(|e| e.into_error()).context("cannot write a shard")?;
-            f.sync_all().context("cannot flush a shard to disk")?;
+            let p = w.get_ref().path().to_path_buf();
+            let f = w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("cannot write {}", p.display()))?;
+            f.sync_all()?;
             self.shards.last_mut().expect("a shard is open").count = self.in_current;
         }
         Ok(())
@@ -93,14 +96,14 @@ impl ShardWriter {
             self.close_current()?;
             let name = format!("shard-{:05}.bin", self.shards.len());
             let p = self.dir.join(&name);
-            let f = File::create(&p).with_context(|| format!("cannot create {}", p.display()))?;
-            self.current = Some(BufWriter::with_capacity(BUF_BYTES, f));
+            self.current = Some(BufWriter::with_capacity(BUF_BYTES, Output::create(&p)?));
             self.shards.push(ShardInfo { file: name, count: 0 });
             self.in_current = 0;
         }
         let w = self.current.as_mut().expect("a shard is open");
-        w.write_all(pixels).context("cannot write a shard (disk full?)")?;
-        self.labels.write_all(&(label as i32).to_le_bytes()).context("cannot write labels")?;
+        w.write_all(pixels).with_context(|| format!("cannot write {}", w.get_ref().path().display()))?;
+        let lw = &mut self.labels;
+        lw.write_all(&(label as i32).to_le_bytes()).with_context(|| format!("cannot write {}", lw.get_ref().path().display()))?;
         self.hasher.update(pixels);
         self.in_current += 1;
         self.count += 1;
@@ -112,24 +115,24 @@ impl ShardWriter {
     /// validation record indices (written to val.idx when not empty).
     pub fn finish(mut self, remap: Option<&dyn Fn(i32) -> i32>, val: &[u32]) -> Result<WriterSummary> {
         self.close_current()?;
-        let labels = self.labels.into_inner().map_err(|e| e.into_error()).context("cannot write labels")?;
+        let lp = self.dir.join(LABELS_FILE);
+        let labels = self.labels.into_inner().map_err(|e| e.into_error()).with_context(|| format!("cannot write {}", lp.display()))?;
         labels.sync_all()?;
         drop(labels);
-        let lp = self.dir.join(LABELS_FILE);
         if let Some(remap) = remap {
-            let tmp = self.dir.join(".labels.remap");
-            {
-                let mut r = BufReader::new(File::open(&lp)?);
-                let mut w = BufWriter::new(File::create(&tmp)?);
+            let count = self.count;
+            crate::io::atomic::write_with(&lp, |out| {
+                let mut r = BufReader::new(File::open(&lp).with_context(|| format!("cannot read {}", lp.display()))?);
+                let mut w = BufWriter::new(out);
                 let mut b = [0u8; 4];
-                for _ in 0..self.count {
+                for _ in 0..count {
                     r.read_exact(&mut b)?;
                     w.write_all(&remap(i32::from_le_bytes(b)).to_le_bytes())?;
                 }
-                let f = w.into_inner().map_err(|e| e.into_error())?;
-                f.sync_all()?;
-            }
-            std::fs::rename(&tmp, &lp).context("cannot rewrite labels")?;
+                w.flush()?;
+                Ok(())
+            })
+            .context("cannot rewrite labels")?;
         }
         let mut r = BufReader::new(File::open(&lp)?);
         std::io::copy(&mut r, &mut HashWriter(&mut self.hasher))?;

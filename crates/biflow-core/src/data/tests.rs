@@ -394,3 +394,69 @@ fn dataset_is_shareable_between_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Dataset>();
 }
+
+/// A disk that fills part way through `data prepare` (shards, labels, manifest): the dataset already at
+/// --out stays whole and loadable, the error names the file and the cause, no staging folder is left.
+#[test]
+fn a_full_disk_during_prepare_keeps_the_previous_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ds");
+    let opts = serde_json::json!({"recordsPerShard": 2, "valFraction": 0.25, "force": true});
+    prep(&fixture("folder-labelled"), &out, opts.clone()).unwrap();
+    let manifest = std::fs::read(out.join(MANIFEST)).unwrap();
+    for cut in [0u64, 1, 50, 200, 400] {
+        crate::io::atomic::fail_writes_after(Some(cut));
+        let r = prep(&fixture("folder-flat"), &out, opts.clone());
+        crate::io::atomic::fail_writes_after(None);
+        let err = format!("{:#}", r.unwrap_err());
+        assert!(err.contains("no space left") && err.contains(".ds.partial-"), "cut {cut}: {err}");
+        assert_eq!(std::fs::read(out.join(MANIFEST)).unwrap(), manifest, "cut {cut}");
+        Dataset::open(&out).unwrap().verify().unwrap();
+        no_leftovers(dir.path());
+    }
+}
+
+/// The same on a real full disk: BIFLOW_SMALL_FS names a folder on a small filesystem (64 KiB is enough);
+/// skipped when unset.
+#[test]
+fn a_real_full_disk_during_prepare_keeps_the_previous_dataset() {
+    let Some(root) = std::env::var_os("BIFLOW_SMALL_FS") else {
+        eprintln!("skipped: set BIFLOW_SMALL_FS to a folder on a small filesystem");
+        return;
+    };
+    let images = tempfile::tempdir().unwrap();
+    synth_pngs(images.path(), 300, 16, 0, 1).unwrap();
+    let dir = tempfile::tempdir_in(root).unwrap();
+    let out = dir.path().join("ds");
+    prep(&fixture("folder-flat"), &out, serde_json::json!({})).unwrap();
+    let manifest = std::fs::read(out.join(MANIFEST)).unwrap();
+    let err = format!("{:#}", prep(images.path(), &out, serde_json::json!({"force": true})).unwrap_err());
+    assert!(err.contains("No space left") && err.contains(".ds.partial-"), "{err}");
+    assert_eq!(std::fs::read(out.join(MANIFEST)).unwrap(), manifest);
+    Dataset::open(&out).unwrap().verify().unwrap();
+    no_leftovers(dir.path());
+}
+
+/// A PNG header claiming a huge image (a decompression bomb of a few bytes) is refused from its header,
+/// naming the limit, before any pixel is allocated.
+#[test]
+fn image_bombs_are_refused_from_the_header() {
+    let png = |w: u32, h: u32| {
+        let mut ihdr = b"IHDR".to_vec();
+        ihdr.extend(w.to_be_bytes());
+        ihdr.extend(h.to_be_bytes());
+        ihdr.extend([8, 2, 0, 0, 0]);
+        let mut crc = flate2::Crc::new();
+        crc.update(&ihdr);
+        let mut f = b"\x89PNG\r\n\x1a\n".to_vec();
+        f.extend(13u32.to_be_bytes());
+        f.extend(&ihdr);
+        f.extend(crc.sum().to_be_bytes());
+        f.extend(b"\x00\x00\x00\x00IEND\xaeB`\x82");
+        f
+    };
+    for (w, h) in [(60000, 60000), (16385, 1), (1, 16385)] {
+        let err = format!("{:#}", super::decode::decode_bytes(&png(w, h)).unwrap_err());
+        assert!(err.contains("16384"), "{w}x{h}: {err}");
+    }
+}

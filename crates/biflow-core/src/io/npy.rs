@@ -27,8 +27,12 @@ pub enum DType {
 
 impl DType {
     fn from_descr(d: &str) -> Result<DType> {
-        let (endian, code) = d.split_at(1);
-        ensure!(matches!(endian, "<" | "|" | "="), "big-endian numpy dtype '{d}' is not supported");
+        // The first character is the byte order (a hostile header may hold none, or a multi-byte one).
+        let mut chars = d.chars();
+        let endian = chars.next();
+        let code = chars.as_str();
+        ensure!(endian.is_some(), "malformed numpy dtype (empty descr)");
+        ensure!(matches!(endian, Some('<' | '|' | '=')), "big-endian numpy dtype '{d}' is not supported");
         Ok(match code {
             "u1" => DType::U8,
             "i1" => DType::I8,

@@ -12,7 +12,7 @@
 //! `os.system`, `builtins.eval`, `numpy...`) is refused with an error naming it, before anything is called.
 //! Nothing is ever executed: the "calls" of allowed globals are interpreted by this module.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::{Read, Seek};
 use std::path::Path;
@@ -32,6 +32,9 @@ impl PthTensor {
         self.shape.iter().product()
     }
 }
+
+/// A tensor may have more elements than its storage (zero strides: an expanded tensor) up to this many.
+pub const MAX_EXPANDED_ELEMENTS: usize = 1 << 24;
 
 /// The globals a state_dict pickle may name. Everything else is refused.
 pub const ALLOWED_GLOBALS: &[&str] = &[
@@ -136,7 +139,7 @@ impl Dtype {
 /// A reference to a storage (by key), possibly a legacy view starting `offset` elements into it.
 #[derive(Debug, Clone)]
 struct StorageRef {
-    key: String,
+    key: Rc<str>,
     dtype: Dtype,
     /// Elements in the (root) storage, as the pickle declares.
     numel: usize,
@@ -158,7 +161,7 @@ impl TensorRef {
         let st = &self.storage;
         let es = st.dtype.size();
         ensure!(
-            raw.len() >= st.numel * es,
+            st.numel.checked_mul(es).is_some_and(|n| raw.len() >= n),
             "storage '{}' holds {} bytes, fewer than the {} elements of {} bytes it declares (truncated file?)",
             st.key,
             raw.len(),
@@ -167,14 +170,28 @@ impl TensorRef {
         );
         let (base, avail) = match st.view {
             Some((off, len)) => {
-                ensure!(off + len <= st.numel, "storage view of '{}' runs past its end", st.key);
+                ensure!(off.checked_add(len).is_some_and(|e| e <= st.numel), "storage view of '{}' runs past its end", st.key);
                 (off, len)
             }
             None => (0, st.numel),
         };
-        let numel: usize = self.shape.iter().product();
+        let too_big = || anyhow!("a tensor of shape {:?} and stride {:?} is too large", self.shape, self.stride);
+        let numel = self.shape.iter().try_fold(1usize, |a, &n| a.checked_mul(n)).ok_or_else(too_big)?;
         if numel > 0 {
-            let last: usize = self.offset + self.shape.iter().zip(&self.stride).map(|(&n, &s)| (n - 1) * s).sum::<usize>();
+            // Zero strides (expanded tensors) may repeat elements, but not without bound.
+            ensure!(
+                numel <= avail.max(MAX_EXPANDED_ELEMENTS),
+                "a tensor of shape {:?} has {numel} elements but its storage '{}' only {avail}, and expanding past \
+                 {MAX_EXPANDED_ELEMENTS} elements is refused",
+                self.shape,
+                st.key
+            );
+            let last = self
+                .shape
+                .iter()
+                .zip(&self.stride)
+                .try_fold(self.offset, |a, (&n, &s)| (n - 1).checked_mul(s).and_then(|x| x.checked_add(a)))
+                .ok_or_else(too_big)?;
             ensure!(
                 last < avail,
                 "a tensor of shape {:?}, stride {:?}, offset {} reads past the end of its storage '{}' ({} elements)",
@@ -224,26 +241,196 @@ impl TensorRef {
 // ---------------------------------------------------------------------------------------------------------
 // The pickle machine
 
-#[derive(Debug, Clone)]
+/// How deep containers may nest. A real state_dict nests a handful of levels (dicts of dicts, tuples of
+/// sizes); a pickle nesting deeper is refused rather than risking the stack of whatever walks it.
+pub const MAX_NESTING: usize = 1000;
+
+/// The interpreter's work budget: operations plus elements copied, per byte of the file, plus a fixed
+/// allowance. A real pickle spends about one unit per byte; a pickle bomb (e.g. one big tuple handed to a
+/// call a million times over) runs out of budget instead of out of time or memory.
+pub const WORK_PER_BYTE: u64 = 16;
+const WORK_BASE: u64 = 1 << 20;
+
+#[derive(Clone)]
 enum Value {
     None,
     Bool(bool),
     Int(i64),
     /// An integer too large for i64, as little-endian two's complement bytes.
-    BigInt(Vec<u8>),
+    BigInt(Rc<[u8]>),
     #[allow(dead_code)]
     Float(f64),
-    Str(String),
-    Bytes(Vec<u8>),
-    Tuple(Rc<Vec<Value>>),
-    List(Rc<RefCell<Vec<Value>>>),
-    Dict(Rc<RefCell<Vec<(Value, Value)>>>),
-    Global(String),
+    Str(Rc<str>),
+    Bytes(Rc<[u8]>),
+    Tuple(Rc<Tuple>),
+    List(Rc<List>),
+    Dict(Rc<Dict>),
+    Global(Rc<str>),
     Storage(StorageRef),
     Tensor(Rc<TensorRef>),
 }
 
+/// Containers record how deeply they nest (1 + the deepest child), so that a too deep pickle is refused
+/// when it is built. Values shared through the memo and mutated later can escape this count, so everything
+/// that walks values (dropping them, collecting tensors) is iterative as well.
+struct Tuple {
+    depth: usize,
+    items: Vec<Value>,
+}
+
+struct List {
+    depth: Cell<usize>,
+    items: RefCell<Vec<Value>>,
+}
+
+struct Dict {
+    depth: Cell<usize>,
+    items: RefCell<Vec<(Value, Value)>>,
+    /// Position of each string key in `items` (SETITEMS stays linear however many keys).
+    index: RefCell<HashMap<Rc<str>, usize>>,
+}
+
+// Dropping a deeply nested value must not recurse: each container hands its children to one explicit stack,
+// and a child container whose last reference this is gives up its own children the same way.
+fn drop_iteratively(mut stack: Vec<Value>) {
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Tuple(t) => {
+                if let Some(mut t) = Rc::into_inner(t) {
+                    stack.append(&mut t.items);
+                }
+            }
+            Value::List(l) => {
+                if let Some(l) = Rc::into_inner(l) {
+                    stack.append(&mut l.items.borrow_mut());
+                }
+            }
+            Value::Dict(d) => {
+                if let Some(d) = Rc::into_inner(d) {
+                    for (k, v) in d.items.borrow_mut().drain(..) {
+                        stack.push(k);
+                        stack.push(v);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for Tuple {
+    fn drop(&mut self) {
+        if !self.items.is_empty() {
+            drop_iteratively(std::mem::take(&mut self.items));
+        }
+    }
+}
+
+impl Drop for List {
+    fn drop(&mut self) {
+        let items = std::mem::take(self.items.get_mut());
+        if !items.is_empty() {
+            drop_iteratively(items);
+        }
+    }
+}
+
+impl Drop for Dict {
+    fn drop(&mut self) {
+        let items = std::mem::take(self.items.get_mut());
+        if !items.is_empty() {
+            drop_iteratively(items.into_iter().flat_map(|(k, v)| [k, v]).collect());
+        }
+    }
+}
+
+/// Every list and dict a machine made. Lists and dicts can be made to contain themselves (through the memo),
+/// which reference counting alone would never free: dropping the arena empties each one still alive, which
+/// breaks every cycle (a tuple cannot close one: it is built from values that already exist).
+#[derive(Default)]
+struct Arena {
+    lists: Vec<std::rc::Weak<List>>,
+    dicts: Vec<std::rc::Weak<Dict>>,
+}
+
+impl Arena {
+    fn list(&mut self, items: Vec<Value>) -> Result<Value> {
+        let l = Rc::new(List { depth: Cell::new(depth_over(&items)?), items: RefCell::new(items) });
+        self.lists.push(Rc::downgrade(&l));
+        Ok(Value::List(l))
+    }
+    fn dict(&mut self) -> Value {
+        let d = Rc::new(Dict { depth: Cell::new(1), items: RefCell::new(Vec::new()), index: RefCell::new(HashMap::new()) });
+        self.dicts.push(Rc::downgrade(&d));
+        Value::Dict(d)
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        let mut orphans = Vec::new();
+        for l in self.lists.drain(..).filter_map(|w| w.upgrade()) {
+            orphans.append(&mut l.items.borrow_mut());
+        }
+        for d in self.dicts.drain(..).filter_map(|w| w.upgrade()) {
+            d.index.borrow_mut().clear();
+            orphans.extend(d.items.borrow_mut().drain(..).flat_map(|(k, v)| [k, v]));
+        }
+        drop_iteratively(orphans);
+    }
+}
+
+/// Values print as their kind only: printing contents could recurse without bound (or forever, for a list
+/// that contains itself).
+impl std::fmt::Debug for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{}>", self.kind())
+    }
+}
+
+/// At most 200 characters of `s`, for messages.
+fn short(s: &str) -> String {
+    if s.chars().count() > 200 {
+        s.chars().take(200).chain("...".chars()).collect()
+    } else {
+        s.to_string()
+    }
+}
+
+fn nesting_error() -> anyhow::Error {
+    anyhow!("the pickle nests containers more than {MAX_NESTING} levels deep (the limit; a state_dict needs a few)")
+}
+
+/// The depth of a new container holding `items`, or an error past [`MAX_NESTING`].
+fn depth_over<'v>(items: impl IntoIterator<Item = &'v Value>) -> Result<usize> {
+    let d = 1 + items.into_iter().map(Value::depth).max().unwrap_or(0);
+    if d > MAX_NESTING {
+        return Err(nesting_error());
+    }
+    Ok(d)
+}
+
+/// Raise `depth` to hold a child of depth `child`, or an error past [`MAX_NESTING`].
+fn deepen(depth: &Cell<usize>, child: usize) -> Result<()> {
+    if child + 1 > MAX_NESTING {
+        return Err(nesting_error());
+    }
+    depth.set(depth.get().max(child + 1));
+    Ok(())
+}
+
 impl Value {
+    fn tuple(items: Vec<Value>) -> Result<Value> {
+        Ok(Value::Tuple(Rc::new(Tuple { depth: depth_over(&items)?, items })))
+    }
+    fn depth(&self) -> usize {
+        match self {
+            Value::Tuple(t) => t.depth,
+            Value::List(l) => l.depth.get(),
+            Value::Dict(d) => d.depth.get(),
+            _ => 0,
+        }
+    }
     fn kind(&self) -> &'static str {
         match self {
             Value::None => "None",
@@ -267,18 +454,27 @@ impl Value {
             v => bail!("{what}: expected a non-negative int, found {}", v.kind()),
         }
     }
-    fn as_str(&self, what: &str) -> Result<String> {
+    fn as_str(&self, what: &str) -> Result<Rc<str>> {
         match self {
             Value::Str(s) => Ok(s.clone()),
-            Value::Bytes(b) => Ok(String::from_utf8_lossy(b).into_owned()),
+            Value::Bytes(b) => Ok(String::from_utf8_lossy(b).into()),
             v => bail!("{what}: expected a string, found {}", v.kind()),
         }
     }
+    /// The items of a tuple or list (a shallow copy: containers inside are shared).
     fn as_seq(&self, what: &str) -> Result<Vec<Value>> {
         match self {
-            Value::Tuple(t) => Ok(t.as_ref().clone()),
-            Value::List(l) => Ok(l.borrow().clone()),
+            Value::Tuple(t) => Ok(t.items.clone()),
+            Value::List(l) => Ok(l.items.borrow().clone()),
             v => bail!("{what}: expected a tuple, found {}", v.kind()),
+        }
+    }
+    /// The number of items of a tuple or list (what [`Value::as_seq`] would copy).
+    fn seq_len(&self) -> usize {
+        match self {
+            Value::Tuple(t) => t.items.len(),
+            Value::List(l) => l.items.borrow().len(),
+            _ => 0,
         }
     }
     fn as_usizes(&self, what: &str) -> Result<Vec<usize>> {
@@ -300,11 +496,38 @@ struct Machine<'a> {
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
     flavor: Flavor,
+    /// Work left (see [`WORK_PER_BYTE`]).
+    budget: u64,
+    arena: Arena,
+}
+
+impl Drop for Machine<'_> {
+    fn drop(&mut self) {
+        // The stack and memo may hold the only references to deeply nested values.
+        let mut all = std::mem::take(&mut self.stack);
+        all.extend(std::mem::take(&mut self.memo).into_values());
+        drop_iteratively(all);
+    }
 }
 
 impl<'a> Machine<'a> {
     fn new(b: &'a [u8], pos: usize, flavor: Flavor) -> Self {
-        Machine { b, pos, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new(), flavor }
+        let budget = WORK_BASE.saturating_add(WORK_PER_BYTE.saturating_mul(b.len() as u64));
+        Machine { b, pos, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new(), flavor, budget, arena: Arena::default() }
+    }
+
+    /// Spend `units` of the work budget.
+    fn spend(&mut self, units: usize) -> Result<()> {
+        match self.budget.checked_sub(units as u64 + 1) {
+            Some(left) => {
+                self.budget = left;
+                Ok(())
+            }
+            None => bail!(
+                "the pickle needs more work than {WORK_PER_BYTE} operations per byte of the file allows (the limit; a \
+                 pickle bomb?)"
+            ),
+        }
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
@@ -348,17 +571,24 @@ impl<'a> Machine<'a> {
     fn pop_mark(&mut self) -> Result<Vec<Value>> {
         let m = self.marks.pop().ok_or_else(|| anyhow!("malformed pickle: no mark at byte {}", self.pos))?;
         ensure!(m <= self.stack.len(), "malformed pickle: mark beyond the stack");
+        self.spend(self.stack.len() - m)?;
         Ok(self.stack.split_off(m))
+    }
+    /// `what`'s items, paid for from the budget.
+    fn seq(&mut self, v: &Value, what: &str) -> Result<Vec<Value>> {
+        self.spend(v.seq_len())?;
+        v.as_seq(what)
     }
     fn global(&mut self, module: &str, name: &str) -> Result<Value> {
         let full = format!("{module}.{name}");
         if !ALLOWED_GLOBALS.contains(&full.as_str()) {
+            let full = short(&full);
             bail!(
                 "refusing the pickle global '{full}': a state_dict needs only tensor-rebuild globals, and loading \
                  this one could run arbitrary code"
             );
         }
-        Ok(Value::Global(full))
+        Ok(Value::Global(full.into()))
     }
     fn long(bytes: &[u8]) -> Value {
         if bytes.is_empty() {
@@ -370,15 +600,15 @@ impl<'a> Machine<'a> {
             a[..bytes.len()].copy_from_slice(bytes);
             Value::Int(i64::from_le_bytes(a))
         } else {
-            Value::BigInt(bytes.to_vec())
+            Value::BigInt(bytes.into())
         }
     }
 
-    fn persistent_load(&self, pid: Value) -> Result<Value> {
-        let t = pid.as_seq("persistent id")?;
+    fn persistent_load(&mut self, pid: Value) -> Result<Value> {
+        let t = self.seq(&pid, "persistent id")?;
         ensure!(!t.is_empty(), "malformed persistent id");
         let tag = t[0].as_str("persistent id tag")?;
-        ensure!(tag == "storage", "refusing a persistent id of type '{tag}' (only storages are allowed)");
+        ensure!(&*tag == "storage", "refusing a persistent id of type '{}' (only storages are allowed)", short(&tag));
         let (ty, key, numel, view) = match self.flavor {
             // ('storage', storage_type, key, location, numel)
             Flavor::Zip => {
@@ -391,7 +621,7 @@ impl<'a> Machine<'a> {
                 let view = match t.get(5) {
                     None | Some(Value::None) => None,
                     Some(v) => {
-                        let vm = v.as_seq("storage view")?;
+                        let vm = self.seq(v, "storage view")?;
                         ensure!(vm.len() == 3, "malformed storage view metadata");
                         Some((vm[1].as_usize("view offset")?, vm[2].as_usize("view size")?))
                     }
@@ -411,11 +641,11 @@ impl<'a> Machine<'a> {
             Value::Global(g) => g,
             v => bail!("malformed pickle: calling a {}", v.kind()),
         };
-        let a = args.as_seq("call arguments")?;
-        match name.as_str() {
+        let a = self.seq(&args, "call arguments")?;
+        match &*name {
             "collections.OrderedDict" => {
                 ensure!(a.is_empty(), "OrderedDict with arguments is not supported");
-                Ok(Value::Dict(Rc::new(RefCell::new(Vec::new()))))
+                Ok(self.arena.dict())
             }
             "torch._utils._rebuild_tensor" | "torch._utils._rebuild_tensor_v2" => {
                 ensure!(a.len() >= 4, "{name} takes at least 4 arguments, got {}", a.len());
@@ -424,6 +654,7 @@ impl<'a> Machine<'a> {
                     v => bail!("{name}: expected a storage, found {}", v.kind()),
                 };
                 let offset = a[1].as_usize("storage offset")?;
+                self.spend(a[2].seq_len() + a[3].seq_len())?;
                 let shape = a[2].as_usizes("tensor size")?;
                 let stride = a[3].as_usizes("tensor stride")?;
                 ensure!(shape.len() == stride.len(), "tensor size and stride differ in length");
@@ -437,11 +668,13 @@ impl<'a> Machine<'a> {
         }
     }
 
-    /// Run until STOP; return the unpickled object and the position after STOP.
-    fn run(mut self) -> Result<(Value, usize)> {
+    /// Run until STOP; return the unpickled object, the position after STOP, and the arena that must outlive
+    /// every use of the object (dropping it empties the object's lists and dicts).
+    fn run(mut self) -> Result<(Value, usize, Arena)> {
         loop {
             let at = self.pos;
             let op = self.u8()?;
+            self.spend(0)?;
             match op {
                 0x80 => {
                     let p = self.u8()?;
@@ -452,7 +685,7 @@ impl<'a> Machine<'a> {
                 }
                 b'.' => {
                     let v = self.pop()?;
-                    return Ok((v, self.pos));
+                    return Ok((v, self.pos, std::mem::take(&mut self.arena)));
                 }
                 b'(' => self.marks.push(self.stack.len()),
                 b'0' => {
@@ -509,84 +742,99 @@ impl<'a> Machine<'a> {
                 }
                 b'X' => {
                     let n = self.u32()? as usize;
-                    let s = String::from_utf8_lossy(self.take(n)?).into_owned();
+                    let s = String::from_utf8_lossy(self.take(n)?).into();
                     self.stack.push(Value::Str(s))
                 }
                 0x8c => {
                     let n = self.u8()? as usize;
-                    let s = String::from_utf8_lossy(self.take(n)?).into_owned();
+                    let s = String::from_utf8_lossy(self.take(n)?).into();
                     self.stack.push(Value::Str(s))
                 }
                 0x8d => {
                     let n = self.u64()? as usize;
-                    let s = String::from_utf8_lossy(self.take(n)?).into_owned();
+                    let s = String::from_utf8_lossy(self.take(n)?).into();
                     self.stack.push(Value::Str(s))
                 }
                 b'V' => {
-                    let s = String::from_utf8_lossy(self.line()?).into_owned();
+                    let s = String::from_utf8_lossy(self.line()?).into();
                     self.stack.push(Value::Str(s))
                 }
                 b'T' | b'B' => {
                     let n = self.u32()? as usize;
-                    let v = self.take(n)?.to_vec();
+                    let v = self.take(n)?.into();
                     self.stack.push(Value::Bytes(v))
                 }
                 b'U' | b'C' => {
                     let n = self.u8()? as usize;
-                    let v = self.take(n)?.to_vec();
+                    let v = self.take(n)?.into();
                     self.stack.push(Value::Bytes(v))
                 }
                 0x8e => {
                     let n = self.u64()? as usize;
-                    let v = self.take(n)?.to_vec();
+                    let v = self.take(n)?.into();
                     self.stack.push(Value::Bytes(v))
                 }
-                b')' => self.stack.push(Value::Tuple(Rc::new(Vec::new()))),
+                b')' => self.stack.push(Value::tuple(Vec::new())?),
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(Rc::new(items)))
+                    self.stack.push(Value::tuple(items)?)
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
                     ensure!(self.stack.len() >= n, "malformed pickle: stack underflow");
+                    if let Some(&m) = self.marks.last() {
+                        ensure!(self.stack.len() - n >= m, "malformed pickle: pop across a mark");
+                    }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Value::Tuple(Rc::new(items)))
+                    self.stack.push(Value::tuple(items)?)
                 }
-                b']' => self.stack.push(Value::List(Rc::new(RefCell::new(Vec::new())))),
+                b']' => {
+                    let l = self.arena.list(Vec::new())?;
+                    self.stack.push(l)
+                }
                 b'l' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::List(Rc::new(RefCell::new(items))))
+                    let l = self.arena.list(items)?;
+                    self.stack.push(l)
                 }
                 b'a' => {
                     let v = self.pop()?;
                     match self.top()? {
-                        Value::List(l) => l.borrow_mut().push(v),
+                        Value::List(l) => {
+                            deepen(&l.depth, v.depth())?;
+                            l.items.borrow_mut().push(v)
+                        }
                         t => bail!("malformed pickle: APPEND to a {}", t.kind()),
                     }
                 }
                 b'e' => {
                     let items = self.pop_mark()?;
                     match self.top()? {
-                        Value::List(l) => l.borrow_mut().extend(items),
+                        Value::List(l) => {
+                            deepen(&l.depth, items.iter().map(Value::depth).max().unwrap_or(0))?;
+                            l.items.borrow_mut().extend(items)
+                        }
                         t => bail!("malformed pickle: APPENDS to a {}", t.kind()),
                     }
                 }
-                b'}' => self.stack.push(Value::Dict(Rc::new(RefCell::new(Vec::new())))),
+                b'}' => {
+                    let d = self.arena.dict();
+                    self.stack.push(d)
+                }
                 b'd' => {
                     let items = self.pop_mark()?;
                     ensure!(items.len() % 2 == 0, "malformed pickle: odd DICT");
-                    let mut it = items.into_iter();
-                    let mut kv = Vec::new();
-                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                        kv.push((k, v));
+                    let d = self.arena.dict();
+                    if let Value::Dict(d) = &d {
+                        dict_set_all(d, items)?;
                     }
-                    self.stack.push(Value::Dict(Rc::new(RefCell::new(kv))))
+                    self.stack.push(d)
                 }
                 b's' => {
                     let v = self.pop()?;
                     let k = self.pop()?;
                     match self.top()? {
-                        Value::Dict(d) => dict_set(&mut d.borrow_mut(), k, v),
+                        Value::Dict(d) => dict_set_all(d, vec![k, v])?,
                         t => bail!("malformed pickle: SETITEM on a {}", t.kind()),
                     }
                 }
@@ -594,25 +842,21 @@ impl<'a> Machine<'a> {
                     let items = self.pop_mark()?;
                     ensure!(items.len() % 2 == 0, "malformed pickle: odd SETITEMS");
                     match self.top()? {
-                        Value::Dict(d) => {
-                            let mut d = d.borrow_mut();
-                            let mut it = items.into_iter();
-                            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                                dict_set(&mut d, k, v);
-                            }
-                        }
+                        Value::Dict(d) => dict_set_all(d, items)?,
                         t => bail!("malformed pickle: SETITEMS on a {}", t.kind()),
                     }
                 }
                 b'c' => {
                     let module = String::from_utf8_lossy(self.line()?).into_owned();
                     let name = String::from_utf8_lossy(self.line()?).into_owned();
+                    self.spend(name.len() + module.len())?;
                     let g = self.global(&module, &name)?;
                     self.stack.push(g)
                 }
                 0x93 => {
                     let name = self.pop()?.as_str("global name")?;
                     let module = self.pop()?.as_str("global module")?;
+                    self.spend(name.len() + module.len())?;
                     let g = self.global(&module, &name)?;
                     self.stack.push(g)
                 }
@@ -681,40 +925,56 @@ impl<'a> Machine<'a> {
     }
 }
 
-fn dict_set(d: &mut Vec<(Value, Value)>, k: Value, v: Value) {
-    if let Value::Str(ks) = &k {
-        if let Some(slot) = d.iter_mut().find(|(kk, _)| matches!(kk, Value::Str(s) if s == ks)) {
-            slot.1 = v;
-            return;
-        }
-    }
-    d.push((k, v));
-}
-
-/// The tensors of an unpickled object, in order, flattening nested dicts with dotted names.
-fn collect_tensors(v: &Value, prefix: &str, out: &mut Vec<(String, Rc<TensorRef>)>) -> Result<()> {
-    match v {
-        Value::Dict(d) => {
-            for (k, v) in d.borrow().iter() {
-                let key = match k {
-                    Value::Str(s) => s.clone(),
-                    Value::Int(i) => i.to_string(),
-                    _ => continue,
-                };
-                let name = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
-                collect_tensors(v, &name, out)?;
+/// `d[k] = v` for each pair of `items` (k0, v0, k1, v1, ...): a string key set twice keeps its place.
+fn dict_set_all(d: &Dict, items: Vec<Value>) -> Result<()> {
+    let mut kv = d.items.borrow_mut();
+    let mut index = d.index.borrow_mut();
+    let mut it = items.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        deepen(&d.depth, k.depth().max(v.depth()))?;
+        if let Value::Str(ks) = &k {
+            if let Some(&i) = index.get(ks) {
+                let old = std::mem::replace(&mut kv[i].1, v);
+                drop_iteratively(vec![old]);
+                continue;
             }
+            index.insert(ks.clone(), kv.len());
         }
-        Value::Tensor(t) => out.push((prefix.to_string(), t.clone())),
-        _ => {}
+        kv.push((k, v));
     }
     Ok(())
 }
 
+/// The tensors of an unpickled object, in order, flattening nested dicts with dotted names. Iterative, with
+/// the nesting limit and a guard against a dict that contains itself.
 fn top_tensors(v: &Value) -> Result<Vec<(String, Rc<TensorRef>)>> {
-    ensure!(matches!(v, Value::Dict(_)), "the checkpoint holds a {}, not a state_dict", v.kind());
+    let Value::Dict(top) = v else { bail!("the checkpoint holds a {}, not a state_dict", v.kind()) };
     let mut out = Vec::new();
-    collect_tensors(v, "", &mut out)?;
+    // (dict, its dotted name, the next item to visit); the path of dicts being walked, for cycles.
+    let mut path: Vec<(Rc<Dict>, String, usize)> = vec![(top.clone(), String::new(), 0)];
+    while let Some((d, prefix, i)) = path.last_mut() {
+        let item = d.items.borrow().get(*i).map(|(k, v)| (k.clone(), v.clone()));
+        *i += 1;
+        let Some((k, v)) = item else {
+            path.pop();
+            continue;
+        };
+        let key = match &k {
+            Value::Str(s) => s.to_string(),
+            Value::Int(i) => i.to_string(),
+            _ => continue,
+        };
+        let name = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
+        match v {
+            Value::Dict(child) => {
+                ensure!(path.len() < MAX_NESTING, "the state_dict nests dicts more than {MAX_NESTING} levels deep (the limit)");
+                ensure!(!path.iter().any(|(p, _, _)| Rc::ptr_eq(p, &child)), "the state_dict contains itself (at '{name}')");
+                path.push((child, name, 0));
+            }
+            Value::Tensor(t) => out.push((name, t)),
+            _ => {}
+        }
+    }
     Ok(out)
 }
 
@@ -736,25 +996,55 @@ fn read_zip(bytes: &[u8]) -> Result<Vec<(String, PthTensor)>> {
         ensure!(order.trim_ascii() == b"little", "big-endian checkpoints are not supported");
     }
     let data = read_member(&mut zip, &pkl)?;
-    let (obj, _) = Machine::new(&data, 0, Flavor::Zip).run().context("cannot unpickle data.pkl")?;
+    let (obj, _, _arena) = Machine::new(&data, 0, Flavor::Zip).run().context("cannot unpickle data.pkl")?;
     let tensors = top_tensors(&obj)?;
-    let mut cache: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut cache: HashMap<Rc<str>, Vec<u8>> = HashMap::new();
+    let mut budget = OutputBudget::new();
     let mut out = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let key = t.storage.key.clone();
         if !cache.contains_key(&key) {
             let raw = read_member(&mut zip, &format!("{prefix}data/{key}"))?;
+            budget.storage(raw.len());
             cache.insert(key.clone(), raw);
         }
         let pt = t.materialise(&cache[&key]).with_context(|| format!("tensor '{name}'"))?;
+        budget.tensor(&name, &t)?;
         out.push((name, pt));
     }
     Ok(out)
 }
 
+/// Bounds the elements all tensors together may hold: twice the bytes of the storages read (tensors may share
+/// a storage, as tied weights do) plus [`MAX_EXPANDED_ELEMENTS`], so that a small file whose tensors all view
+/// one storage cannot make the reader produce gigabytes.
+struct OutputBudget {
+    left: usize,
+}
+
+impl OutputBudget {
+    fn new() -> Self {
+        OutputBudget { left: MAX_EXPANDED_ELEMENTS }
+    }
+    fn storage(&mut self, bytes: usize) {
+        self.left = self.left.saturating_add(bytes.saturating_mul(2));
+    }
+    fn tensor(&mut self, name: &str, t: &TensorRef) -> Result<()> {
+        let numel = t.shape.iter().try_fold(1usize, |a, &n| a.checked_mul(n)).unwrap_or(usize::MAX);
+        self.left = self.left.checked_sub(numel).ok_or_else(|| {
+            anyhow!(
+                "tensor '{name}': the tensors of this checkpoint hold far more elements than its storages (shared or \
+                 expanded storages past {MAX_EXPANDED_ELEMENTS} elements are refused)"
+            )
+        })?;
+        Ok(())
+    }
+}
+
 fn read_member<R: Read + Seek>(zip: &mut zip::ZipArchive<R>, name: &str) -> Result<Vec<u8>> {
     let mut f = zip.by_name(name).with_context(|| format!("the checkpoint has no member '{name}'"))?;
-    let mut v = Vec::with_capacity(f.size() as usize);
+    // The size in the archive's directory is a claim: reserve no more than the file could hold uncompressed.
+    let mut v = Vec::with_capacity((f.size() as usize).min(64 << 20));
     f.read_to_end(&mut v).with_context(|| format!("cannot read member '{name}' (truncated or corrupt archive)"))?;
     Ok(v)
 }
@@ -763,28 +1053,29 @@ fn read_member<R: Read + Seek>(zip: &mut zip::ZipArchive<R>, name: &str) -> Resu
 const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
 
 fn read_legacy(bytes: &[u8]) -> Result<Vec<(String, PthTensor)>> {
-    let (magic, pos) = Machine::new(bytes, 0, Flavor::Legacy).run().context("cannot read the magic number")?;
+    let (magic, pos, _) = Machine::new(bytes, 0, Flavor::Legacy).run().context("cannot read the magic number")?;
     match magic {
-        Value::BigInt(b) if b == LEGACY_MAGIC => {}
+        Value::BigInt(b) if *b == LEGACY_MAGIC => {}
         _ => bail!("not a PyTorch checkpoint: the legacy magic number is missing"),
     }
-    let (proto, pos) = Machine::new(bytes, pos, Flavor::Legacy).run().context("cannot read the protocol version")?;
+    let (proto, pos, _) = Machine::new(bytes, pos, Flavor::Legacy).run().context("cannot read the protocol version")?;
     match proto {
         Value::Int(1001) => {}
-        v => bail!("unsupported legacy protocol version ({v:?})"),
+        Value::Int(v) => bail!("unsupported legacy protocol version ({v})"),
+        v => bail!("unsupported legacy protocol version (a {})", v.kind()),
     }
-    let (_sys_info, pos) = Machine::new(bytes, pos, Flavor::Legacy).run().context("cannot read the system info")?;
-    let (obj, pos) = Machine::new(bytes, pos, Flavor::Legacy).run().context("cannot unpickle the state_dict")?;
-    let (keys, mut pos) = Machine::new(bytes, pos, Flavor::Legacy).run().context("cannot read the storage list")?;
-    let keys: Vec<String> = keys.as_seq("storage keys")?.iter().map(|k| k.as_str("storage key")).collect::<Result<_>>()?;
+    let (_sys_info, pos, _) = Machine::new(bytes, pos, Flavor::Legacy).run().context("cannot read the system info")?;
+    let (obj, pos, _obj_arena) = Machine::new(bytes, pos, Flavor::Legacy).run().context("cannot unpickle the state_dict")?;
+    let (keys, mut pos, _keys_arena) = Machine::new(bytes, pos, Flavor::Legacy).run().context("cannot read the storage list")?;
+    let keys: Vec<Rc<str>> = keys.as_seq("storage keys")?.iter().map(|k| k.as_str("storage key")).collect::<Result<_>>()?;
     let tensors = top_tensors(&obj)?;
 
     // Element size and count of each storage, as the pickle declared them.
-    let mut declared: HashMap<String, (Dtype, usize)> = HashMap::new();
+    let mut declared: HashMap<Rc<str>, (Dtype, usize)> = HashMap::new();
     for (_, t) in &tensors {
         declared.insert(t.storage.key.clone(), (t.storage.dtype, t.storage.numel));
     }
-    let mut raw: HashMap<String, &[u8]> = HashMap::new();
+    let mut raw: HashMap<Rc<str>, &[u8]> = HashMap::new();
     for key in &keys {
         let head = bytes
             .get(pos..pos + 8)
@@ -799,18 +1090,22 @@ fn read_legacy(bytes: &[u8]) -> Result<Vec<(String, PthTensor)>> {
             None => bail!("storage '{key}' is listed but no tensor uses it; its element size is unknown"),
         };
         let len = n.checked_mul(es).ok_or_else(|| anyhow!("storage '{key}' is too large"))?;
-        let data = bytes.get(pos..pos + len).ok_or_else(|| {
+        let data = pos.checked_add(len).and_then(|end| bytes.get(pos..end)).ok_or_else(|| {
             anyhow!("the file ends inside storage '{key}' ({} of {len} bytes present): it is truncated", bytes.len() - pos)
         })?;
         raw.insert(key.clone(), data);
         pos += len;
     }
+    let mut budget = OutputBudget::new();
+    budget.storage(raw.values().map(|d| d.len()).sum());
     let mut out = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let data = raw
             .get(&t.storage.key)
             .ok_or_else(|| anyhow!("tensor '{name}' uses storage '{}', which the file does not hold", t.storage.key))?;
-        out.push((name.clone(), t.materialise(data).with_context(|| format!("tensor '{name}'"))?));
+        let pt = t.materialise(data).with_context(|| format!("tensor '{name}'"))?;
+        budget.tensor(&name, &t)?;
+        out.push((name, pt));
     }
     Ok(out)
 }
@@ -908,7 +1203,7 @@ mod tests {
         assert!(msg.contains("refusing the pickle global 'os.system'"), "{msg}");
         // STACK_GLOBAL (protocol 4) is checked the same way.
         let p4 = b"\x80\x04\x8c\x08builtins\x8c\x04eval\x93.".to_vec();
-        let msg = format!("{:#}", Machine::new(&p4, 0, Flavor::Zip).run().unwrap_err());
+        let msg = format!("{:#}", Machine::new(&p4, 0, Flavor::Zip).run().err().unwrap());
         assert!(msg.contains("builtins.eval"), "{msg}");
     }
 
@@ -960,5 +1255,212 @@ mod tests {
         assert_eq!(sd[1].1.shape, vec![4, 3]);
         assert_eq!(sd[1].1.data, vec![0., 4., 8., 1., 5., 9., 2., 6., 10., 3., 7., 11.]);
         assert_eq!(sd[2].1.data, vec![5., 6., 9., 10.]);
+    }
+
+    // ---- hostile pickles: nesting, self-reference, bombs ----------------------------------------------
+
+    fn legacy_with(object: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x80, 2, 0x8a, 10];
+        f.extend(LEGACY_MAGIC);
+        f.push(b'.');
+        f.extend([0x80, 2, b'M', 0xe9, 0x03, b'.']);
+        f.extend([0x80, 2, b'}', b'.']);
+        f.extend(object);
+        f.extend([0x80, 2, b']', b'.']); // the storage keys
+        f
+    }
+
+    fn zip_with(pickle: &[u8]) -> Vec<u8> {
+        let mut buf = std::io::Cursor::new(Vec::new());
+        {
+            let mut z = zip::ZipWriter::new(&mut buf);
+            let o = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+            z.start_file("archive/data.pkl", o).unwrap();
+            std::io::Write::write_all(&mut z, pickle).unwrap();
+            z.finish().unwrap();
+        }
+        buf.into_inner()
+    }
+
+    /// Both containers, read from a file so that the message must name it.
+    fn load_both(pickle: &[u8]) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        [("hostile-zip.pth", zip_with(pickle)), ("hostile-legacy.pth", legacy_with(pickle))]
+            .into_iter()
+            .map(|(name, bytes)| {
+                let p = dir.path().join(name);
+                std::fs::write(&p, bytes).unwrap();
+                let msg = format!("{:#}", read_state_dict(&p).unwrap_err());
+                assert!(msg.contains(name), "{msg}");
+                msg
+            })
+            .collect()
+    }
+
+    /// A million nested EMPTY_LIST/APPEND: about 2 MB, as in issue 11 (it used to overflow the stack).
+    #[test]
+    fn million_nested_lists_are_refused_cleanly() {
+        let n = 1_000_000;
+        let mut p = vec![0x80, 2];
+        p.extend(std::iter::repeat_n(b']', n));
+        p.extend(std::iter::repeat_n(b'a', n - 1));
+        p.push(b'.');
+        for msg in load_both(&p) {
+            assert!(msg.contains("more than 1000 levels deep"), "{msg}");
+        }
+    }
+
+    /// The same with MARK ... TUPLE and MARK ... LIST and nested dicts.
+    #[test]
+    fn million_nested_marks_are_refused_cleanly() {
+        let n = 1_000_000;
+        for (open, close) in [(&b"("[..], &b"t"[..]), (b"(", b"l"), (b"}(X\x01\x00\x00\x00k", b"u")] {
+            let mut p = vec![0x80, 2];
+            for _ in 0..n {
+                p.extend(open);
+            }
+            p.push(b'N');
+            for _ in 0..n {
+                p.extend(close);
+            }
+            p.push(b'.');
+            for msg in load_both(&p) {
+                assert!(msg.contains("more than 1000 levels deep"), "{msg}");
+            }
+        }
+    }
+
+    /// Lists linked through the memo after they were nested escape the depth count when built; dropping
+    /// the million-deep chain must still not recurse.
+    /// `n` empty containers (`make`), memoized, then each linked into the one before it (`j i`, `key`,
+    /// `j i+1`, `link`): nested `n` deep, though each looked empty when it was put in its parent.
+    fn memo_chain(n: u32, make: u8, key: &[u8], link: u8) -> Vec<u8> {
+        let mut p = vec![0x80, 2];
+        for i in 0..n {
+            p.push(make);
+            p.push(b'r');
+            p.extend(i.to_le_bytes());
+            p.push(b'0');
+        }
+        for i in 0..n - 1 {
+            p.push(b'j');
+            p.extend(i.to_le_bytes());
+            p.extend(key);
+            p.push(b'j');
+            p.extend((i + 1).to_le_bytes());
+            p.extend([link, b'0']);
+        }
+        p.extend(b"j\x00\x00\x00\x00.");
+        p
+    }
+
+    /// Lists linked through the memo after they were nested escape the depth count when built; dropping
+    /// the deep chain must still not recurse.
+    #[test]
+    fn deep_chain_built_through_the_memo_drops_without_recursion() {
+        for msg in load_both(&memo_chain(300_000, b']', b"", b'a')) {
+            assert!(msg.contains("holds a list, not a state_dict"), "{msg}");
+        }
+        // The same chain of dicts is walked for tensors: the walk stops at the nesting limit.
+        for msg in load_both(&memo_chain(300_000, b'}', b"X\x01\x00\x00\x00k", b's')) {
+            assert!(msg.contains("nests dicts more than 1000 levels deep"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn a_dict_that_contains_itself_is_refused() {
+        let p = b"\x80\x02}q\x00X\x01\x00\x00\x00kh\x00s.";
+        for msg in load_both(p) {
+            assert!(msg.contains("contains itself"), "{msg}");
+        }
+        // A list that contains itself (and is printed nowhere) is merely not a state_dict.
+        let p = b"\x80\x02]q\x00h\x00a.";
+        for msg in load_both(p) {
+            assert!(msg.contains("not a state_dict"), "{msg}");
+        }
+    }
+
+    /// A list and a dict that contain themselves are freed once the arena goes (no leak per hostile file).
+    #[test]
+    fn self_containing_values_are_freed() {
+        for p in [&b"\x80\x02]q\x00h\x00a."[..], b"\x80\x02}q\x00X\x01\x00\x00\x00kh\x00s.", b"\x80\x02]2a."] {
+            let (v, _, arena) = Machine::new(p, 0, Flavor::Zip).run().unwrap();
+            let weak: Box<dyn Fn() -> bool> = match &v {
+                Value::List(l) => {
+                    let w = Rc::downgrade(l);
+                    Box::new(move || w.upgrade().is_some())
+                }
+                Value::Dict(d) => {
+                    let w = Rc::downgrade(d);
+                    Box::new(move || w.upgrade().is_some())
+                }
+                v => panic!("{v:?}"),
+            };
+            drop(v);
+            assert!(weak(), "the cycle keeps it alive until the arena goes");
+            drop(arena);
+            assert!(!weak(), "freed");
+        }
+    }
+
+    /// One big tuple handed to a call again and again: the work budget stops it.
+    #[test]
+    fn call_bomb_runs_out_of_budget() {
+        let mut p = vec![0x80, 2, b'('];
+        p.extend(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+        p.extend(b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQ");
+        p.extend(b"K\x00(K\x01t(K\x01ttR");
+        p.extend(std::iter::repeat_n(b'N', 200_000));
+        p.extend(b"tq\x000ctorch._utils\n_rebuild_parameter\nq\x010");
+        for _ in 0..1000 {
+            p.extend(b"h\x01h\x00R0");
+        }
+        p.extend(b"}.");
+        for msg in load_both(&p) {
+            assert!(msg.contains("operations per byte"), "{msg}");
+        }
+    }
+
+    /// Tensors that lie about their size: overflowing shapes and a huge expansion of one element.
+    #[test]
+    fn overflowing_and_expanded_tensors_are_refused() {
+        let tensor = |shape: &[u64], stride: &[u64], numel: u8| {
+            let mut p = vec![0x80, 2, b'}', b'X', 1, 0, 0, 0, b'w'];
+            p.extend(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+            p.extend(b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK");
+            p.extend([numel, b't', b'Q', b'K', 0, b'(']);
+            for &d in shape {
+                p.extend([0x8a, 8]);
+                p.extend(d.to_le_bytes());
+            }
+            p.extend(b"t(");
+            for &d in stride {
+                p.extend([0x8a, 8]);
+                p.extend(d.to_le_bytes());
+            }
+            p.extend(b"ttRs.");
+            let mut buf = std::io::Cursor::new(Vec::new());
+            {
+                let mut z = zip::ZipWriter::new(&mut buf);
+                let o = zip::write::SimpleFileOptions::default();
+                z.start_file("a/data.pkl", o).unwrap();
+                std::io::Write::write_all(&mut z, &p).unwrap();
+                z.start_file("a/data/0", o).unwrap();
+                std::io::Write::write_all(&mut z, &vec![0u8; 4 * numel as usize]).unwrap();
+                z.finish().unwrap();
+            }
+            format!("{:#}", read_state_dict_bytes(buf.get_ref()).unwrap_err())
+        };
+        let big = 1u64 << 62;
+        let msg = tensor(&[big, 4], &[0, 0], 1);
+        assert!(msg.contains("too large"), "{msg}");
+        let msg = tensor(&[(1 << 32) + 1, 1 << 32], &[1, 1], 1);
+        assert!(msg.contains("too large"), "{msg}");
+        let msg = tensor(&[1 << 30], &[0], 1);
+        assert!(msg.contains("expanding past"), "{msg}");
+        let msg = tensor(&[2, 3], &[big, big], 4);
+        assert!(msg.contains("reads past the end"), "{msg}");
+        let msg = tensor(&[3, 3], &[3 << 61, 3 << 61], 4);
+        assert!(msg.contains("too large"), "{msg}");
     }
 }

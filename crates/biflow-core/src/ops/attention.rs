@@ -98,6 +98,27 @@ impl Dims {
 /// The kernel: qkv (N, T, 3C) -> y (N, T, C).
 pub(crate) fn attention_fwd(x: &[f32], d: Dims, heads: usize, scale: f32, y: &mut [f32]) {
     let (t, c, hd) = (d.t, d.c, d.hd);
+    let n = y.len() / (t * c);
+    if n < rayon::current_num_threads() {
+        // Too few samples to keep every core busy (sampling one image): one task per (sample,
+        // head) into a head-major buffer, then the heads side by side. Same arithmetic per head.
+        let mut by_head = vec![0f32; n * heads * t * hd];
+        by_head.par_chunks_mut(t * hd).enumerate().for_each(|(j, out)| {
+            let mut p = vec![0f32; t * t];
+            let (q, k, v) = d.qkv(x, (j / heads) * t * 3 * c, j % heads);
+            matmul(&mut p, 0, t, t, t, hd, q, k.t(), false, Threads::One);
+            softmax_rows(&mut p, t, scale, d.causal);
+            matmul(out, 0, hd, t, hd, t, View::rows(&p, 0, t), v, false, Threads::One);
+        });
+        for (i, ys) in y.chunks_mut(t * c).enumerate() {
+            for (h, head) in by_head[i * heads * t * hd..(i + 1) * heads * t * hd].chunks(t * hd).enumerate() {
+                for (row, src) in ys.chunks_mut(c).zip(head.chunks(hd)) {
+                    row[h * hd..(h + 1) * hd].copy_from_slice(src);
+                }
+            }
+        }
+        return;
+    }
     // One task per sample; each head writes its own columns of the sample's rows.
     y.par_chunks_mut(t * c).enumerate().for_each(|(i, ys)| {
         let mut p = vec![0f32; t * t];

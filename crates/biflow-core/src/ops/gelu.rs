@@ -24,7 +24,7 @@ const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 /// calls, and made GELU a tenth of a training step). 2^n e^r with |r| <= ln2/2 and a degree-6 Taylor
 /// polynomial: relative error < 2e-7; clamps its argument at -87 (e^-87 = 1.6e-38).
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(super) fn exp_nonpositive(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
     let x = x.max(-87.0);
     let shifted = x * std::f32::consts::LOG2_E + ROUND;

@@ -94,11 +94,11 @@ pub struct CheckpointState {
     pub elapsed_secs: f64,
 }
 
+/// Write and fsync one file of a checkpoint (through the fault switch of io::atomic; errors name it).
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
+    let mut f = crate::io::atomic::Output::create(path)?;
+    f.write_all(bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    f.sync_all()
 }
 
 /// Everything a checkpoint records, borrowed from the trainer.
@@ -124,6 +124,56 @@ pub(super) fn save_checkpoint(step: u64, st: &TrainState) -> Result<Checkpoint> 
     let tmp = cdir.join(format!(".step-{step:08}.tmp-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    // A failed write (disk full, permission lost) leaves the earlier checkpoints and no temp folder.
+    let written = write_checkpoint_files(step, st, &tmp);
+    let dest = run.checkpoint_dir(step);
+    let installed = written.and_then(|ema_bytes| {
+        install(&tmp, &dest)?;
+        Ok(ema_bytes)
+    });
+    let ema_bytes = match installed {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e.context(format!("checkpoint {step} was not written; the earlier checkpoints are intact")));
+        }
+    };
+    if let Ok(d) = fs::File::open(&cdir) {
+        let _ = d.sync_all();
+    }
+    crate::io::atomic::write(&run.weights_path(), &ema_bytes)?;
+    let all = run.checkpoints()?;
+    if all.len() > st.keep {
+        for old in &all[..all.len() - st.keep] {
+            let _ = fs::remove_dir_all(&old.dir);
+        }
+    }
+    Ok(Checkpoint { step, dir: dest })
+}
+
+/// Rename the finished `tmp` folder to `dest`; an existing `dest` is moved aside first and removed
+/// only once the new one is in place.
+fn install(tmp: &Path, dest: &Path) -> Result<()> {
+    let aside = dest.with_extension("old");
+    let replacing = dest.exists();
+    if replacing {
+        let _ = fs::remove_dir_all(&aside);
+        fs::rename(dest, &aside).with_context(|| format!("cannot move {} aside to replace it", dest.display()))?;
+    }
+    if let Err(e) = fs::rename(tmp, dest) {
+        if replacing {
+            let _ = fs::rename(&aside, dest);
+        }
+        return Err(e).with_context(|| format!("cannot move the checkpoint into {}", dest.display()));
+    }
+    if replacing {
+        let _ = fs::remove_dir_all(&aside);
+    }
+    Ok(())
+}
+
+/// The files of checkpoint `step` in `tmp`; returns the EMA weights' bytes (weights.safetensors).
+fn write_checkpoint_files(step: u64, st: &TrainState, tmp: &Path) -> Result<Vec<u8>> {
     let host = |f: &dyn Fn(&Slot) -> Vec<f32>| -> Vec<(String, HostTensor)> {
         st.slots.iter().map(|s| (s.name.clone(), HostTensor { shape: s.shape.clone(), data: f(s) })).collect()
     };
@@ -157,25 +207,10 @@ pub(super) fn save_checkpoint(step: u64, st: &TrainState) -> Result<Checkpoint> 
         elapsed_secs: st.elapsed,
     };
     write_synced(&tmp.join("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
-    if let Ok(d) = fs::File::open(&tmp) {
+    if let Ok(d) = fs::File::open(tmp) {
         let _ = d.sync_all();
     }
-    let dest = run.checkpoint_dir(step);
-    if dest.exists() {
-        fs::remove_dir_all(&dest).with_context(|| format!("cannot replace {}", dest.display()))?;
-    }
-    fs::rename(&tmp, &dest).with_context(|| format!("cannot move the checkpoint into {}", dest.display()))?;
-    if let Ok(d) = fs::File::open(&cdir) {
-        let _ = d.sync_all();
-    }
-    crate::io::atomic::write(&run.weights_path(), &ema_bytes)?;
-    let all = run.checkpoints()?;
-    if all.len() > st.keep {
-        for old in &all[..all.len() - st.keep] {
-            let _ = fs::remove_dir_all(&old.dir);
-        }
-    }
-    Ok(Checkpoint { step, dir: dest })
+    Ok(ema_bytes)
 }
 
 /// A checkpoint read back and verified.
