@@ -168,7 +168,7 @@ fn copy_dir(from: &Path, to: &Path) {
 fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("g");
-    let args = DistillArgs { out: out.clone(), resume: false, settings: settings(forward_run(), 30), debug_nan_at_step: Some(15) };
+    let args = DistillArgs { out: out.clone(), resume: false, settings: settings(forward_run(), 30), debug_nan_at_step: Some(15), command: None };
     let e = format!("{:#}", distill_with(&args, "toy", &toy_data(256, 3), &JobCtx::silent()).unwrap_err());
     assert!(e.contains("loss became NaN at step 15") && e.contains("step-00000010"), "{e}");
     assert_eq!(Run::open(&out).unwrap().latest_checkpoint().unwrap().unwrap().step, 10);

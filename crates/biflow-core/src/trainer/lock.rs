@@ -21,6 +21,9 @@ pub const STATUS_FILE: &str = "status.json";
 #[derive(Debug)]
 pub struct RunLock {
     path: PathBuf,
+    /// The folder did not exist before: removed again on release if nothing else was written into it
+    /// (a job that fails its checks leaves no trace).
+    created_dir: bool,
 }
 
 /// This machine's name (for the lock record).
@@ -56,6 +59,7 @@ pub fn lock_holder(run_dir: &Path) -> Option<(u64, String, bool)> {
 impl RunLock {
     /// Lock `run_dir` (created if missing) for writing by this process.
     pub fn acquire(run_dir: &Path, ctx: &JobCtx) -> Result<RunLock> {
+        let created_dir = !run_dir.exists();
         fs::create_dir_all(run_dir).with_context(|| format!("cannot create the run folder {}", run_dir.display()))?;
         let path = run_dir.join(LOCK_FILE);
         let record = json!({
@@ -68,7 +72,7 @@ impl RunLock {
             match fs::OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
                     f.write_all(format!("{record}\n").as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
-                    return Ok(RunLock { path });
+                    return Ok(RunLock { path, created_dir });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match lock_holder(run_dir) {
                     Some((pid, host, true)) => bail!(
@@ -102,6 +106,10 @@ impl RunLock {
 impl Drop for RunLock {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
+        if self.created_dir {
+            // Fails (and keeps the folder) unless it is empty.
+            let _ = fs::remove_dir(self.dir());
+        }
     }
 }
 
@@ -128,7 +136,8 @@ mod tests {
         let e = RunLock::acquire(&run, &ctx).unwrap_err().to_string();
         assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
         drop(lock);
-        assert!(!run.join(LOCK_FILE).exists());
+        assert!(!run.exists(), "a folder the lock created and nothing else used is removed again");
+        fs::create_dir_all(&run).unwrap();
         // A lock of a process that is gone (pid beyond the kernel's maximum) is taken over.
         fs::write(run.join(LOCK_FILE), format!("{{\"pid\": 4294967295, \"host\": \"{}\"}}", host_name())).unwrap();
         let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
