@@ -719,11 +719,9 @@ fn fuzz_checkpoint() {
     );
 }
 
-/// Ignored until `trainer::plot_loss` bounds its coordinates: a metrics.jsonl line with a huge step (e.g.
-/// 1e300, fixtures/fuzz/metrics/huge-step.bin) makes its line drawing loop for ~2^64 pixels. Run it with
-/// `cargo test --release -p biflow-core --test fuzz -- --ignored fuzz_metrics` once that is fixed.
+/// metrics.jsonl as `plot_loss` reads it (fixtures/fuzz/metrics/huge-step.bin, a step of 1e300, once
+/// made the hand-drawn plot loop for ~2^64 pixels).
 #[test]
-#[ignore = "trainer::plot_loss hangs on a huge step (see the doc comment)"]
 fn fuzz_metrics() {
     let seeds = seeds::metrics_files();
     fuzz_files(
