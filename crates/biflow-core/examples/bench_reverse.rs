@@ -124,7 +124,7 @@ fn distill_steps_per_second(cfg: &FlowConfig, batch: usize, steps: usize) -> any
         save_every: Some(1_000_000),
         ..Default::default()
     };
-    let args = DistillArgs { out: dir.path().join("g"), resume: false, settings, debug_nan_at_step: None, command: None };
+    let args = DistillArgs { out: dir.path().join("g"), resume: false, settings, debug_nan_at_step: None, command: None, on: Default::default() };
     let r = distill_with(&args, "synthetic", &data, &JobCtx::silent())?;
     Ok(r["stepsPerSec"].as_f64().unwrap_or(0.0))
 }

@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
     };
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("run");
-    let a = TrainArgs { out: out.clone(), resume: false, config: None, settings: s.clone(), debug_nan_at_step: None, command: None };
+    let a = TrainArgs { out: out.clone(), resume: false, config: None, settings: s.clone(), debug_nan_at_step: None, command: None, on: Default::default() };
     let cpu0 = cpu_seconds();
     let r = train_with(&a, &s, "random", &data, &JobCtx::silent())?;
     let cpu = cpu_seconds().zip(cpu0).map(|(b, a)| b - a);

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::{bail, ensure, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -38,6 +38,11 @@ pub struct BpdOptions {
     pub seed: u64,
     #[serde(default)]
     pub batch_size: Option<usize>,
+    /// `--device` and `--precision` (device.rs); default auto and f32.
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub precision: Option<String>,
 }
 
 /// Bits/dim of images (N, C, H, W) in [-1, 1] (already dequantised), in batches: one value per sample.
@@ -102,7 +107,8 @@ pub(crate) fn open_eval_split(dir: &str, split: Option<&str>, limit: Option<usiz
 }
 
 pub fn eval_bpd(o: BpdOptions, ctx: &JobCtx) -> Result<Value> {
-    let device = Device::Cpu;
+    let on = crate::device::place(o.device.as_deref(), o.precision.as_deref())?;
+    let device = on.device.clone();
     let run = crate::run::Run::open(Path::new(&o.model))?;
     let model = run.load_flow(&device)?;
     let cfg = model.config().clone();

@@ -90,7 +90,7 @@ pub fn stage(o: StageOptions, ctx: &JobCtx) -> Result<Value> {
     // A preview grid: the run's default sampler (G for a distilled run, causal decoding otherwise).
     if o.preview > 0 {
         ctx.message(format!("sampling a preview of {} images", o.preview));
-        let mut s = crate::sample::Sampler::new(&crate::sample::SampleOptions::streaming(&o.run, None, o.preview, 0, 0.0))?;
+        let mut s = crate::sample::Sampler::new(&crate::sample::SampleOptions::streaming(&o.run, None, o.preview, 0, 0.0), &candle_core::Device::Cpu)?;
         let c = s.config().clone();
         if let Some(x) = s.next_batch(o.preview, |_| ctx.check_cancelled())? {
             let v = x.flatten_all()?.to_vec1::<f32>()?;

@@ -7,12 +7,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::device::DeviceArgs;
 use crate::flow::TarFlow;
 use crate::job::JobCtx;
 use crate::reverse::loss::{implied_conditional, LossConfig, LossKind, PerceptualTerm, Targets};
@@ -293,6 +294,8 @@ pub struct DistillArgs {
     pub debug_nan_at_step: Option<u64>,
     /// The command line, recorded in RUN/history.jsonl.
     pub command: Option<String>,
+    /// `--device` and `--precision`: where this session runs (not part of the run's config).
+    pub on: DeviceArgs,
 }
 
 impl DistillArgs {
@@ -305,9 +308,10 @@ impl DistillArgs {
         let resume = map.remove("resume").and_then(|v| v.as_bool()).unwrap_or(false);
         let debug_nan_at_step = map.remove("debugNanAtStep").and_then(|v| v.as_u64());
         let command = map.remove("commandLine").and_then(|v| v.as_str().map(str::to_string));
+        let on = DeviceArgs::take(&mut map)?;
         map.retain(|_, v| !v.is_null());
         let settings = serde_json::from_value(Value::Object(map)).context("invalid distill options")?;
-        Ok(DistillArgs { out, resume, settings, debug_nan_at_step, command })
+        Ok(DistillArgs { out, resume, settings, debug_nan_at_step, command, on })
     }
 }
 
@@ -327,7 +331,8 @@ pub fn distill_job(options: Value, ctx: &JobCtx) -> Result<Value> {
 
 /// Distill on `data` (found at `data_dir`): a new run in `args.out`, or continue it with `args.resume`.
 pub fn distill_with(args: &DistillArgs, data_dir: &str, data: &dyn TrainData, ctx: &JobCtx) -> Result<Value> {
-    let device = Device::Cpu;
+    let on = args.on.place()?;
+    let device = on.device.clone();
     let s = &args.settings;
     if args.resume {
         Run::open(&args.out).context("--resume needs an existing distilled run as --out")?;

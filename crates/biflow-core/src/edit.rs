@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::Deserialize;
@@ -38,6 +38,11 @@ pub struct EditOptions {
     pub seed: u64,
     #[serde(default)]
     pub force: bool,
+    /// `--device` and `--precision` (device.rs); default auto and f32.
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub precision: Option<String>,
 }
 
 fn four() -> usize {
@@ -70,7 +75,8 @@ fn read_image(path: &str, cfg: &FlowConfig, what: &str) -> Result<Vec<f32>> {
 }
 
 pub fn edit(o: EditOptions, ctx: &JobCtx) -> Result<Value> {
-    let device = Device::Cpu;
+    let on = crate::device::place(o.device.as_deref(), o.precision.as_deref())?;
+    let device = on.device.clone();
     let run = Run::open(Path::new(&o.model))?;
     ensure!(run.is_distilled(), "{} is a forward run; edit needs a distilled run (biflow distill)", o.model);
     ensure!(o.num >= 1, "--num must be at least 1");

@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use anyhow::{ensure, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::Deserialize;
@@ -37,6 +37,11 @@ pub struct EvalReverseOptions {
     pub seed: u64,
     #[serde(default)]
     pub batch_size: Option<usize>,
+    /// `--device` and `--precision` (device.rs); default auto and f32.
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub precision: Option<String>,
 }
 
 /// F, G and the noise level of a distilled run, as the evaluation uses them.
@@ -82,7 +87,8 @@ pub fn psnr(mse: f64) -> f64 {
 }
 
 pub fn eval_reverse(o: EvalReverseOptions, ctx: &JobCtx) -> Result<Value> {
-    let device = Device::Cpu;
+    let on = crate::device::place(o.device.as_deref(), o.precision.as_deref())?;
+    let device = on.device.clone();
     let run = Run::open(std::path::Path::new(&o.model))?;
     ensure!(run.is_distilled(), "{} is a forward run; eval-reverse needs a distilled run (biflow distill)", o.model);
     let flow = run.load_flow(&device)?;

@@ -164,10 +164,10 @@ impl Attention {
         cache.len += 1;
         let ks = cache.k.narrow(2, 0, cache.len)?;
         let vs = cache.v.narrow(2, 0, cache.len)?;
-        let scores = q.matmul(&ks.t()?)?.broadcast_mul(&scale.reshape((n, 1, 1, 1))?)?; // (N, H, 1, t)
+        let scores = ops::mode::matmul(&q, &ks.t()?)?.broadcast_mul(&scale.reshape((n, 1, 1, 1))?)?; // (N, H, 1, t)
         let att = candle_nn::ops::softmax_last_dim(&scores)?; // inference only: no gradient needed
         // (N, H, 1, hd) has the memory layout of (N, 1, H, hd): heads merge by a reshape.
-        let y = att.matmul(&vs)?.reshape((n, 1, c))?;
+        let y = ops::mode::matmul(&att, &vs)?.reshape((n, 1, c))?;
         self.proj.forward(&y)
     }
 }
@@ -377,6 +377,30 @@ pub(crate) fn label_indices(y: &Tensor, k: usize) -> Result<Tensor> {
     Ok(Tensor::from_vec(idx, len, y.device())?)
 }
 
+/// Progress and the guidance schedule of one causal decoding.
+struct Steps<'a> {
+    guided: bool,
+    opts: &'a ReverseOptions,
+    done: usize,
+    total: usize,
+}
+
+impl Steps<'_> {
+    /// The guidance scale at step `i` of a block of `t` tokens (annealed: rising linearly to w).
+    fn guidance_at(&self, i: usize, t: usize) -> f64 {
+        if self.opts.annealed {
+            self.opts.guidance * (i + 1) as f64 / (t - 1) as f64
+        } else {
+            self.opts.guidance
+        }
+    }
+
+    fn advance(&mut self, on_step: &mut impl FnMut(usize, usize) -> Result<()>) -> Result<()> {
+        self.done += 1;
+        on_step(self.done, self.total)
+    }
+}
+
 /// The output of the forward model.
 pub struct FlowOutput {
     /// The noise tokens z = x^B: (N, T, D).
@@ -487,7 +511,7 @@ impl TarFlow {
         z: &Tensor,
         labels: Option<&Tensor>,
         opts: &ReverseOptions,
-        mut on_step: impl FnMut(usize, usize) -> Result<()>,
+        on_step: impl FnMut(usize, usize) -> Result<()>,
     ) -> Result<Tensor> {
         let (n, t, d) = z.dims3()?;
         ensure!(
@@ -509,44 +533,46 @@ impl TarFlow {
         let labels = if self.cfg.num_classes == 0 { None } else { labels };
         let guided = opts.guidance != 0.0;
         // With guidance, the batch is doubled: [conditional | guiding (mean class, attn_temp)].
-        let nb = if guided { 2 * n } else { n };
         let base_scale = 1.0 / (HEAD_DIM as f64).sqrt();
         let mut scales = vec![base_scale as f32; n];
         if guided {
             scales.extend(std::iter::repeat((base_scale / opts.attn_temp) as f32).take(n));
         }
-        let host = self.device.is_cpu() && dtype == DType::F32;
-        let host_scales = scales.clone();
-        let scale = Tensor::from_vec(scales, nb, &self.device)?.to_dtype(dtype)?;
-        let total = self.blocks.len() * (t - 1);
-        let mut done = 0;
-        // Host copy of the tokens, updated one token at a time.
+        let scale = Tensor::from_vec(scales.clone(), scales.len(), &self.device)?.to_dtype(dtype)?;
+        let steps = Steps { guided, opts, done: 0, total: self.blocks.len() * (t - 1) };
+        // CPU f32: the host decoder; elsewhere candle ops with the KV caches and tokens on the device.
+        if ops::mode::current().fused && self.device.is_cpu() && dtype == DType::F32 {
+            self.decode_on_host(&z, labels, scales, steps, on_step)
+        } else {
+            self.decode_on_device(&z, labels, &scale, steps, on_step)
+        }
+    }
+
+    /// The class rows of a decoding batch: [conditional | mean class] when guided.
+    fn decoding_class(&self, block: &FlowBlock, labels: Option<&Tensor>, n: usize, guided: bool) -> Result<Option<Tensor>> {
+        let cond = block.class_embedding(labels, n)?;
+        Ok(match (cond, guided) {
+            (Some(c), true) => Some(Tensor::cat(&[&c, &block.class_embedding(None, n)?.unwrap()], 0)?),
+            (c, _) => c,
+        })
+    }
+
+    /// Causal decoding with the host decoder (ops/decode.rs), one token of every sample at a time.
+    fn decode_on_host(
+        &self,
+        z: &Tensor,
+        labels: Option<&Tensor>,
+        scales: Vec<f32>,
+        mut steps: Steps,
+        mut on_step: impl FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Tensor> {
+        let (n, t, d) = z.dims3()?;
+        let nb = scales.len();
         let mut x: Vec<f32> = z.flatten_all()?.to_vec1()?;
-        let heads = self.cfg.num_heads();
         for block in self.blocks.iter().rev() {
-            let class = {
-                let cond = block.class_embedding(labels, n)?;
-                match (cond, guided) {
-                    (Some(c), true) => Some(Tensor::cat(&[&c, &block.class_embedding(None, n)?.unwrap()], 0)?),
-                    (c, _) => c,
-                }
-            };
-            // CPU f32: the host decoder; elsewhere the candle ops with KV-cache tensors.
-            let host_block = if host { Some(block.host_decoder(class.as_ref())?) } else { None };
-            let mut decoder = host_block.as_ref().map(|hb| ops::BlockDecoder::new(hb, host_scales.clone())).transpose()?;
-            let mut caches = if host {
-                Vec::new()
-            } else {
-                (0..block.layers.len())
-                    .map(|_| -> Result<KvCache> {
-                        Ok(KvCache {
-                            k: Tensor::zeros((nb, heads, t, HEAD_DIM), dtype, &self.device)?,
-                            v: Tensor::zeros((nb, heads, t, HEAD_DIM), dtype, &self.device)?,
-                            len: 0,
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            };
+            let class = self.decoding_class(block, labels, n, steps.guided)?;
+            let host_block = block.host_decoder(class.as_ref())?;
+            let mut decoder = ops::BlockDecoder::new(&host_block, scales.clone())?;
             // Work in this block's token order.
             let perm = |i: usize| if block.flip { t - 1 - i } else { i };
             let (mut a, mut b) = (vec![0f32; nb * d], vec![0f32; nb * d]);
@@ -556,21 +582,13 @@ impl TarFlow {
                     let off = (s * t + perm(i)) * d;
                     tok[s * d..(s + 1) * d].copy_from_slice(&x[off..off + d]);
                 }
-                if guided {
+                if steps.guided {
                     tok.copy_within(0..n * d, n * d);
                 }
-                match decoder.as_mut() {
-                    Some(dec) => dec.step(&tok, perm(i), &mut a, &mut b),
-                    None => {
-                        let tok = Tensor::from_slice(&tok, (nb, 1, d), &self.device)?.to_dtype(dtype)?;
-                        let (at, bt) = block.step(&tok, i, class.as_ref(), &mut caches, &scale)?;
-                        a = at.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-                        b = bt.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-                    }
-                }
-                if guided {
+                decoder.step(&tok, perm(i), &mut a, &mut b);
+                if steps.guided {
                     // a += g (a - a_u), b += g (b - b_u): conditional rows first, guiding rows after.
-                    let g = if opts.annealed { opts.guidance * (i + 1) as f64 / (t - 1) as f64 } else { opts.guidance } as f32;
+                    let g = steps.guidance_at(i, t) as f32;
                     for v in [&mut a, &mut b] {
                         let (cond, uncond) = v.split_at_mut(n * d);
                         cond.iter_mut().zip(uncond.iter()).for_each(|(c, u)| *c += (*c - u) * g);
@@ -583,11 +601,59 @@ impl TarFlow {
                         *xv = *xv * a[s * d + j].exp() + b[s * d + j];
                     }
                 }
-                done += 1;
-                on_step(done, total)?;
+                steps.advance(&mut on_step)?;
             }
         }
         Ok(Tensor::from_vec(x, (n, t, d), &self.device)?)
+    }
+
+    /// Causal decoding with candle ops: the KV caches, tokens and guidance stay on the model's device
+    /// (no host round trip per step, which would stall a GPU B*(T-1) times).
+    fn decode_on_device(
+        &self,
+        z: &Tensor,
+        labels: Option<&Tensor>,
+        scale: &Tensor,
+        mut steps: Steps,
+        mut on_step: impl FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Tensor> {
+        let (n, t, _) = z.dims3()?;
+        let nb = scale.dim(0)?;
+        let dtype = self.blocks[0].pos_embed.dtype();
+        let heads = self.cfg.num_heads();
+        let mut x = z.clone();
+        for block in self.blocks.iter().rev() {
+            let class = self.decoding_class(block, labels, n, steps.guided)?;
+            let mut caches = (0..block.layers.len())
+                .map(|_| -> Result<KvCache> {
+                    Ok(KvCache {
+                        k: Tensor::zeros((nb, heads, t, HEAD_DIM), dtype, &self.device)?,
+                        v: Tensor::zeros((nb, heads, t, HEAD_DIM), dtype, &self.device)?,
+                        len: 0,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            // Tokens in this block's order, (N, 1, D) each, f32.
+            let xp = block.permute(&x, 1)?;
+            let mut tokens = (0..t).map(|i| xp.narrow(1, i, 1)).collect::<candle_core::Result<Vec<_>>>()?;
+            for i in 0..t - 1 {
+                let tok = if steps.guided { Tensor::cat(&[&tokens[i], &tokens[i]], 0)? } else { tokens[i].clone() };
+                let (a, b) = block.step(&tok.to_dtype(dtype)?, i, class.as_ref(), &mut caches, scale)?;
+                let (mut a, mut b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+                if steps.guided {
+                    let g = steps.guidance_at(i, t);
+                    let guide = |v: &Tensor| -> Result<Tensor> {
+                        let (c, u) = (v.narrow(0, 0, n)?, v.narrow(0, n, n)?);
+                        Ok((&c + ((&c - u)? * g)?)?)
+                    };
+                    (a, b) = (guide(&a)?, guide(&b)?);
+                }
+                tokens[i + 1] = tokens[i + 1].broadcast_mul(&a.exp()?.unsqueeze(1)?)?.broadcast_add(&b.unsqueeze(1)?)?;
+                steps.advance(&mut on_step)?;
+            }
+            x = block.permute(&Tensor::cat(&tokens, 1)?, 1)?;
+        }
+        Ok(x)
     }
 
     /// The exact inverse to images: z tokens (N, T, D) -> (N, C, H, W).

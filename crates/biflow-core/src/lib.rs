@@ -5,6 +5,7 @@ pub mod bpd;
 pub mod bundle;
 pub mod data;
 pub mod demo;
+pub mod device;
 pub mod distill;
 pub mod edit;
 pub mod eval_reverse;

@@ -38,6 +38,7 @@ mod gelu;
 mod gemm;
 mod layer_norm;
 mod linear;
+pub mod mode;
 
 pub use attention::{attention, attention_reference};
 pub use gelu::gelu;
@@ -77,7 +78,7 @@ pub fn tune_allocator() {
 }
 
 fn fused(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
+    mode::current().fused && t.device().is_cpu() && t.dtype() == DType::F32
 }
 
 /// The contiguous f32 slice of a storage/layout pair.

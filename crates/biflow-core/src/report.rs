@@ -81,7 +81,7 @@ fn compare(run: &Run, n: usize, ctx: &JobCtx) -> Result<Value> {
     let methods: &[&str] = if run.is_distilled() { &["reverse", "exact"] } else { &["exact"] };
     let mut out = serde_json::Map::new();
     for m in methods {
-        let mut s = Sampler::new(&SampleOptions::streaming(&run.dir.display().to_string(), Some(m.to_string()), n, 0, 0.0))?;
+        let mut s = Sampler::new(&SampleOptions::streaming(&run.dir.display().to_string(), Some(m.to_string()), n, 0, 0.0), &candle_core::Device::Cpu)?;
         let steps = s.steps_per_batch() as u64;
         ctx.start(&format!("compare {m}"), Some(steps));
         let t0 = Instant::now();

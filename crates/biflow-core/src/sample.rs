@@ -51,6 +51,11 @@ pub struct SampleOptions {
     /// Write into a non-empty --out folder.
     #[serde(default)]
     pub force: bool,
+    /// `--device` and `--precision` (device.rs); default auto and f32.
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub precision: Option<String>,
 }
 
 impl SampleOptions {
@@ -72,6 +77,8 @@ impl SampleOptions {
             format: default_format(),
             batch_size: None,
             force: false,
+            device: None,
+            precision: None,
         }
     }
 }
@@ -100,7 +107,8 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn new(o: &SampleOptions) -> Result<Sampler> {
+    /// A sampler on `device` (the caller's placement; `o.device` is read by the sample job only).
+    pub fn new(o: &SampleOptions, device: &Device) -> Result<Sampler> {
         ensure!(o.guidance.is_finite() && o.guidance >= 0.0, "--guidance must be a number >= 0");
         let run = crate::run::Run::open(Path::new(&o.model))?;
         let reverse = match o.method.as_str() {
@@ -117,7 +125,7 @@ impl Sampler {
             }
             m => bail!("unknown sampling method '{m}': use reverse or exact"),
         };
-        let model = run.load_flow(&Device::Cpu)?;
+        let model = run.load_flow(device)?;
         let cfg = model.config().clone();
         let (t, d) = (cfg.num_tokens(), cfg.token_dim());
         let (n, given_noise) = match &o.noise {
@@ -138,7 +146,7 @@ impl Sampler {
         ensure!(n > 0, "nothing to sample: --num must be at least 1");
         let labels = make_labels(&o.labels, n, cfg.num_classes)?;
         let method = if reverse {
-            let g = run.load_reverse(&Device::Cpu)?;
+            let g = run.load_reverse(device)?;
             ensure!(o.guidance == 0.0 || g.config().guided(), "--guidance needs a class-conditional model; this one is unconditional");
             ensure!(!o.annealed && o.attn_temp == 1.0, "--annealed and --attn-temp apply to --method exact only (G takes the guidance scale as an input)");
             Method::Reverse(g, o.guidance)
@@ -215,9 +223,10 @@ impl Sampler {
             Some(all) => all[lo * t * d..(lo + m) * t * d].to_vec(),
             None => (0..m * t * d).map(|_| StandardNormal.sample(&mut self.rng)).collect(),
         };
-        let z = Tensor::from_vec(noise, (m, t, d), &Device::Cpu)?;
+        let device = self.model.device();
+        let z = Tensor::from_vec(noise, (m, t, d), device)?;
         let y = match &self.labels {
-            Some(l) => Some(Tensor::from_vec(l[lo..lo + m].to_vec(), m, &Device::Cpu)?),
+            Some(l) => Some(Tensor::from_vec(l[lo..lo + m].to_vec(), m, device)?),
             None => None,
         };
         let mut on_step = on_step;
@@ -344,8 +353,9 @@ pub(crate) fn ensure_empty_out(out: &Path, force: bool) -> Result<()> {
 pub fn sample(o: SampleOptions, ctx: &JobCtx) -> Result<Value> {
     ensure!(matches!(o.format.as_str(), "png" | "npz" | "npy"), "unknown format '{}': use png, npz or npy", o.format);
     let out = PathBuf::from(&o.out);
+    let on = crate::device::place(o.device.as_deref(), o.precision.as_deref())?;
     ensure_empty_out(&out, o.force)?;
-    let mut sampler = Sampler::new(&o)?;
+    let mut sampler = Sampler::new(&o, &on.device)?;
     let cfg = sampler.config().clone();
     let (n, labels, denoise_on, sigma) = (sampler.len(), sampler.labels().map(<[i64]>::to_vec), sampler.denoises(), sampler.sigma);
     let bs = o.batch_size.unwrap_or(64).max(1);

@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -16,6 +16,7 @@ use serde_json::{json, Map, Value};
 
 use crate::flow::{bits_per_dim, nll_loss, FlowConfig, FlowOutput, TarFlow};
 use crate::job::JobCtx;
+use crate::device::DeviceArgs;
 use crate::nll_grad::NllGrad;
 use crate::run::{Run, RunConfig};
 use crate::trainer::{self, load_checkpoint, open_data, Fit, Limited, Objective, RunLock, Schedule, Slot, StepOutput, TrainData};
@@ -101,6 +102,8 @@ pub struct TrainArgs {
     pub debug_nan_at_step: Option<u64>,
     /// The command line, recorded in RUN/history.jsonl.
     pub command: Option<String>,
+    /// `--device` and `--precision`: where this session runs (not part of the run's config).
+    pub on: DeviceArgs,
 }
 
 impl TrainArgs {
@@ -126,9 +129,10 @@ impl TrainArgs {
         };
         let debug_nan_at_step = map.remove("debugNanAtStep").and_then(|v| v.as_u64());
         let command = map.remove("commandLine").and_then(|v| v.as_str().map(str::to_string));
+        let on = DeviceArgs::take(&mut map)?;
         map.retain(|_, v| !v.is_null());
         let settings: TrainSettings = serde_json::from_value(Value::Object(map)).context("invalid train options")?;
-        Ok(TrainArgs { out, resume, config, settings, debug_nan_at_step, command })
+        Ok(TrainArgs { out, resume, config, settings, debug_nan_at_step, command, on })
     }
 }
 
@@ -437,7 +441,8 @@ pub fn train_job(options: Value, ctx: &JobCtx) -> Result<Value> {
 
 /// Train on `data`: a new run in `args.out`, or continue it with `args.resume`.
 pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, data: &dyn TrainData, ctx: &JobCtx) -> Result<Value> {
-    let device = Device::Cpu;
+    let on = args.on.place()?;
+    let device = on.device.clone();
     if args.resume {
         Run::open(&args.out).context("--resume needs an existing run folder as --out")?;
     }

@@ -35,7 +35,7 @@ fn forward_run() -> &'static Path {
             seed: Some(1),
             ..Default::default()
         };
-        let args = TrainArgs { out: out.clone(), resume: false, config: None, settings: s.clone(), debug_nan_at_step: None, command: None };
+        let args = TrainArgs { out: out.clone(), resume: false, config: None, settings: s.clone(), debug_nan_at_step: None, command: None, on: Default::default() };
         train_with(&args, &s, "toy", &toy_data(256, 3), &JobCtx::silent()).unwrap();
         (dir, out)
     })
@@ -58,7 +58,7 @@ fn settings(forward: &Path, steps: u64) -> DistillSettings {
 }
 
 fn distill(out: &Path, resume: bool, s: DistillSettings, ctx: &JobCtx) -> anyhow::Result<serde_json::Value> {
-    let args = DistillArgs { out: out.to_path_buf(), resume, settings: s, debug_nan_at_step: None, command: None };
+    let args = DistillArgs { out: out.to_path_buf(), resume, settings: s, debug_nan_at_step: None, command: None, on: Default::default() };
     distill_with(&args, "toy", &toy_data(256, 3), ctx)
 }
 
@@ -120,7 +120,7 @@ fn bad_forward_runs_and_data_are_clear_errors() {
     let e = err(settings(dir.path(), 5), "x1");
     assert!(e.contains("not a biflow run"), "{e}");
     // Data of another shape than F's.
-    let args = DistillArgs { out: dir.path().join("x2"), resume: false, settings: settings(forward_run(), 5), debug_nan_at_step: None, command: None };
+    let args = DistillArgs { out: dir.path().join("x2"), resume: false, settings: settings(forward_run(), 5), debug_nan_at_step: None, command: None, on: Default::default() };
     let mut small = toy_data(64, 1);
     small.size = 4;
     small.images.truncate(64 * 16);
@@ -168,7 +168,7 @@ fn copy_dir(from: &Path, to: &Path) {
 fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("g");
-    let args = DistillArgs { out: out.clone(), resume: false, settings: settings(forward_run(), 30), debug_nan_at_step: Some(15), command: None };
+    let args = DistillArgs { out: out.clone(), resume: false, settings: settings(forward_run(), 30), debug_nan_at_step: Some(15), command: None, on: Default::default() };
     let e = format!("{:#}", distill_with(&args, "toy", &toy_data(256, 3), &JobCtx::silent()).unwrap_err());
     assert!(e.contains("loss became NaN at step 15") && e.contains("step-00000010"), "{e}");
     assert_eq!(Run::open(&out).unwrap().latest_checkpoint().unwrap().unwrap().step, 10);

@@ -29,7 +29,7 @@ fn settings(steps: u64) -> TrainSettings {
 }
 
 fn args(out: &Path, resume: bool, s: &TrainSettings) -> TrainArgs {
-    TrainArgs { out: out.to_path_buf(), resume, config: None, settings: s.clone(), debug_nan_at_step: None, command: None }
+    TrainArgs { out: out.to_path_buf(), resume, config: None, settings: s.clone(), debug_nan_at_step: None, command: None, on: Default::default() }
 }
 
 #[test]

@@ -29,8 +29,8 @@ pub fn attention_reference(qkv: &Tensor, heads: usize, scale: f64, causal: bool)
     // (N, T, 3, H, hd) -> (3, N, H, T, hd).
     let qkv = qkv.reshape((n, t, 3, heads, c / heads))?.permute((2, 0, 3, 1, 4))?;
     let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
-    let att = softmax_reference(&q.matmul(&k.t()?)?, scale, causal)?;
-    Ok(att.matmul(&v)?.transpose(1, 2)?.reshape((n, t, c))?)
+    let att = softmax_reference(&super::mode::matmul(&q, &k.t()?)?, scale, causal)?;
+    Ok(super::mode::matmul(&att, &v)?.transpose(1, 2)?.reshape((n, t, c))?)
 }
 
 /// softmax(scale * s) over the last dimension, with a causal mask (key j > query i gets weight 0)

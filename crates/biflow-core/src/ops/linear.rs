@@ -21,7 +21,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub fn linear_reference(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (d_out, d_in) = w.dims2()?;
     let mut dims = x.dims().to_vec();
-    let y = x.reshape(((), d_in))?.matmul(&w.t()?)?.broadcast_add(b)?;
+    let y = super::mode::matmul(&x.reshape(((), d_in))?, &w.t()?)?.broadcast_add(b)?;
     *dims.last_mut().unwrap() = d_out;
     Ok(y.reshape(dims)?)
 }

@@ -140,7 +140,8 @@ pub fn fit(f: Fit, objective: &mut dyn Objective, ctx: &JobCtx) -> Result<Fitted
 
 fn fit_inner(f: Fit, objective: &mut dyn Objective, ctx: &JobCtx, last_step: &std::cell::Cell<u64>) -> Result<Fitted> {
     let Fit { run, lock: _, data, schedule: s, options, model, mut slots, resume, phase: phase_name, debug_nan_at_step, command } = f;
-    let device = Device::Cpu;
+    // The model's device (the slots' host copies hold the master weights and optimizer state).
+    let device = slots.first().map(|s| s.var.device().clone()).unwrap_or(Device::Cpu);
     let mut adam = AdamW::new(AdamWConfig { beta1: s.beta1, beta2: s.beta2, eps: 1e-8, weight_decay: s.weight_decay });
     let mut loader = Loader::new(s.seed, data.len(), s.batch_size);
     let mut rng = ChaCha8Rng::seed_from_u64(s.seed);

@@ -1,0 +1,68 @@
+//! How the ops of this thread run: the fused CPU kernels or their composed references, and the dtype
+//! of matrix products. A job sets it once for its own thread (the one that builds and differentiates
+//! the graph); tests use it to run the composed path, which is what a GPU runs, on the CPU.
+
+use std::cell::Cell;
+
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+
+use crate::device::Precision;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mode {
+    /// Use the fused kernels where the data allows (CPU, f32).
+    pub fused: bool,
+    /// Matrix products run in this dtype (inputs cast, result cast back).
+    pub matmul: DType,
+}
+
+thread_local! {
+    static MODE: Cell<Mode> = const { Cell::new(Mode { fused: true, matmul: DType::F32 }) };
+}
+
+/// The mode of this thread.
+pub fn current() -> Mode {
+    MODE.with(Cell::get)
+}
+
+/// Restores the previous mode when dropped.
+#[must_use = "the mode lasts as long as the guard"]
+pub struct ModeGuard(Mode);
+
+impl Drop for ModeGuard {
+    fn drop(&mut self) {
+        MODE.with(|m| m.set(self.0));
+    }
+}
+
+fn enter(mode: Mode) -> ModeGuard {
+    ModeGuard(MODE.with(|m| m.replace(mode)))
+}
+
+/// Run the composed references instead of the fused kernels (the path a GPU takes).
+pub fn composed() -> ModeGuard {
+    enter(Mode {
+        fused: false,
+        ..current()
+    })
+}
+
+/// Matrix products in the precision's dtype.
+pub fn precision(p: Precision) -> ModeGuard {
+    enter(Mode {
+        matmul: p.matmul_dtype(),
+        ..current()
+    })
+}
+
+/// a @ b in this thread's matmul dtype, returned in a's dtype.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let dt = current().matmul;
+    if dt == a.dtype() {
+        return Ok(a.matmul(b)?);
+    }
+    Ok(a.to_dtype(dt)?
+        .matmul(&b.to_dtype(dt)?)?
+        .to_dtype(a.dtype())?)
+}
