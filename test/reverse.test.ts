@@ -149,4 +149,42 @@ describe('biflow distill / sample --method reverse / eval-reverse / edit', () =>
     expect(help.stdout).toContain('hidden')
     expect(help.stdout).toContain('--cfg-range')
   })
+  it('refuses a device this build or machine cannot give, clearly and before writing anything', () => {
+    const doctor = runJson<{features: string[]; cuda: {built: boolean; devices: string[]}; threads: number; defaultDevice: string}>(['doctor'])
+    expect(doctor.threads).toBeGreaterThan(0)
+    const img = join(dir, 'dev-in.png')
+    writeGreyPng(img, 16, (x) => x * 16)
+    const out = (name: string) => join(dir, `dev-${name}`)
+    const jobs: string[][] = [
+      ['train', '--data', data, '--out', out('train'), '--steps', '2'],
+      ['distill', '--forward', f, '--data', data, '--out', out('distill'), '--steps', '2'],
+      ['sample', '--model', g, '--num', '2', '--out', out('sample')],
+      ['edit', '--model', g, '--image', img, '--to-class', '1', '--out', out('edit')],
+      ['eval-bpd', '--model', f, '--data', data],
+      ['eval-reverse', '--model', g, '--data', data],
+      ['eval-fid', g, '--num', '2', '--save-stats', `${out('fid')}.npz`],
+    ]
+    for (const job of jobs) {
+      if (!doctor.cuda.built) {
+        const r = runCli([...job, '--device', 'cuda'])
+        expect(r.code, job[0]).not.toBe(0)
+        expect(r.stderr, job[0]).toContain('built without CUDA')
+      } else if (doctor.cuda.devices.length === 0) {
+        expect(runCli([...job, '--device', 'cuda']).stderr, job[0]).toContain('--device cpu')
+      }
+
+      const bad = runCli([...job, '--device', 'cuda:x'])
+      expect(bad.code, job[0]).not.toBe(0)
+      expect(bad.stderr, job[0]).toContain('expected auto, cpu, cuda or cuda:N')
+      const bf16 = runCli([...job, '--device', 'cpu', '--precision', 'bf16'])
+      expect(bf16.code, job[0]).not.toBe(0)
+      expect(bf16.stderr, job[0]).toContain('bf16 runs on CUDA only')
+    }
+
+    for (const name of ['train', 'distill', 'sample', 'edit', 'fid.npz']) expect(existsSync(out(name)), name).toBe(false)
+    if (!doctor.cuda.built) {
+      expect(doctor.features).toEqual([])
+      expect(doctor.defaultDevice).toBe('cpu')
+    }
+  })
 })

@@ -1,6 +1,7 @@
 import {Flags} from '@oclif/core'
 
 import {BiflowCommand} from '../lib/command.js'
+import {deviceFlags, deviceOptions} from '../lib/device.js'
 
 interface DistillResult {
   run: string
@@ -42,6 +43,7 @@ same way. Ablations of the paper: --loss naive|hidden, --align-norm none, --deno
   ]
 
   static flags = {
+    ...deviceFlags,
     forward: Flags.string({description: 'the forward run F (from `biflow train` or `biflow import tarflow`)'}),
     data: Flags.string({description: "prepared dataset folder with F's image size and classes; on --resume defaults to the run's"}),
     out: Flags.string({required: true, description: 'run folder to create (or to continue with --resume)'}),
@@ -82,6 +84,7 @@ same way. Ablations of the paper: --loss naive|hidden, --align-norm none, --deno
     }
 
     const result = await this.job<DistillResult>('distill', {
+      ...deviceOptions(flags),
       forward: flags.forward,
       data: flags.data,
       out: flags.out,

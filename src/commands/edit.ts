@@ -1,6 +1,7 @@
 import {Flags} from '@oclif/core'
 
 import {BiflowCommand} from '../lib/command.js'
+import {deviceFlags, deviceOptions} from '../lib/device.js'
 
 interface EditResult {
   out: string
@@ -22,6 +23,7 @@ input.png, edit-NNN.png and grid.png (the input first).`
   ]
 
   static flags = {
+    ...deviceFlags,
     model: Flags.string({description: 'the distilled run (biflow distill)', required: true}),
     image: Flags.string({description: "the image to edit (PNG/JPEG/WebP, the model's size)", required: true}),
     mask: Flags.string({description: 'inpainting mask, same size: black = keep, white = redraw', exactlyOne: ['mask', 'to-class']}),
@@ -36,6 +38,7 @@ input.png, edit-NNN.png and grid.png (the input first).`
   async run(): Promise<EditResult> {
     const {flags} = await this.parse(Edit)
     const r = await this.job<EditResult>('edit', {
+      ...deviceOptions(flags),
       model: flags.model,
       image: flags.image,
       mask: flags.mask,

@@ -1,6 +1,7 @@
 import {Flags} from '@oclif/core'
 
 import {BiflowCommand} from '../lib/command.js'
+import {deviceFlags, deviceOptions} from '../lib/device.js'
 
 interface BpdResult {
   bpd: number
@@ -16,6 +17,7 @@ export default class EvalBpd extends BiflowCommand {
     '<%= config.bin %> eval-bpd --model runs/tiny --input x.npy --per-sample --json',
   ]
   static flags = {
+    ...deviceFlags,
     model: Flags.string({description: 'the run folder (trained or imported)', required: true}),
     data: Flags.string({description: 'a prepared dataset folder (biflow data prepare)', exactlyOne: ['data', 'input']}),
     input: Flags.string({description: 'float32 images N,C,H,W in [-1,1] (.npy), already dequantised', exactlyOne: ['data', 'input']}),
@@ -28,6 +30,7 @@ export default class EvalBpd extends BiflowCommand {
   async run(): Promise<BpdResult> {
     const {flags} = await this.parse(EvalBpd)
     const result = await this.job<BpdResult>('eval-bpd', {
+      ...deviceOptions(flags),
       model: flags.model,
       data: flags.data,
       input: flags.input,

@@ -1,6 +1,7 @@
 import {Args, Flags} from '@oclif/core'
 
 import {BiflowCommand} from '../lib/command.js'
+import {deviceFlags, deviceOptions} from '../lib/device.js'
 
 interface SideInfo {
   path: string
@@ -49,6 +50,7 @@ BIFLOW_INCEPTION_WEIGHTS variable, then ~/.cache/biflow/pt_inception-2015-12-05-
   }
 
   static flags = {
+    ...deviceFlags,
     'inception-weights': Flags.string({
       description: 'FID Inception weights (.pth legacy or zip, or .safetensors); default $BIFLOW_INCEPTION_WEIGHTS, then ~/.cache/biflow/',
     }),
@@ -69,6 +71,7 @@ BIFLOW_INCEPTION_WEIGHTS variable, then ~/.cache/biflow/pt_inception-2015-12-05-
       this.error('give a REFERENCE to compute the FID, or --save-stats OUT.npz, or --is', {exit: 2})
     }
     const r = await this.job<EvalFidResult>('fid.eval', {
+      ...deviceOptions(flags),
       source: args.source,
       reference: args.reference,
       inceptionWeights: flags['inception-weights'],

@@ -1,6 +1,7 @@
 import {Flags} from '@oclif/core'
 
 import {BiflowCommand} from '../lib/command.js'
+import {deviceFlags, deviceOptions} from '../lib/device.js'
 
 interface EvalReverseResult {
   num: number
@@ -27,6 +28,7 @@ Reports the MSE and PSNR of G(F(x + sigma*eps)) against x, the distance between 
   ]
 
   static flags = {
+    ...deviceFlags,
     model: Flags.string({description: 'the distilled run (biflow distill)', required: true}),
     data: Flags.string({description: "a prepared dataset with F's image size", required: true}),
     split: Flags.string({description: 'dataset split [default: val when the dataset has one]', options: ['val', 'train']}),
@@ -39,6 +41,7 @@ Reports the MSE and PSNR of G(F(x + sigma*eps)) against x, the distance between 
   async run(): Promise<EvalReverseResult> {
     const {flags} = await this.parse(EvalReverse)
     const r = await this.job<EvalReverseResult>('eval-reverse', {
+      ...deviceOptions(flags),
       model: flags.model,
       data: flags.data,
       split: flags.split,

@@ -1,6 +1,7 @@
 import {Flags} from '@oclif/core'
 
 import {BiflowCommand} from '../lib/command.js'
+import {deviceFlags, deviceOptions} from '../lib/device.js'
 
 interface SampleResult {
   out: string
@@ -30,6 +31,7 @@ after loading) and imagesPerSecond.`
     '<%= config.bin %> sample --model runs/tiny --noise z.npy --format npy --out decoded/ --denoise none',
   ]
   static flags = {
+    ...deviceFlags,
     model: Flags.string({description: 'the run folder (distilled, trained or imported)', required: true}),
     out: Flags.string({description: 'output folder', required: true}),
     num: Flags.integer({description: 'number of images (default 16, or the number of --noise tokens)', min: 1}),
@@ -63,6 +65,7 @@ after loading) and imagesPerSecond.`
       })
     }
     const result = await this.job<SampleResult>('sample', {
+      ...deviceOptions(flags),
       model: flags.model,
       out: flags.out,
       num: flags.num,

@@ -1,6 +1,7 @@
 import {Flags} from '@oclif/core'
 
 import {BiflowCommand} from '../lib/command.js'
+import {deviceFlags, deviceOptions} from '../lib/device.js'
 
 interface TrainResult {
   run: string
@@ -35,6 +36,7 @@ from --config FILE.json (same names in camelCase), then the defaults.`
   ]
 
   static flags = {
+    ...deviceFlags,
     data: Flags.string({description: 'prepared dataset folder (from `biflow data prepare`); on --resume defaults to the run\'s'}),
     out: Flags.string({required: true, description: 'run folder to create (or to continue with --resume)'}),
     resume: Flags.boolean({description: 'continue the run in --out from its newest checkpoint'}),
@@ -68,6 +70,7 @@ from --config FILE.json (same names in camelCase), then the defaults.`
     const num = (name: string, v: string | undefined) => this.number(name, v)
 
     const result = await this.job<TrainResult>('train', {
+      ...deviceOptions(flags),
       data: flags.data,
       out: flags.out,
       resume: flags.resume || undefined,

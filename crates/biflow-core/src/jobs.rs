@@ -30,6 +30,7 @@ pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
         "sample" => crate::sample::sample(opts(name, options)?, ctx),
         "eval-bpd" => crate::bpd::eval_bpd(opts(name, options)?, ctx),
         "runs" => crate::runs::runs(opts(name, options)?),
+        "doctor" => Ok(crate::device::doctor()),
         "demo" => crate::demo::demo(opts(name, options)?, ctx),
         "report" => crate::report::report(opts(name, options)?, ctx),
         "bundle.stage" => crate::bundle::stage(opts(name, options)?, ctx),

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
+use candle_core::Device;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -48,6 +49,11 @@ pub struct EvalOptions {
     /// distilled run, else exact).
     #[serde(default)]
     pub method: Option<String>,
+    /// `--device` and `--precision` (device.rs): where model runs sample.
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub precision: Option<String>,
 }
 
 /// What a side (source or reference) turned out to be.
@@ -56,7 +62,7 @@ enum Side {
     Images(Box<dyn ImageSource>),
 }
 
-fn open_side(spec: &str, o: &EvalOptions) -> Result<(Side, &'static str)> {
+fn open_side(spec: &str, o: &EvalOptions, device: &Device) -> Result<(Side, &'static str)> {
     let (split, num) = (o.split.as_deref(), o.num);
     let path = Path::new(spec);
     ensure!(
@@ -79,7 +85,7 @@ fn open_side(spec: &str, o: &EvalOptions) -> Result<(Side, &'static str)> {
     }
     if path.join("config.json").is_file() && path.join("weights.safetensors").is_file() {
         let n = num.with_context(|| format!("{spec} is a model run: give --num N, the number of samples to score"))?;
-        return Ok((Side::Images(Box::new(RunSource::open(path, o.method.clone(), n, o.seed, o.guidance)?)), "run"));
+        return Ok((Side::Images(Box::new(RunSource::open(path, o.method.clone(), n, o.seed, o.guidance, device)?)), "run"));
     }
     if path.join("manifest.json").is_file() {
         return Ok((Side::Images(limit(super::dataset_source(path, split)?)), "dataset"));
@@ -188,9 +194,10 @@ pub fn eval(o: EvalOptions, ctx: &JobCtx) -> Result<Value> {
     if let Some(s) = &o.split {
         ensure!(s == "train" || s == "val", "--split must be 'train' or 'val', not '{s}'");
     }
-    let (src, src_kind) = open_side(&o.source, &o)?;
+    let on = crate::device::place(o.device.as_deref(), o.precision.as_deref())?;
+    let (src, src_kind) = open_side(&o.source, &o, &on.device)?;
     let reference = match &o.reference {
-        Some(r) => Some(open_side(r, &o)?),
+        Some(r) => Some(open_side(r, &o, &on.device)?),
         None => None,
     };
     if o.is && matches!(src, Side::Stats(_)) {

@@ -262,9 +262,9 @@ pub struct RunSource {
 }
 
 impl RunSource {
-    pub fn open(run: &Path, method: Option<String>, num: usize, seed: u64, guidance: f64) -> Result<Self> {
+    pub fn open(run: &Path, method: Option<String>, num: usize, seed: u64, guidance: f64, device: &candle_core::Device) -> Result<Self> {
         let o = crate::sample::SampleOptions::streaming(&run.display().to_string(), method, num, seed, guidance);
-        let sampler = crate::sample::Sampler::new(&o, &candle_core::Device::Cpu)?;
+        let sampler = crate::sample::Sampler::new(&o, device)?;
         let c = sampler.config().in_channels;
         ensure!(c == 1 || c == 3, "FID needs grey or RGB images; the model at {} makes {c} channels", run.display());
         let what = format!("{num} {} samples of {}", sampler.method(), run.display());
