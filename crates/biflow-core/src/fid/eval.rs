@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::frechet::{frechet_distance, Gaussian};
-use super::inception::{preprocess_image, FidInception, FEATURES};
+use super::inception::{preprocess_image, FeatureNet, FEATURES};
 use super::source::{ArraySource, FolderSource, ImageSource, Limited, RunSource};
 use super::stats::{is_stats_npz, load_stats, save_stats, StatsAccumulator};
 use crate::job::JobCtx;
@@ -115,7 +115,7 @@ pub struct Scored {
 }
 
 /// Run the network over a source, batch by batch, accumulating statistics in float64.
-pub fn score_source(net: &FidInception, src: &mut dyn ImageSource, batch: usize, keep_probs: bool, ctx: &JobCtx) -> Result<Scored> {
+pub fn score_source(net: &dyn FeatureNet, src: &mut dyn ImageSource, batch: usize, keep_probs: bool, ctx: &JobCtx) -> Result<Scored> {
     let total = src.len().map(|n| n as u64);
     let t0 = Instant::now();
     ctx.start(&format!("inception features: {}", src.describe()), total);
@@ -127,12 +127,12 @@ pub fn score_source(net: &FidInception, src: &mut dyn ImageSource, batch: usize,
             use rayon::prelude::*;
             images.par_iter().map(preprocess_image).collect()
         };
-        let outs = net.forward(&xs, keep_probs);
+        let outs = net.features(&xs, keep_probs)?;
         let feats: Vec<Vec<f32>> = outs.iter().map(|o| o.features.clone()).collect();
         acc.add(&feats);
         if keep_probs {
             for o in outs {
-                probs.push(softmax(o.logits.as_ref().unwrap()));
+                probs.push(softmax(o.logits.as_ref().context("the Inception network gave no logits")?));
             }
         }
         let done = acc.count();
@@ -183,7 +183,8 @@ pub fn inception_score(probs: &[Vec<f32>], splits: usize) -> Result<(f64, f64)> 
     Ok((mean, var.sqrt()))
 }
 
-pub fn eval(o: EvalOptions, ctx: &JobCtx) -> Result<Value> {
+/// Run the job; the network runs on `device` (the hand-written CPU network when it is the CPU).
+pub fn eval(o: EvalOptions, device: &Device, ctx: &JobCtx) -> Result<Value> {
     ensure!(
         o.reference.is_some() || o.save_stats.is_some() || o.is,
         "nothing to do: give a REFERENCE to compute the FID, --save-stats OUT.npz, or --is"
@@ -208,7 +209,7 @@ pub fn eval(o: EvalOptions, ctx: &JobCtx) -> Result<Value> {
     let net = if needs_net {
         let path = super::weights::resolve(o.inception_weights.as_deref().map(Path::new))?;
         ctx.message(format!("Inception weights: {}", path.display()));
-        let net = super::weights::load(&path)?;
+        let net = super::weights::load_net(&path, device)?;
         weights_used = Some(path.display().to_string());
         Some(net)
     } else {
@@ -219,7 +220,8 @@ pub fn eval(o: EvalOptions, ctx: &JobCtx) -> Result<Value> {
         match side {
             Side::Stats(g) => Ok((g, json!({"path": spec, "kind": kind}), Vec::new())),
             Side::Images(mut s) => {
-                let r = score_source(net.as_ref().unwrap(), s.as_mut(), batch, keep_probs, ctx)?;
+                let net = net.as_deref().context("the Inception network was not loaded")?;
+                let r = score_source(net, s.as_mut(), batch, keep_probs, ctx)?;
                 let info = json!({
                     "path": spec, "kind": kind, "images": r.count, "seconds": r.seconds,
                     "imagesPerSecond": r.count as f64 / r.seconds.max(1e-9),

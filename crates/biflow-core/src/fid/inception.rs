@@ -280,6 +280,56 @@ fn pool3_same(x: &Act, max: bool) -> Act {
     out
 }
 
+/// One convolution with batch norm folded in: weight OIHW (`[cout][cin][kh][kw]`) and bias, float32.
+pub struct FoldedConv {
+    pub spec: ConvSpec,
+    pub w: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+/// The network's weights ready for inference, whatever runs them: the convolutions of [`conv_specs`] in
+/// order, and the fc layer (`[CLASSES][FEATURES]`, `[CLASSES]`).
+pub struct FoldedWeights {
+    pub convs: Vec<FoldedConv>,
+    pub fc_w: Vec<f32>,
+    pub fc_b: Vec<f32>,
+}
+
+/// Check named tensors (shape, f32 data), as read from a .pth or .safetensors file, and fold batch norm
+/// (inference mode, eps 0.001) into the convolutions, in float64. Every tensor of [`tensor_specs`] must be
+/// present with its shape; a `module.` prefix, `num_batches_tracked` and other extras are ignored.
+pub fn fold_tensors(tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Result<FoldedWeights> {
+    let mut map: HashMap<String, (Vec<usize>, Vec<f32>)> =
+        tensors.into_iter().map(|(n, s, d)| (n.strip_prefix("module.").map(str::to_string).unwrap_or(n), (s, d))).collect();
+    for (name, shape) in tensor_specs() {
+        match map.get(&name) {
+            None => bail!("the weights have no tensor '{name}': not the FID Inception weights (pt_inception-2015-12-05)"),
+            Some((s, d)) => {
+                ensure!(s == &shape, "tensor '{name}' has shape {s:?}, expected {shape:?}");
+                ensure!(d.len() == shape.iter().product::<usize>(), "tensor '{name}' has the wrong number of values");
+            }
+        }
+    }
+    let mut take = |n: String| map.remove(&n).map(|t| t.1).with_context(|| format!("the weights have no tensor '{n}'"));
+    let mut convs = Vec::new();
+    for spec in conv_specs() {
+        let w = take(format!("{}.conv.weight", spec.name))?;
+        let gamma = take(format!("{}.bn.weight", spec.name))?;
+        let beta = take(format!("{}.bn.bias", spec.name))?;
+        let mean = take(format!("{}.bn.running_mean", spec.name))?;
+        let var = take(format!("{}.bn.running_var", spec.name))?;
+        let mut wf = Vec::with_capacity(w.len());
+        let mut bf = Vec::with_capacity(spec.cout);
+        for (co, filter) in w.chunks_exact(spec.cin * spec.k.0 * spec.k.1).enumerate() {
+            let scale = gamma[co] as f64 / (var[co] as f64 + BN_EPS).sqrt();
+            bf.push((beta[co] as f64 - mean[co] as f64 * scale) as f32);
+            wf.extend(filter.iter().map(|&v| (v as f64 * scale) as f32));
+        }
+        convs.push(FoldedConv { spec: *spec, w: wf, b: bf });
+    }
+    Ok(FoldedWeights { convs, fc_w: take("fc.weight".into())?, fc_b: take("fc.bias".into())? })
+}
+
 /// The network with its weights (batch norm folded), ready for inference.
 pub struct FidInception {
     convs: HashMap<&'static str, Conv>,
@@ -293,52 +343,55 @@ pub struct Output {
     pub logits: Option<Vec<f32>>,
 }
 
+/// A network that turns preprocessed images into [`Output`]s: [`FidInception`] on the CPU, or
+/// [`super::net::DeviceInception`] on any candle device.
+pub trait FeatureNet: Send + Sync {
+    fn features(&self, xs: &[Act], logits: bool) -> Result<Vec<Output>>;
+}
+
+/// Check that `xs` are preprocessed network inputs (299x299x3), so that a bad one is an error, not a panic.
+pub fn check_inputs(xs: &[Act]) -> Result<()> {
+    for (i, x) in xs.iter().enumerate() {
+        ensure!(
+            x.h == SIZE && x.w == SIZE && x.c == 3 && x.data.len() == SIZE * SIZE * 3,
+            "input {i} of the Inception network is {}x{}x{} with {} values, expected {SIZE}x{SIZE}x3",
+            x.h,
+            x.w,
+            x.c,
+            x.data.len()
+        );
+    }
+    Ok(())
+}
+
+impl FeatureNet for FidInception {
+    fn features(&self, xs: &[Act], logits: bool) -> Result<Vec<Output>> {
+        check_inputs(xs)?;
+        Ok(self.forward(xs, logits))
+    }
+}
+
 impl FidInception {
-    /// Build from named tensors (shape, f32 data), as read from a .pth or .safetensors file. Every tensor
-    /// of [`tensor_specs`] must be present with its shape; `num_batches_tracked` and other extras are ignored.
+    /// Build from named tensors (shape, f32 data), as read from a .pth or .safetensors file; see [`fold_tensors`].
     pub fn from_tensors(tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Result<FidInception> {
-        let mut map: HashMap<String, (Vec<usize>, Vec<f32>)> =
-            tensors.into_iter().map(|(n, s, d)| (n.strip_prefix("module.").map(str::to_string).unwrap_or(n), (s, d))).collect();
-        for (name, shape) in tensor_specs() {
-            match map.get(&name) {
-                None => bail!(
-                    "the weights have no tensor '{name}': not the FID Inception weights (pt_inception-2015-12-05)"
-                ),
-                Some((s, d)) => {
-                    ensure!(s == &shape, "tensor '{name}' has shape {s:?}, expected {shape:?}");
-                    ensure!(d.len() == shape.iter().product::<usize>(), "tensor '{name}' has the wrong number of values");
-                }
-            }
-        }
-        let mut take = |n: String| map.remove(&n).unwrap().1;
+        let folded = fold_tensors(tensors)?;
         let mut convs = HashMap::new();
-        for spec in conv_specs() {
-            let w = take(format!("{}.conv.weight", spec.name));
-            let gamma = take(format!("{}.bn.weight", spec.name));
-            let beta = take(format!("{}.bn.bias", spec.name));
-            let mean = take(format!("{}.bn.running_mean", spec.name));
-            let var = take(format!("{}.bn.running_var", spec.name));
+        for FoldedConv { spec, w, b } in folded.convs {
+            // OIHW -> [kh][kw][cin][cout], the right-hand side of the im2col product.
             let (kh, kw, cin, cout) = (spec.k.0, spec.k.1, spec.cin, spec.cout);
-            let mut wf = vec![0f32; kh * kw * cin * cout];
-            let mut bf = vec![0f32; cout];
+            let mut wt = vec![0f32; w.len()];
             for co in 0..cout {
-                let scale = gamma[co] as f64 / (var[co] as f64 + BN_EPS).sqrt();
-                bf[co] = (beta[co] as f64 - mean[co] as f64 * scale) as f32;
                 for ci in 0..cin {
                     for y in 0..kh {
                         for x in 0..kw {
-                            let src = ((co * cin + ci) * kh + y) * kw + x;
-                            let dst = ((y * kw + x) * cin + ci) * cout + co;
-                            wf[dst] = (w[src] as f64 * scale) as f32;
+                            wt[((y * kw + x) * cin + ci) * cout + co] = w[((co * cin + ci) * kh + y) * kw + x];
                         }
                     }
                 }
             }
-            convs.insert(spec.name, Conv { spec: *spec, w: wf, b: bf });
+            convs.insert(spec.name, Conv { spec, w: wt, b });
         }
-        let fc_w = take("fc.weight".into());
-        let fc_b = take("fc.bias".into());
-        Ok(FidInception { convs, fc_w, fc_b })
+        Ok(FidInception { convs, fc_w: folded.fc_w, fc_b: folded.fc_b })
     }
 
     fn c(&self, name: &str) -> &Conv {
@@ -589,7 +642,7 @@ pub fn load_rgb(path: &std::path::Path) -> Result<(Vec<u8>, usize, usize)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn fixtures() -> std::path::PathBuf {
@@ -646,7 +699,11 @@ mod tests {
     /// The parity test: formula weights, fixture images, features.json within 1e-4.
     #[test]
     fn features_match_pytorch_fid() {
-        let net = FidInception::from_tensors(formula_tensors()).unwrap();
+        assert_matches_fixture(&FidInception::from_tensors(formula_tensors()).unwrap());
+    }
+
+    /// `net` (with the formula weights) on the fixture images gives features.json within 1e-4.
+    pub(crate) fn assert_matches_fixture(net: &dyn FeatureNet) {
         let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(fixtures().join("features.json")).unwrap()).unwrap();
         let feats = json["features"].as_object().unwrap();
@@ -660,7 +717,7 @@ mod tests {
                 preprocess(&rgb, h, w).unwrap()
             })
             .collect();
-        let outs = net.forward(&imgs, true);
+        let outs = net.features(&imgs, true).unwrap();
         let mut worst = 0f64;
         let mut sizes = std::collections::BTreeSet::new();
         for (n, o) in names.iter().zip(&outs) {

@@ -1,10 +1,11 @@
-//! FID: the pytorch-fid Inception-v3 network (inception.rs), streaming activation statistics (stats.rs),
-//! the Frechet distance (frechet.rs), the weights file (weights.rs), image sources (source.rs) and the
-//! `fid.eval` / `fid.convertWeights` jobs (eval.rs).
+//! FID: the pytorch-fid Inception-v3 network (inception.rs on the CPU, net.rs on any candle device),
+//! streaming activation statistics (stats.rs), the Frechet distance (frechet.rs), the weights file
+//! (weights.rs), image sources (source.rs) and the `fid.eval` / `fid.convertWeights` jobs (eval.rs).
 
 pub mod eval;
 pub mod frechet;
 pub mod inception;
+pub mod net;
 pub mod source;
 pub mod stats;
 pub mod weights;

@@ -9,9 +9,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
+use candle_core::Device;
 use sha2::{Digest, Sha256};
 
-use super::inception::{tensor_specs, FidInception};
+use super::inception::{tensor_specs, FeatureNet, FidInception};
+use super::net::DeviceInception;
 use crate::io::tensors::{write_safetensors, HostTensor};
 
 pub const PUBLISHED_NAME: &str = "pt_inception-2015-12-05-6726825d.pth";
@@ -110,6 +112,18 @@ fn is_safetensors(b: &[u8]) -> bool {
 pub fn load(path: &Path) -> Result<FidInception> {
     let t = read_tensors(path)?;
     FidInception::from_tensors(t).with_context(|| format!("{} does not hold the FID Inception weights", path.display()))
+}
+
+/// Load the network from a weights file to run on `device`: the hand-written [`FidInception`] on the CPU,
+/// the candle [`DeviceInception`] elsewhere.
+pub fn load_net(path: &Path, device: &Device) -> Result<Box<dyn FeatureNet>> {
+    if device.is_cpu() {
+        return Ok(Box::new(load(path)?));
+    }
+    let t = read_tensors(path)?;
+    let net = DeviceInception::from_tensors(t, device)
+        .with_context(|| format!("{} does not hold the FID Inception weights, or they do not fit on {device:?}", path.display()))?;
+    Ok(Box::new(net))
 }
 
 /// Convert a weights file to `.safetensors` (float32, the original tensor names, `num_batches_tracked` and
