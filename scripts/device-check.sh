@@ -20,16 +20,19 @@ if [ "${1:-}" = "--build" ]; then
   mkdir -p "$(dirname "$bin")"
   cp target/cuda/release/examples/device_check "$bin"
   strip "$bin"
-  ls -la "$bin"
+  # Compressed to travel (the PTX of candle's kernels makes the binary large).
+  gzip -9 -c "$bin" > "$bin.gz"
+  ls -la "$bin" "$bin.gz"
   exit 0
 fi
 
 out="${1:-device-check.json}"
+if [ ! -x "$bin" ] && [ -f "$bin.gz" ]; then gunzip -c "$bin.gz" > "$bin" && chmod +x "$bin"; fi
 [ -x "$bin" ] || { echo "no $bin: build it first with: bash scripts/device-check.sh --build" >&2; exit 2; }
 # Where the CUDA 13 libraries are: a system toolkit, or the nvidia wheels of a Python environment.
 roots="/usr/local/cuda /usr/local/cuda-13.0 $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null || true)"
 dirs=""
-for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
+for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
   d=$(find $roots -name "$lib" -printf '%h\n' 2>/dev/null | head -1 || true)
   [ -n "$d" ] && dirs="$dirs:$d"
 done
@@ -39,4 +42,4 @@ if ldd "$bin" | grep "not found"; then
   echo "libraries missing (above): install the CUDA 13 runtime libraries or point LD_LIBRARY_PATH at them" >&2
   exit 1
 fi
-timeout 480 "$bin" --device "${BIFLOW_DEVICE:-cuda:0}" --fixtures fixtures --out "$out"
+timeout "${BIFLOW_CHECK_TIMEOUT:-480}" "$bin" --device "${BIFLOW_DEVICE:-cuda:0}" --fixtures fixtures --out "$out"

@@ -19,7 +19,7 @@ pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
         "data.inspect" => crate::data::inspect(opts(name, options)?, ctx),
         "data.synth" => crate::data::bench::synth(opts(name, options)?),
         "data.benchRead" => crate::data::bench::bench_read(opts(name, options)?),
-        "fid.eval" => crate::fid::eval::eval(opts(name, options)?, &candle_core::Device::Cpu, ctx),
+        "fid.eval" => crate::fid::eval::eval(opts(name, options)?, ctx),
         "fid.convertWeights" => crate::fid::eval::convert_weights(opts(name, options)?, ctx),
         "fid.formulaWeights" => crate::fid::eval::formula_weights(opts(name, options)?, ctx),
         "train" => crate::train::train_job(options, ctx),

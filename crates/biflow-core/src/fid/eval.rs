@@ -183,8 +183,9 @@ pub fn inception_score(probs: &[Vec<f32>], splits: usize) -> Result<(f64, f64)> 
     Ok((mean, var.sqrt()))
 }
 
-/// Run the job; the network runs on `device` (the hand-written CPU network when it is the CPU).
-pub fn eval(o: EvalOptions, device: &Device, ctx: &JobCtx) -> Result<Value> {
+/// Run the job on the `--device` of the options: model runs sample there and the Inception runs there
+/// (the hand-written network on the CPU, the candle one elsewhere).
+pub fn eval(o: EvalOptions, ctx: &JobCtx) -> Result<Value> {
     ensure!(
         o.reference.is_some() || o.save_stats.is_some() || o.is,
         "nothing to do: give a REFERENCE to compute the FID, --save-stats OUT.npz, or --is"
@@ -209,7 +210,7 @@ pub fn eval(o: EvalOptions, device: &Device, ctx: &JobCtx) -> Result<Value> {
     let net = if needs_net {
         let path = super::weights::resolve(o.inception_weights.as_deref().map(Path::new))?;
         ctx.message(format!("Inception weights: {}", path.display()));
-        let net = super::weights::load_net(&path, device)?;
+        let net = super::weights::load_net(&path, &on.device)?;
         weights_used = Some(path.display().to_string());
         Some(net)
     } else {
