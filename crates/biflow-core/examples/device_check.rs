@@ -4,13 +4,15 @@
 //! - `peak`: this GPU's f32 and bf16 matmul rate through candle (cuBLAS), the ceilings used below;
 //! - `parity`: F on the device against the reference fixture and the CPU (f32, 1e-4), its exact
 //!   inverse, the guided sample (1e-3), and how far bf16 products move z;
+//! - `gradients`: F's and G's loss gradients on the device against the CPU's (same weights and data);
 //! - `train`: steps on the device lower the loss; images/s and the fraction of the bf16 peak, f32 and bf16;
 //! - `distill`: G distils on the device from an F trained there;
 //! - `speed`: reverse (one evaluation of G) against exact sampling (causal decoding + score step)
 //!   at T = 256, batch 1 and 64;
 //! - `inception`: the FID network on the device against the CPU's.
 //!
-//!   device_check [--device cuda:0] [--fixtures fixtures] [--out results.json] [--quick]
+//!   device_check [--device cuda:0] [--fixtures fixtures] [--out results.json] [--quick] [--only part,part]
+//!                [--composed]   (on the CPU: the composed ops a GPU runs instead of the fused kernels)
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -52,13 +54,25 @@ fn main() -> Result<()> {
         quick: args.iter().any(|a| a == "--quick"),
         bf16_peak: 0.0,
     };
+    let only: Option<Vec<String>> = flag("--only").map(|s| s.split(',').map(str::to_string).collect());
+    let _composed = args.iter().any(|a| a == "--composed").then(mode::composed);
     let started = Instant::now();
     let mut results = serde_json::Map::new();
     results.insert("doctor".into(), device::doctor());
     results.insert("device".into(), json!(check.name));
-    let parts: [(&str, fn(&mut Check) -> Result<Value>); 6] =
-        [("peak", peak), ("parity", parity), ("train", train), ("distill", distill), ("speed", speed), ("inception", inception)];
+    let parts: [(&str, fn(&mut Check) -> Result<Value>); 7] = [
+        ("peak", peak),
+        ("parity", parity),
+        ("gradients", gradients),
+        ("train", train),
+        ("distill", distill),
+        ("speed", speed),
+        ("inception", inception),
+    ];
     for (part, run) in parts {
+        if only.as_ref().is_some_and(|o| !o.iter().any(|p| p == part || p == "peak" && part == "peak")) && part != "peak" {
+            continue;
+        }
         let t0 = Instant::now();
         let mut v = run(&mut check).unwrap_or_else(|e| json!({"pass": false, "error": format!("{e:#}")}));
         v["seconds"] = json!(t0.elapsed().as_secs_f64());
@@ -182,6 +196,76 @@ fn parity(c: &mut Check) -> Result<Value> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Gradients on the device against the CPU
+
+/// Each variable's gradient on the device against the CPU's: the worst relative errors, by name.
+fn compare_grads(dev_map: &candle_nn::VarMap, cpu_map: &candle_nn::VarMap, dev: &candle_core::backprop::GradStore, cpu: &candle_core::backprop::GradStore) -> Result<Vec<(String, f32)>> {
+    let (dv, cv) = (dev_map.data().lock().map_err(|_| anyhow::anyhow!("lock"))?, cpu_map.data().lock().map_err(|_| anyhow::anyhow!("lock"))?);
+    let mut errs = Vec::new();
+    for (name, var) in cv.iter() {
+        let want = cpu.get(var.as_tensor()).with_context(|| format!("no CPU gradient for {name}"))?;
+        let got = dev.get(dv[name].as_tensor()).with_context(|| format!("no device gradient for {name}"))?;
+        let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1e-6);
+        errs.push((name.clone(), max_abs(&got.to_device(&Device::Cpu)?, want)? / scale));
+    }
+    errs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok(errs)
+}
+
+/// Make a trainable model's weights non-trivial (TARFlow starts as the identity) and the same on both sides.
+fn perturb_and_copy(src: &candle_nn::VarMap, dst: &candle_nn::VarMap, std: f64) -> Result<()> {
+    let (s, d) = (src.data().lock().map_err(|_| anyhow::anyhow!("lock"))?, dst.data().lock().map_err(|_| anyhow::anyhow!("lock"))?);
+    for (i, (name, v)) in s.iter().enumerate() {
+        v.set(&(v.as_tensor() + (randn(v.dims(), 100 + i as u64, v.device())? * std)?)?)?;
+        d[name].set(&v.as_tensor().to_device(d[name].device())?)?;
+    }
+    Ok(())
+}
+
+fn gradients(c: &mut Check) -> Result<Value> {
+    let cfg = tiny();
+    let (cpu_map, cpu_f) = biflow_core::flow::new_trainable(&cfg, 1, &Device::Cpu)?;
+    let (dev_map, dev_f) = biflow_core::flow::new_trainable(&cfg, 1, &c.device)?;
+    perturb_and_copy(&cpu_map, &dev_map, 0.01)?;
+    let x = (randn(&[8, 1, 32, 32], 7, &Device::Cpu)? * 0.5)?;
+    let y = Tensor::from_vec((0..8i64).map(|i| if i == 3 { -1 } else { i % 10 }).collect::<Vec<_>>(), 8, &Device::Cpu)?;
+    let grads = |f: &TarFlow, dev: &Device| -> Result<(f32, candle_core::backprop::GradStore)> {
+        let out = f.forward(&x.to_device(dev)?, Some(&y.to_device(dev)?))?;
+        let loss = biflow_core::flow::nll_loss(&out)?;
+        Ok((loss.to_scalar::<f32>()?, loss.backward()?))
+    };
+    let (cpu_loss, cpu_g) = {
+        let _composed = mode::composed();
+        grads(&cpu_f, &Device::Cpu)?
+    };
+    let (dev_loss, dev_g) = grads(&dev_f, &c.device)?;
+    let f_errs = compare_grads(&dev_map, &cpu_map, &dev_g, &cpu_g)?;
+    // G with heads and guidance, through the alignment loss.
+    let g_cfg = ReverseConfig::for_flow(&cfg, 128, 1, 1, true);
+    let (cpu_gm, cpu_g_model) = reverse::new_trainable(&g_cfg, 2, &Device::Cpu)?;
+    let (dev_gm, dev_g_model) = reverse::new_trainable(&g_cfg, 2, &c.device)?;
+    perturb_and_copy(&cpu_gm, &dev_gm, 0.05)?;
+    let z = randn(&[8, cfg.num_tokens(), cfg.token_dim()], 8, &Device::Cpu)?;
+    let w: Vec<f32> = (0..8).map(|i| i as f32 * 0.3).collect();
+    let g_grads = |g: &reverse::ReverseModel, dev: &Device| -> Result<candle_core::backprop::GradStore> {
+        let out = g.forward(&z.to_device(dev)?, Some(&y.to_device(dev)?), Some(&w), true)?;
+        let mut loss = out.x.sqr()?.mean_all()?;
+        for h in &out.heads {
+            loss = (loss + h.sqr()?.mean_all()?)?;
+        }
+        Ok(loss.backward()?)
+    };
+    let cpu_gg = {
+        let _composed = mode::composed();
+        g_grads(&cpu_g_model, &Device::Cpu)?
+    };
+    let g_errs = compare_grads(&dev_gm, &cpu_gm, &g_grads(&dev_g_model, &c.device)?, &cpu_gg)?;
+    let worst = |e: &[(String, f32)]| json!(e.iter().take(5).map(|(n, v)| json!({"name": n, "relativeError": v})).collect::<Vec<_>>());
+    let pass = f_errs[0].1 <= 1e-3 && g_errs[0].1 <= 1e-3 && (cpu_loss - dev_loss).abs() <= 1e-4 * cpu_loss.abs().max(1.0);
+    Ok(json!({"pass": pass, "fLossCpu": cpu_loss, "fLossDevice": dev_loss, "fWorst": worst(&f_errs), "gWorst": worst(&g_errs), "tolerance": 1e-3}))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Training and distillation on the device
 
 fn synthetic(cfg: &FlowConfig, n: usize, seed: u64) -> MemData {
@@ -261,14 +345,15 @@ fn paper() -> FlowConfig {
 fn train(c: &mut Check) -> Result<Value> {
     let dir = tempfile::tempdir()?;
     let steps = if c.quick { 40 } else { 120 };
-    let learn = train_once(c, &tiny(), 64, steps, "f32", &dir.path().join("tiny"))?;
+    let learn = train_once(c, &tiny(), 64, steps, "f32", &dir.path().join("tiny")).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
     let lowered = learn["lastLoss"].as_f64() < learn["firstLoss"].as_f64();
     let mut throughput = Vec::new();
     for precision in ["f32", "bf16"] {
         if precision == "bf16" && !c.device.is_cuda() {
             continue;
         }
-        throughput.push(train_once(c, &paper(), if c.quick { 8 } else { 64 }, if c.quick { 3 } else { 20 }, precision, &dir.path().join(format!("paper-{precision}")))?);
+        let run = train_once(c, &paper(), if c.quick { 8 } else { 64 }, if c.quick { 3 } else { 20 }, precision, &dir.path().join(format!("paper-{precision}")));
+        throughput.push(run.unwrap_or_else(|e| json!({"precision": precision, "error": format!("{e:#}")})));
     }
     Ok(json!({"pass": lowered, "lossLowered": learn, "throughputT256": throughput}))
 }
@@ -302,7 +387,9 @@ fn speed(c: &mut Check) -> Result<Value> {
     let g_cfg = ReverseConfig::for_flow(&cfg, cfg.channels, 1, 1, false);
     let (_, g) = reverse::new_trainable(&g_cfg, 0, &c.device)?;
     let mut rows = Vec::new();
-    for n in if c.quick { [1usize, 4] } else { [1, 64] } {
+    let precisions: &[device::Precision] = if c.device.is_cuda() { &[device::Precision::F32, device::Precision::Bf16] } else { &[device::Precision::F32] };
+    for (&precision, n) in precisions.iter().flat_map(|p| (if c.quick { [1usize, 4] } else { [1, 64] }).map(move |n| (p, n))) {
+        let _precision = mode::precision(precision);
         let z = randn(&[n, t, d], 3, &c.device)?;
         let y = Tensor::from_vec((0..n as i64).map(|i| i % 10).collect::<Vec<_>>(), n, &c.device)?;
         let w = vec![0f32; n];
@@ -311,7 +398,7 @@ fn speed(c: &mut Check) -> Result<Value> {
         let x = flow.reverse(&z, Some(&y), &ReverseOptions::default(), |_, _| Ok(()))?;
         let denoise_s = time(&c.device, 0.5, || Ok(drop(denoise(&flow, &x, Some(&y), 0.05)?)))?;
         let exact_s = decode_s + denoise_s;
-        rows.push(json!({"batch": n, "reverseSeconds": reverse_s, "exactDecodeSeconds": decode_s, "exactDenoiseSeconds": denoise_s,
+        rows.push(json!({"precision": precision, "batch": n, "reverseSeconds": reverse_s, "exactDecodeSeconds": decode_s, "exactDenoiseSeconds": denoise_s,
             "reverseImagesPerSec": n as f64 / reverse_s, "exactImagesPerSec": n as f64 / exact_s, "speedup": exact_s / reverse_s}));
     }
     Ok(json!({"tokens": t, "tokenDim": d, "channels": cfg.channels, "blocks": cfg.num_blocks, "rows": rows}))

@@ -517,7 +517,9 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
 
     let (map, model) = crate::flow::new_trainable(&model_cfg, opts.schedule.seed, &device).context("cannot build the model")?;
     let slots = trainer::slots_of(&map)?;
-    let engine = if device.is_cpu() {
+    // The hand-written gradient is the CPU's fused path; the composed path (other devices, or
+    // ops::mode::composed) differentiates with candle's autograd.
+    let engine = if device.is_cpu() && crate::ops::mode::current().fused {
         let names: Vec<String> = slots.iter().map(|s| s.name.clone()).collect();
         let sizes: Vec<usize> = slots.iter().map(|s| s.value.len()).collect();
         Some(NllGrad::new(&model_cfg, &names, &sizes)?)

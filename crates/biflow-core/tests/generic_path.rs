@@ -2,6 +2,8 @@
 //! values and gradients, G's loss, exact decoding (host decoder vs device decoder), and bf16 products
 //! stay close to f32. All on the CPU, so that the CUDA code path is checked on machines without a GPU.
 
+mod common;
+
 use biflow_core::device::Precision;
 use biflow_core::flow::{self, FlowConfig, ReverseOptions};
 use biflow_core::ops::mode;
@@ -232,4 +234,44 @@ fn bf16_products_stay_close_to_f32_and_keep_gradients() {
             .iter()
             .all(|v| v.is_finite()));
     }
+}
+
+/// Training through candle's autograd (what a GPU runs) follows the CPU's hand-written gradient.
+#[test]
+fn training_on_the_generic_path_follows_the_fused_path() {
+    use biflow_core::job::JobCtx;
+    use biflow_core::train::{train_with, TrainArgs, TrainSettings};
+    let data = common::toy_data(256, 1);
+    let s = TrainSettings {
+        batch_size: Some(32),
+        steps: Some(12),
+        channels: Some(64),
+        blocks: Some(2),
+        layers_per_block: Some(1),
+        lr: Some(1e-3),
+        noise_std: Some(0.05),
+        save_every: Some(1000),
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let losses = |name: &str| -> Vec<f64> {
+        let out = dir.path().join(name);
+        let args = TrainArgs { out: out.clone(), resume: false, config: None, settings: s.clone(), debug_nan_at_step: None, command: None, on: Default::default() };
+        train_with(&args, &s, "toy", &data, &JobCtx::silent()).unwrap();
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+            .collect()
+    };
+    let fused = losses("fused");
+    let generic = {
+        let _composed = mode::composed();
+        losses("generic")
+    };
+    assert_eq!(fused.len(), 12);
+    for (i, (a, b)) in fused.iter().zip(&generic).enumerate() {
+        assert!((a - b).abs() <= 1e-3 * a.abs().max(1.0), "step {i}: loss {b} on the generic path, {a} on the fused path");
+    }
+    assert!(fused[11] < fused[0], "the loss went down: {fused:?}");
 }

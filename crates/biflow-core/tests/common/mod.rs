@@ -27,6 +27,7 @@ pub fn toy_data(n: usize, seed: u64) -> MemData {
 }
 
 /// A context that asks the job to stop (as Ctrl-C does) once it reports step `at`.
+#[allow(dead_code)]
 pub fn cancelling_ctx(at: u64) -> JobCtx {
     let cancel = Arc::new(AtomicBool::new(false));
     let c2 = cancel.clone();
