@@ -227,8 +227,9 @@ fn gradients(c: &mut Check) -> Result<Value> {
     let (cpu_map, cpu_f) = biflow_core::flow::new_trainable(&cfg, 1, &Device::Cpu)?;
     let (dev_map, dev_f) = biflow_core::flow::new_trainable(&cfg, 1, &c.device)?;
     perturb_and_copy(&cpu_map, &dev_map, 0.01)?;
-    let x = (randn(&[8, 1, 32, 32], 7, &Device::Cpu)? * 0.5)?;
-    let y = Tensor::from_vec((0..8i64).map(|i| if i == 3 { -1 } else { i % 10 }).collect::<Vec<_>>(), 8, &Device::Cpu)?;
+    // 64 samples: repeated labels (the class embedding's gradient sums them) and dropped ones.
+    let x = (randn(&[64, 1, 32, 32], 7, &Device::Cpu)? * 0.5)?;
+    let y = Tensor::from_vec((0..64i64).map(|i| if i % 7 == 3 { -1 } else { i % 10 }).collect::<Vec<_>>(), 64, &Device::Cpu)?;
     let grads = |f: &TarFlow, dev: &Device| -> Result<(f32, candle_core::backprop::GradStore)> {
         let out = f.forward(&x.to_device(dev)?, Some(&y.to_device(dev)?))?;
         let loss = biflow_core::flow::nll_loss(&out)?;
@@ -245,8 +246,8 @@ fn gradients(c: &mut Check) -> Result<Value> {
     let (cpu_gm, cpu_g_model) = reverse::new_trainable(&g_cfg, 2, &Device::Cpu)?;
     let (dev_gm, dev_g_model) = reverse::new_trainable(&g_cfg, 2, &c.device)?;
     perturb_and_copy(&cpu_gm, &dev_gm, 0.05)?;
-    let z = randn(&[8, cfg.num_tokens(), cfg.token_dim()], 8, &Device::Cpu)?;
-    let w: Vec<f32> = (0..8).map(|i| i as f32 * 0.3).collect();
+    let z = randn(&[64, cfg.num_tokens(), cfg.token_dim()], 8, &Device::Cpu)?;
+    let w: Vec<f32> = (0..64).map(|i| (i % 8) as f32 * 0.3).collect();
     let g_grads = |g: &reverse::ReverseModel, dev: &Device| -> Result<candle_core::backprop::GradStore> {
         let out = g.forward(&z.to_device(dev)?, Some(&y.to_device(dev)?), Some(&w), true)?;
         let mut loss = out.x.sqr()?.mean_all()?;
@@ -261,8 +262,21 @@ fn gradients(c: &mut Check) -> Result<Value> {
     };
     let g_errs = compare_grads(&dev_gm, &cpu_gm, &g_grads(&dev_g_model, &c.device)?, &cpu_gg)?;
     let worst = |e: &[(String, f32)]| json!(e.iter().take(5).map(|(n, v)| json!({"name": n, "relativeError": v})).collect::<Vec<_>>());
-    let pass = f_errs[0].1 <= 1e-3 && g_errs[0].1 <= 1e-3 && (cpu_loss - dev_loss).abs() <= 1e-4 * cpu_loss.abs().max(1.0);
-    Ok(json!({"pass": pass, "fLossCpu": cpu_loss, "fLossDevice": dev_loss, "fWorst": worst(&f_errs), "gWorst": worst(&g_errs), "tolerance": 1e-3}))
+    // The first training steps from the initial (identity) flow: the same losses on both sides.
+    let dir = tempfile::tempdir()?;
+    let steps = 8;
+    let cpu_run = {
+        let _composed = mode::composed();
+        let cpu = Check { device: Device::Cpu, name: "cpu".into(), fixtures: c.fixtures.clone(), quick: true, bf16_peak: 1.0 };
+        train_once(&cpu, &cfg, 64, steps, 1e-3, "f32", &dir.path().join("cpu"))?;
+        losses(&dir.path().join("cpu"))?
+    };
+    train_once(c, &cfg, 64, steps, 1e-3, "f32", &dir.path().join("dev")).ok();
+    let dev_run = losses(&dir.path().join("dev")).unwrap_or_default();
+    let same_steps = cpu_run.iter().zip(&dev_run).take_while(|(a, b)| (*a - *b).abs() <= 1e-3 * a.abs().max(1.0)).count();
+    let pass = f_errs[0].1 <= 1e-3 && g_errs[0].1 <= 1e-3 && (cpu_loss - dev_loss).abs() <= 1e-4 * cpu_loss.abs().max(1.0) && same_steps == steps as usize;
+    Ok(json!({"pass": pass, "fLossCpu": cpu_loss, "fLossDevice": dev_loss, "fWorst": worst(&f_errs), "gWorst": worst(&g_errs), "tolerance": 1e-3,
+        "trainingLossesCpu": cpu_run, "trainingLossesDevice": dev_run, "stepsThatAgree": same_steps}))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -294,7 +308,7 @@ fn train_flops(f: &FlowConfig) -> f64 {
     3.0 * ((f.num_blocks * f.layers_per_block) as f64 * layer + f.num_blocks as f64 * 6.0 * t * c * d)
 }
 
-fn settings(cfg: &FlowConfig, batch: usize, steps: u64) -> TrainSettings {
+fn settings(cfg: &FlowConfig, batch: usize, steps: u64, lr: f64) -> TrainSettings {
     TrainSettings {
         batch_size: Some(batch),
         steps: Some(steps),
@@ -303,7 +317,7 @@ fn settings(cfg: &FlowConfig, batch: usize, steps: u64) -> TrainSettings {
         blocks: Some(cfg.num_blocks),
         layers_per_block: Some(cfg.layers_per_block),
         save_every: Some(1_000_000),
-        lr: Some(1e-3),
+        lr: Some(lr),
         noise_std: Some(0.05),
         ..Default::default()
     }
@@ -317,9 +331,9 @@ fn losses(run: &Path) -> Result<Vec<f64>> {
         .collect())
 }
 
-fn train_once(c: &Check, cfg: &FlowConfig, batch: usize, steps: u64, precision: &str, out: &Path) -> Result<Value> {
+fn train_once(c: &Check, cfg: &FlowConfig, batch: usize, steps: u64, lr: f64, precision: &str, out: &Path) -> Result<Value> {
     let data = synthetic(cfg, batch * 8, 1);
-    let s = settings(cfg, batch, steps);
+    let s = settings(cfg, batch, steps, lr);
     let on = DeviceArgs { device: Some(c.name.clone()), precision: Some(precision.into()) };
     let args = TrainArgs { out: out.to_path_buf(), resume: false, config: None, settings: s.clone(), debug_nan_at_step: None, command: None, on };
     let r = train_with(&args, &s, "synthetic", &data, &JobCtx::silent())?;
@@ -345,14 +359,14 @@ fn paper() -> FlowConfig {
 fn train(c: &mut Check) -> Result<Value> {
     let dir = tempfile::tempdir()?;
     let steps = if c.quick { 40 } else { 120 };
-    let learn = train_once(c, &tiny(), 64, steps, "f32", &dir.path().join("tiny")).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+    let learn = train_once(c, &tiny(), 64, steps, 1e-3, "f32", &dir.path().join("tiny")).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
     let lowered = learn["lastLoss"].as_f64() < learn["firstLoss"].as_f64();
     let mut throughput = Vec::new();
     for precision in ["f32", "bf16"] {
         if precision == "bf16" && !c.device.is_cuda() {
             continue;
         }
-        let run = train_once(c, &paper(), if c.quick { 8 } else { 64 }, if c.quick { 3 } else { 20 }, precision, &dir.path().join(format!("paper-{precision}")));
+        let run = train_once(c, &paper(), if c.quick { 8 } else { 64 }, if c.quick { 3 } else { 20 }, 1e-4, precision, &dir.path().join(format!("paper-{precision}")));
         throughput.push(run.unwrap_or_else(|e| json!({"precision": precision, "error": format!("{e:#}")})));
     }
     Ok(json!({"pass": lowered, "lossLowered": learn, "throughputT256": throughput}))
@@ -362,7 +376,7 @@ fn distill(c: &mut Check) -> Result<Value> {
     let dir = tempfile::tempdir()?;
     let cfg = tiny();
     let f_dir = dir.path().join("f");
-    train_once(c, &cfg, 64, 30, "f32", &f_dir)?;
+    train_once(c, &cfg, 64, 30, 1e-3, "f32", &f_dir)?;
     let data = synthetic(&cfg, 512, 2);
     let steps = if c.quick { 20 } else { 60 };
     let settings = DistillSettings { forward: Some(f_dir.display().to_string()), batch_size: Some(64), steps: Some(steps), save_every: Some(1_000_000), lr: Some(1e-3), ..Default::default() };
