@@ -27,6 +27,7 @@ if [ "${1:-}" = "--build" ]; then
 fi
 
 out="${1:-device-check.json}"
+shift || true  # the rest goes to device_check (e.g. --only train)
 if [ ! -x "$bin" ] && [ -f "$bin.gz" ]; then gunzip -c "$bin.gz" > "$bin" && chmod +x "$bin"; fi
 [ -x "$bin" ] || { echo "no $bin: build it first with: bash scripts/device-check.sh --build" >&2; exit 2; }
 # Where the CUDA 13 libraries are: a system toolkit, or the nvidia wheels of a Python environment.
@@ -42,4 +43,4 @@ if ldd "$bin" | grep "not found"; then
   echo "libraries missing (above): install the CUDA 13 runtime libraries or point LD_LIBRARY_PATH at them" >&2
   exit 1
 fi
-timeout "${BIFLOW_CHECK_TIMEOUT:-480}" "$bin" --device "${BIFLOW_DEVICE:-cuda:0}" --fixtures fixtures --out "$out"
+timeout "${BIFLOW_CHECK_TIMEOUT:-480}" "$bin" --device "${BIFLOW_DEVICE:-cuda:0}" --fixtures fixtures --out "$out" "$@"
