@@ -402,16 +402,28 @@ impl Objective for Likelihood {
 }
 
 /// The gradient of `loss` for every slot (zeros where it does not reach), on the host.
+/// Off the CPU the gradients come back in one device-to-host copy (one synchronisation, not one per tensor).
 pub(crate) fn host_gradients(loss: &Tensor, slots: &[Slot]) -> Result<Vec<Vec<f32>>> {
     let store = loss.backward()?;
-    let mut host = Vec::with_capacity(slots.len());
-    for s in slots {
-        host.push(match store.get(s.var.as_tensor()) {
-            Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
-            None => vec![0.0; s.value.len()],
-        });
+    let device = loss.device();
+    let flat = |s: &Slot| -> Result<Tensor> {
+        Ok(match store.get(s.var.as_tensor()) {
+            Some(g) => g.flatten_all()?.to_dtype(candle_core::DType::F32)?,
+            None => Tensor::zeros(s.value.len(), candle_core::DType::F32, device)?,
+        })
+    };
+    if device.is_cpu() {
+        return slots.iter().map(|s| Ok(flat(s)?.to_vec1::<f32>()?)).collect();
     }
-    Ok(host)
+    let all = Tensor::cat(&slots.iter().map(flat).collect::<Result<Vec<_>>>()?, 0)?.to_vec1::<f32>()?;
+    let mut offset = 0;
+    Ok(slots
+        .iter()
+        .map(|s| {
+            offset += s.value.len();
+            all[offset - s.value.len()..offset].to_vec()
+        })
+        .collect())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -260,7 +260,26 @@ pub(super) fn restore_slots(slots: &mut [Slot], ck: &LoadedCheckpoint, device: &
         s.ema = take(&mut ema, &s.name, "EMA")?;
         s.mom.m = take(&mut opt, &format!("m.{}", s.name), "optimizer state")?;
         s.mom.v = take(&mut opt, &format!("v.{}", s.name), "optimizer state")?;
-        s.var.set(&Tensor::from_slice(&s.value, s.shape.as_slice(), device)?)?;
+    }
+    upload_slots(slots, device)
+}
+
+/// Copy every slot's host value into its variable on `device`. Off the CPU all values travel in one
+/// host-to-device copy (a GPU pays a synchronisation per transfer, and a model has hundreds of tensors).
+pub(crate) fn upload_slots(slots: &[Slot], device: &Device) -> Result<()> {
+    if device.is_cpu() {
+        for s in slots {
+            s.var.set(&Tensor::from_slice(&s.value, s.shape.as_slice(), device)?)?;
+        }
+        return Ok(());
+    }
+    let all: Vec<f32> = slots.iter().flat_map(|s| s.value.iter().copied()).collect();
+    let n = all.len();
+    let all = Tensor::from_vec(all, n, device)?;
+    let mut offset = 0;
+    for s in slots {
+        s.var.set(&all.narrow(0, offset, s.value.len())?.reshape(s.shape.as_slice())?)?;
+        offset += s.value.len();
     }
     Ok(())
 }

@@ -244,9 +244,9 @@ fn fit_inner(f: Fit, objective: &mut dyn Objective, ctx: &JobCtx, last_step: &st
         for (slot, g) in slots.iter_mut().zip(&out.grads) {
             adam.update(&mut slot.value, g, &mut slot.mom, lr, scale, slot.decay);
             optim::ema_update(&mut slot.ema, &slot.value, ema_d);
-            if objective.reads_vars() {
-                slot.var.set(&Tensor::from_slice(&slot.value, slot.shape.as_slice(), &device)?)?;
-            }
+        }
+        if objective.reads_vars() {
+            checkpoint::upload_slots(&slots, &device)?;
         }
         last_loss = Some(loss);
         last_step.set(step);
