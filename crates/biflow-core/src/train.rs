@@ -402,7 +402,8 @@ impl Objective for Likelihood {
 }
 
 /// The gradient of `loss` for every slot (zeros where it does not reach), on the host.
-/// Off the CPU the gradients come back in one device-to-host copy (one synchronisation, not one per tensor).
+/// Off the CPU (and on the composed path, which tests it there) the gradients come back in one
+/// device-to-host copy: one synchronisation, not one per tensor.
 pub(crate) fn host_gradients(loss: &Tensor, slots: &[Slot]) -> Result<Vec<Vec<f32>>> {
     let store = loss.backward()?;
     let device = loss.device();
@@ -412,7 +413,7 @@ pub(crate) fn host_gradients(loss: &Tensor, slots: &[Slot]) -> Result<Vec<Vec<f3
             None => Tensor::zeros(s.value.len(), candle_core::DType::F32, device)?,
         })
     };
-    if device.is_cpu() {
+    if device.is_cpu() && crate::ops::mode::current().fused {
         return slots.iter().map(|s| Ok(flat(s)?.to_vec1::<f32>()?)).collect();
     }
     let all = Tensor::cat(&slots.iter().map(flat).collect::<Result<Vec<_>>>()?, 0)?.to_vec1::<f32>()?;

@@ -264,10 +264,11 @@ pub(super) fn restore_slots(slots: &mut [Slot], ck: &LoadedCheckpoint, device: &
     upload_slots(slots, device)
 }
 
-/// Copy every slot's host value into its variable on `device`. Off the CPU all values travel in one
-/// host-to-device copy (a GPU pays a synchronisation per transfer, and a model has hundreds of tensors).
+/// Copy every slot's host value into its variable on `device`. Off the CPU (and on the composed path,
+/// which tests it there) all values travel in one host-to-device copy: a GPU pays a synchronisation per
+/// transfer, and a model has hundreds of tensors.
 pub(crate) fn upload_slots(slots: &[Slot], device: &Device) -> Result<()> {
-    if device.is_cpu() {
+    if device.is_cpu() && crate::ops::mode::current().fused {
         for s in slots {
             s.var.set(&Tensor::from_slice(&s.value, s.shape.as_slice(), device)?)?;
         }
