@@ -538,13 +538,12 @@ impl TarFlow {
         if guided {
             scales.extend(std::iter::repeat((base_scale / opts.attn_temp) as f32).take(n));
         }
-        let scale = Tensor::from_vec(scales.clone(), scales.len(), &self.device)?.to_dtype(dtype)?;
         let steps = Steps { guided, opts, done: 0, total: self.blocks.len() * (t - 1) };
         // CPU f32: the host decoder; elsewhere candle ops with the KV caches and tokens on the device.
         if ops::mode::current().fused && self.device.is_cpu() && dtype == DType::F32 {
             self.decode_on_host(&z, labels, scales, steps, on_step)
         } else {
-            self.decode_on_device(&z, labels, &scale, steps, on_step)
+            self.decode_on_device(&z, labels, scales, steps, on_step)
         }
     }
 
@@ -613,13 +612,14 @@ impl TarFlow {
         &self,
         z: &Tensor,
         labels: Option<&Tensor>,
-        scale: &Tensor,
+        scales: Vec<f32>,
         mut steps: Steps,
         mut on_step: impl FnMut(usize, usize) -> Result<()>,
     ) -> Result<Tensor> {
         let (n, t, _) = z.dims3()?;
-        let nb = scale.dim(0)?;
+        let nb = scales.len();
         let dtype = self.blocks[0].pos_embed.dtype();
+        let scale = Tensor::from_vec(scales, nb, &self.device)?.to_dtype(dtype)?;
         let heads = self.cfg.num_heads();
         let mut x = z.clone();
         for block in self.blocks.iter().rev() {
@@ -638,7 +638,7 @@ impl TarFlow {
             let mut tokens = (0..t).map(|i| xp.narrow(1, i, 1)).collect::<candle_core::Result<Vec<_>>>()?;
             for i in 0..t - 1 {
                 let tok = if steps.guided { Tensor::cat(&[&tokens[i], &tokens[i]], 0)? } else { tokens[i].clone() };
-                let (a, b) = block.step(&tok.to_dtype(dtype)?, i, class.as_ref(), &mut caches, scale)?;
+                let (a, b) = block.step(&tok.to_dtype(dtype)?, i, class.as_ref(), &mut caches, &scale)?;
                 let (mut a, mut b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
                 if steps.guided {
                     let g = steps.guidance_at(i, t);
