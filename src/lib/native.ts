@@ -16,9 +16,18 @@ export function native(): Native {
     try {
       cached = require('../../native/index.cjs') as Native
     } catch (error) {
-      throw new Error(
-        `the biflow native core is not built (${(error as Error).message.split('\n')[0]}); run \`npm run build\` in the biflow folder`,
-      )
+      // napi's loader reports the dlopen failures of each candidate in the message or its cause.
+      const err = error as Error & {cause?: unknown}
+      const text = `${err.message}\n${String(err.cause ?? '')}`
+      const cudaLib = /lib(cuda|cudart|cublas|cublasLt|curand|nvrtc)\.so[.\d]*/.exec(text)
+      if (cudaLib) {
+        throw new Error(
+          `this biflow was built with CUDA, but ${cudaLib[0]} cannot be loaded: install the NVIDIA driver and the CUDA 13 ` +
+            'libraries (or put them on LD_LIBRARY_PATH), or rebuild for the CPU with `npm run build:native`',
+        )
+      }
+
+      throw new Error(`the biflow native core is not built (${err.message.split('\n')[0]}); run \`npm run build\` in the biflow folder`)
     }
   }
 

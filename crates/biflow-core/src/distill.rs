@@ -439,6 +439,7 @@ pub fn distill_with(args: &DistillArgs, data_dir: &str, data: &dyn TrainData, ct
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
     use rand::SeedableRng;
 
     fn options(kind: LossKind, learned_denoise: bool) -> DistillOptions {
