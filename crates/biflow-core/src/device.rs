@@ -7,7 +7,7 @@
 use std::fmt;
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -54,14 +54,6 @@ impl Precision {
             "" | "f32" | "fp32" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16),
             other => bail!("--precision {other:?}: expected f32 or bf16"),
-        }
-    }
-
-    /// The dtype matrix products run in.
-    pub fn matmul_dtype(self) -> DType {
-        match self {
-            Precision::F32 => DType::F32,
-            Precision::Bf16 => DType::BF16,
         }
     }
 }

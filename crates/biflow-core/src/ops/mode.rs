@@ -13,12 +13,12 @@ use crate::device::Precision;
 pub struct Mode {
     /// Use the fused kernels where the data allows (CPU, f32).
     pub fused: bool,
-    /// Matrix products run in this dtype (inputs cast, result cast back).
-    pub matmul: DType,
+    /// Matrix products run in this dtype (inputs cast, result cast back); None: in the inputs' own.
+    pub matmul: Option<DType>,
 }
 
 thread_local! {
-    static MODE: Cell<Mode> = const { Cell::new(Mode { fused: true, matmul: DType::F32 }) };
+    static MODE: Cell<Mode> = const { Cell::new(Mode { fused: true, matmul: None }) };
 }
 
 /// The mode of this thread.
@@ -42,27 +42,22 @@ fn enter(mode: Mode) -> ModeGuard {
 
 /// Run the composed references instead of the fused kernels (the path a GPU takes).
 pub fn composed() -> ModeGuard {
-    enter(Mode {
-        fused: false,
-        ..current()
-    })
+    enter(Mode { fused: false, ..current() })
 }
 
-/// Matrix products in the precision's dtype.
+/// Matrix products in the precision's dtype (f32: as the data comes, so f64 checks stay f64).
 pub fn precision(p: Precision) -> ModeGuard {
-    enter(Mode {
-        matmul: p.matmul_dtype(),
-        ..current()
-    })
+    let matmul = match p {
+        Precision::F32 => None,
+        Precision::Bf16 => Some(DType::BF16),
+    };
+    enter(Mode { matmul, ..current() })
 }
 
 /// a @ b in this thread's matmul dtype, returned in a's dtype.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let dt = current().matmul;
-    if dt == a.dtype() {
-        return Ok(a.matmul(b)?);
+    match current().matmul {
+        Some(dt) if dt != a.dtype() => Ok(a.to_dtype(dt)?.matmul(&b.to_dtype(dt)?)?.to_dtype(a.dtype())?),
+        _ => Ok(a.matmul(b)?),
     }
-    Ok(a.to_dtype(dt)?
-        .matmul(&b.to_dtype(dt)?)?
-        .to_dtype(a.dtype())?)
 }
