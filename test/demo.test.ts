@@ -21,6 +21,14 @@ interface DemoResult {
 }
 
 describe('biflow demo --quick', () => {
+  it('refuses a device it cannot have before preparing anything', () => {
+    const out = join(tempDir('biflow-demo-dev-'), 'demo')
+    const r = runCli(['demo', '--quick', '--out', out, '--device', 'cuda:x'])
+    expect(r.code).not.toBe(0)
+    expect(r.stderr).toContain('expected auto, cpu, cuda or cuda:N')
+    expect(existsSync(out)).toBe(false)
+  })
+
   it('runs BiFlow end to end and writes the report, grids and runs', () => {
     const out = join(tempDir('biflow-demo-'), 'demo')
     const r = runJson<DemoResult>(['demo', '--quick', '--out', out])

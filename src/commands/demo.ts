@@ -2,6 +2,7 @@ import {Flags} from '@oclif/core'
 
 import {builtin} from '../lib/builtin.js'
 import {BiflowCommand} from '../lib/command.js'
+import {deviceFlags} from '../lib/device.js'
 
 interface Timing {
   seconds: number
@@ -43,6 +44,7 @@ sampling time of both methods) and writes a self-contained HTML report. About 15
     quick: Flags.boolean({description: 'a tiny version (16x16 digits, a few hundred steps): about a minute'}),
     steps: Flags.integer({description: "F's training steps [default: 1500; --quick 300]", min: 1}),
     'distill-steps': Flags.integer({description: "G's distillation steps [default: 500; --quick 200]", min: 1}),
+    device: deviceFlags.device,
   }
 
   async run(): Promise<DemoResult> {
@@ -54,6 +56,7 @@ sampling time of both methods) and writes a self-contained HTML report. About 15
       steps: flags.steps,
       distillSteps: flags['distill-steps'],
       commandLine: this.commandLine(),
+      device: flags.device,
     })
     const e = r.evaluation
     const f = (v: number | null | undefined, d = 3) => (v === null || v === undefined ? '?' : v.toFixed(d))

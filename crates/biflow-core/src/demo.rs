@@ -34,6 +34,9 @@ pub struct DemoOptions {
     pub distill_steps: Option<u64>,
     #[serde(default)]
     pub command_line: Option<String>,
+    /// `--device` for training, distillation and the evaluations (default auto).
+    #[serde(default)]
+    pub device: Option<String>,
 }
 
 /// The recipe: (data size and limit, F's options, G's options).
@@ -103,6 +106,8 @@ fn merge(mut a: Value, b: Value) -> Value {
 
 pub fn demo(o: DemoOptions, ctx: &JobCtx) -> Result<Value> {
     let started = Instant::now();
+    // A device that cannot be had fails here, before the data is prepared.
+    crate::device::select(o.device.as_deref())?;
     let out = PathBuf::from(&o.out);
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let r = recipe(&o);
@@ -136,7 +141,7 @@ pub fn demo(o: DemoOptions, ctx: &JobCtx) -> Result<Value> {
     ] {
         let t = Instant::now();
         let what = plan(dir, ctx)?;
-        let mut opts = merge(base, json!({"out": s(dir), "commandLine": o.command_line}));
+        let mut opts = merge(base, json!({"out": s(dir), "commandLine": o.command_line, "device": o.device}));
         match what {
             "done" => {
                 ctx.message(format!("{name}: {} is complete, reusing it", dir.display()));
@@ -147,7 +152,7 @@ pub fn demo(o: DemoOptions, ctx: &JobCtx) -> Result<Value> {
                 ctx.message(format!("{name}: resuming {}", dir.display()));
                 // The run's own options stand; only the step count may differ.
                 let steps = opts["steps"].clone();
-                opts = json!({"out": s(dir), "resume": true, "steps": steps, "commandLine": o.command_line});
+                opts = json!({"out": s(dir), "resume": true, "steps": steps, "commandLine": o.command_line, "device": o.device});
             }
             _ => ctx.message(format!("{name}: {} into {}", if job == "train" { "training F" } else { "distilling G" }, dir.display())),
         }
@@ -167,10 +172,10 @@ pub fn demo(o: DemoOptions, ctx: &JobCtx) -> Result<Value> {
 
     // 5. Evaluations on the held-out split.
     let t = Instant::now();
-    let bpd = crate::jobs::run("eval-bpd", json!({"model": s(&f_dir), "data": s(&data), "limit": r.eval_limit}), ctx)?;
+    let bpd = crate::jobs::run("eval-bpd", json!({"model": s(&f_dir), "data": s(&data), "limit": r.eval_limit, "device": o.device}), ctx)?;
     let rev = crate::jobs::run(
         "eval-reverse",
-        json!({"model": s(&g_dir), "data": s(&data), "limit": r.eval_limit, "numExact": r.num_exact}),
+        json!({"model": s(&g_dir), "data": s(&data), "limit": r.eval_limit, "numExact": r.num_exact, "device": o.device}),
         ctx,
     )?;
     timings.insert("evaluation".into(), json!(t.elapsed().as_secs_f64()));
