@@ -29,6 +29,7 @@ after loading) and imagesPerSecond.`
     '<%= config.bin %> sample --model runs/mnist-g --guidance 2 --labels 7 --num 16 --out sevens/',
     '<%= config.bin %> sample --model runs/afhq --method exact --guidance 1.5 --annealed --labels 0,1,2 --num 12 --out samples/ --format npz',
     '<%= config.bin %> sample --model runs/tiny --noise z.npy --format npy --out decoded/ --denoise none',
+    '<%= config.bin %> sample --model runs/afhq-g --num 50000 --batch-size 256 --format npz --out fid-samples/ --device cuda:0 --precision bf16',
   ]
   static flags = {
     ...deviceFlags,

@@ -31,6 +31,7 @@ from --config FILE.json (same names in camelCase), then the defaults.`
   static examples = [
     '<%= config.bin %> train --data data/mnist --out runs/mnist --steps 2000',
     '<%= config.bin %> train --data data/afhq64 --out runs/afhq --channels 512 --blocks 8 --layers-per-block 1 --batch-size 16 --noise-std 0.05',
+    '<%= config.bin %> train --data data/afhq64 --out runs/afhq-gpu --channels 768 --blocks 8 --batch-size 256 --device cuda --precision bf16',
     '<%= config.bin %> train --out runs/mnist --resume',
     '<%= config.bin %> train --data data/mnist --out runs/mnist2 --config train.json --json',
   ]
