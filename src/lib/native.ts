@@ -16,9 +16,11 @@ export function native(): Native {
     try {
       cached = require('../../native/index.cjs') as Native
     } catch (error) {
-      // napi's loader reports the dlopen failures of each candidate in the message or its cause.
-      const err = error as Error & {cause?: unknown}
-      const text = `${err.message}\n${String(err.cause ?? '')}`
+      // napi's loader chains the failure of each candidate file through `cause`.
+      const err = error as Error
+      const messages: string[] = []
+      for (let e: unknown = err; e && messages.length < 64; e = (e as {cause?: unknown}).cause) messages.push(String((e as Error).message ?? e))
+      const text = messages.join('\n')
       const cudaLib = /lib(cuda|cudart|cublas|cublasLt|curand|nvrtc)\.so[.\d]*/.exec(text)
       if (cudaLib) {
         throw new Error(
