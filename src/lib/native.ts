@@ -23,10 +23,10 @@ export function native(): Native {
       const text = messages.join('\n')
       const cudaLib = /lib(cuda|cudart|cublas|cublasLt|curand|nvrtc)\.so[.\d]*/.exec(text)
       if (cudaLib) {
-        throw new Error(
-          `this biflow was built with CUDA, but ${cudaLib[0]} cannot be loaded: install the NVIDIA driver and the CUDA 13 ` +
-            'libraries (or put them on LD_LIBRARY_PATH), or rebuild for the CPU with `npm run build:native`',
-        )
+        const fix = /^libcuda\.so/.test(cudaLib[0])
+          ? 'install the NVIDIA driver (for CUDA 13.0 or newer)'
+          : 'install the CUDA 13 libraries (or put them on LD_LIBRARY_PATH)'
+        throw new Error(`this biflow was built with CUDA, but ${cudaLib[0]} cannot be loaded: ${fix}, or rebuild for the CPU with \`npm run build:native\``)
       }
 
       throw new Error(`the biflow native core is not built (${err.message.split('\n')[0]}); run \`npm run build\` in the biflow folder`)
