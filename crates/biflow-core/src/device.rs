@@ -133,7 +133,6 @@ pub fn check_precision(precision: Precision, device: &Device) -> Result<()> {
 /// (see ops::mode); a job takes it first, so a request that cannot be met fails before any work.
 pub struct Placement {
     pub device: Device,
-    pub precision: Precision,
     _mode: ModeGuard,
 }
 
@@ -170,7 +169,6 @@ pub fn place(device: Option<&str>, precision: Option<&str>) -> Result<Placement>
     check_precision(precision, &device)?;
     Ok(Placement {
         device,
-        precision,
         _mode: crate::ops::mode::precision(precision),
     })
 }
