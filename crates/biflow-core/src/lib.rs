@@ -15,7 +15,7 @@ pub mod import;
 pub mod io;
 pub mod job;
 pub mod jobs;
-pub mod nll_grad;
+pub mod grad;
 pub mod ops;
 pub mod optim;
 pub mod reverse;

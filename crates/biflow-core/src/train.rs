@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 use crate::flow::{bits_per_dim, nll_loss, FlowConfig, FlowOutput, TarFlow};
 use crate::job::JobCtx;
 use crate::device::DeviceArgs;
-use crate::nll_grad::NllGrad;
+use crate::grad::NllGrad;
 use crate::run::{Run, RunConfig};
 use crate::trainer::{self, load_checkpoint, open_data, Fit, Limited, Objective, RunLock, Schedule, Slot, StepOutput, TrainData};
 
@@ -322,7 +322,7 @@ fn check_resume_settings(given: &TrainSettings, run: &RunConfig, saved: &TrainOp
 // The objective: maximum likelihood
 
 /// F's negative log-likelihood on noisy (or dequantised) images with label dropout. On the CPU the
-/// gradient is computed by hand (nll_grad), elsewhere by candle's autograd.
+/// gradient is computed by hand (grad::NllGrad), elsewhere by candle's autograd.
 struct Likelihood {
     model: TarFlow,
     engine: Option<NllGrad>,

@@ -1,31 +1,12 @@
-//! TARFlow's training loss and its gradient on the CPU, by hand.
-//!
-//! The same computation as [`TarFlow::forward`](crate::flow::TarFlow::forward), then
-//! [`nll_loss`](crate::flow::nll_loss) and candle's `backward`, written as explicit passes with the
-//! fused kernels of [`crate::ops`]. Why: candle's autograd allocates a zero tensor and runs an add
-//! for every gradient contribution and keeps its whole graph alive; on a 2-core CPU that bookkeeping
-//! cost a quarter of a training step. The tests check the loss and every gradient against autograd.
+//! TARFlow's training loss and its gradient on the CPU, by hand: the same computation as
+//! [`TarFlow::forward`](crate::flow::TarFlow::forward), then [`nll_loss`](crate::flow::nll_loss) and
+//! candle's `backward`. The tests check the loss and every gradient against autograd.
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::flow::{FlowConfig, HEAD_DIM, LN_EPS, MLP_EXPANSION};
+use super::layer::{add_assign, class_table_bwd, layer_backward, layer_forward, linear, linear_bwd, mean_row, pair_mut, Index, LayerActs, LayerParams, LayerScratch, LayerShape, Pair};
+use crate::flow::{FlowConfig, HEAD_DIM, LN_EPS};
 use crate::ops::{self, AttentionDims};
-
-/// Indices of a linear layer's weight and bias in the parameter list.
-#[derive(Clone, Copy)]
-struct Pair {
-    w: usize,
-    b: usize,
-}
-
-struct LayerParams {
-    norm1: Pair,
-    qkv: Pair,
-    proj: Pair,
-    norm2: Pair,
-    fc1: Pair,
-    fc2: Pair,
-}
 
 struct BlockParams {
     proj_in: Pair,
@@ -34,19 +15,6 @@ struct BlockParams {
     layers: Vec<LayerParams>,
     proj_out: Pair,
     flip: bool,
-}
-
-/// What one transformer layer keeps for its backward pass, each (N, T, width); `h` is its input.
-#[derive(Default)]
-struct LayerActs {
-    h: Vec<f32>,
-    a1: Vec<f32>,
-    qkv: Vec<f32>,
-    att: Vec<f32>,
-    h_mid: Vec<f32>,
-    a2: Vec<f32>,
-    f1: Vec<f32>,
-    g: Vec<f32>,
 }
 
 /// What one flow block keeps: its layers', the last hidden state, and (token-sized, so made afresh
@@ -64,35 +32,23 @@ struct BlockActs {
 struct Workspace {
     rows: usize,
     blocks: Vec<BlockActs>,
-    // Backward temporaries, (N, T, width).
     dh: Vec<f32>,
-    dg: Vec<f32>,
-    df1: Vec<f32>,
-    da2: Vec<f32>,
-    datt: Vec<f32>,
-    dqkv: Vec<f32>,
-    da1: Vec<f32>,
+    scratch: LayerScratch,
 }
 
 impl Workspace {
     fn new(rows: usize, cfg: &FlowConfig) -> Workspace {
         let c = cfg.channels;
-        let buf = |width: usize| vec![0f32; rows * width];
-        let layer = || LayerActs {
-            h: buf(c),
-            a1: buf(c),
-            qkv: buf(3 * c),
-            att: buf(c),
-            h_mid: buf(c),
-            a2: buf(c),
-            f1: buf(MLP_EXPANSION * c),
-            g: buf(MLP_EXPANSION * c),
-        };
         let blocks = (0..cfg.num_blocks)
-            .map(|_| BlockActs { layers: (0..cfg.layers_per_block).map(|_| layer()).collect(), h_last: buf(c), xin: Vec::new(), a: Vec::new(), y: Vec::new() })
+            .map(|_| BlockActs {
+                layers: (0..cfg.layers_per_block).map(|_| LayerActs::new(rows, c)).collect(),
+                h_last: vec![0f32; rows * c],
+                xin: Vec::new(),
+                a: Vec::new(),
+                y: Vec::new(),
+            })
             .collect();
-        let e = MLP_EXPANSION * c;
-        Workspace { rows, blocks, dh: buf(c), dg: buf(e), df1: buf(e), da2: buf(c), datt: buf(c), dqkv: buf(3 * c), da1: buf(c) }
+        Workspace { rows, blocks, dh: vec![0f32; rows * c], scratch: LayerScratch::new(rows, c) }
     }
 }
 
@@ -115,29 +71,16 @@ impl NllGrad {
     pub fn new(cfg: &FlowConfig, names: &[String], sizes: &[usize]) -> Result<NllGrad> {
         cfg.validate()?;
         ensure!(names.len() == sizes.len(), "{} parameter names for {} sizes", names.len(), sizes.len());
-        let index = |name: String| names.iter().position(|n| *n == name).with_context(|| format!("the model has no parameter {name}"));
-        let pair = |p: &str| -> Result<Pair> { Ok(Pair { w: index(format!("{p}.weight"))?, b: index(format!("{p}.bias"))? }) };
+        let index = Index(names);
         let mut blocks = Vec::new();
         for i in 0..cfg.num_blocks {
             let b = format!("blocks.{i}");
-            let mut layers = Vec::new();
-            for j in 0..cfg.layers_per_block {
-                let l = format!("{b}.attn_blocks.{j}");
-                layers.push(LayerParams {
-                    norm1: pair(&format!("{l}.attention.norm"))?,
-                    qkv: pair(&format!("{l}.attention.qkv"))?,
-                    proj: pair(&format!("{l}.attention.proj"))?,
-                    norm2: pair(&format!("{l}.mlp.norm"))?,
-                    fc1: pair(&format!("{l}.mlp.main.0"))?,
-                    fc2: pair(&format!("{l}.mlp.main.2"))?,
-                });
-            }
             blocks.push(BlockParams {
-                proj_in: pair(&format!("{b}.proj_in"))?,
-                pos: index(format!("{b}.pos_embed"))?,
-                class: if cfg.num_classes > 0 { Some(index(format!("{b}.class_embed"))?) } else { None },
-                layers,
-                proj_out: pair(&format!("{b}.proj_out"))?,
+                proj_in: index.pair(&format!("{b}.proj_in"))?,
+                pos: index.of(format!("{b}.pos_embed"))?,
+                class: if cfg.num_classes > 0 { Some(index.of(format!("{b}.class_embed"))?) } else { None },
+                layers: (0..cfg.layers_per_block).map(|j| index.layer(&format!("{b}.attn_blocks.{j}"))).collect::<Result<_>>()?,
+                proj_out: index.pair(&format!("{b}.proj_out"))?,
                 flip: i % 2 == 1,
             });
         }
@@ -163,8 +106,7 @@ impl NllGrad {
             }
         }
         let dims = AttentionDims::of(t, c, c / HEAD_DIM, true).context("channels must be a multiple of the head size")?;
-        let scale = 1.0 / (HEAD_DIM as f32).sqrt();
-        let eps = LN_EPS as f32;
+        let shape = LayerShape { dims, scale: 1.0 / (HEAD_DIM as f32).sqrt(), eps: LN_EPS as f32 };
         let rows = n * t;
 
         if self.work.as_ref().map(|w| w.rows) != Some(rows) {
@@ -187,7 +129,7 @@ impl NllGrad {
                     Some(next) => &mut next.h,
                     None => &mut acts.h_last,
                 };
-                layer_forward(params, &bp.layers[l], &mut done[l], out, dims, scale, eps);
+                layer_forward(params, &bp.layers[l], &mut done[l], out, shape);
             }
             let o = linear(&acts.h_last, params, bp.proj_out, 2 * d);
             // Token i's (a, b) come from the output at token i - 1 (token 0: a = b = 0).
@@ -215,7 +157,7 @@ impl NllGrad {
         // Backward of 0.5 mean(z^2) - mean_n(logdets_n).
         let mut dx: Vec<f32> = z.iter().map(|v| v / z.len() as f32).collect();
         let dlogdet_da = 1.0 / (n * t * d) as f32; // d(-mean_n logdet_n) / da, every a
-        let Workspace { blocks: saved, dh, dg, df1, da2, datt, dqkv, da1, .. } = ws;
+        let Workspace { blocks: saved, dh, scratch, .. } = ws;
         for (bi, (bp, acts)) in self.blocks.iter().zip(saved.iter()).enumerate().rev() {
             let gy = permute_tokens(&dx, n, t, d, bp.flip);
             // y = (xin - b) e^-a: the gradients of xin and of the proj_out output o (shifted back).
@@ -242,16 +184,7 @@ impl NllGrad {
             }
             linear_bwd(&acts.h_last, params, bp.proj_out, &d_o, Some(dh), grads);
             for (lp, la) in bp.layers.iter().zip(&acts.layers).rev() {
-                // h_next = h_mid + fc2(gelu(fc1(norm2(h_mid)))); dh holds d h_next, then d h_mid.
-                linear_bwd(&la.g, params, lp.fc2, dh, Some(dg), grads);
-                ops::gelu_bwd(&la.f1, dg, df1);
-                linear_bwd(&la.a2, params, lp.fc1, df1, Some(da2), grads);
-                layer_norm_bwd(&la.h_mid, params, lp.norm2, da2, dh, grads, eps);
-                // h_mid = h + proj(attention(qkv(norm1(h)))); dh becomes d h.
-                linear_bwd(&la.att, params, lp.proj, dh, Some(datt), grads);
-                ops::attention_bwd(&la.qkv, datt, dims, dims.heads(), scale, dqkv);
-                linear_bwd(&la.a1, params, lp.qkv, dqkv, Some(da1), grads);
-                layer_norm_bwd(&la.h, params, lp.norm1, da1, dh, grads, eps);
+                layer_backward(params, lp, la, dh, scratch, grads, shape);
             }
             position_and_class_bwd(dh, bp, labels, n, t, c, grads);
             // xin's gradient: the coupling's plus proj_in's (none needed for the first block: data).
@@ -267,23 +200,6 @@ impl NllGrad {
     }
 }
 
-/// One pre-LN transformer layer on `la.h`, keeping its intermediates in `la`; writes its output.
-fn layer_forward(params: &[&[f32]], lp: &LayerParams, la: &mut LayerActs, out: &mut [f32], dims: AttentionDims, scale: f32, eps: f32) {
-    let p = |pair: Pair| (params[pair.w], params[pair.b]);
-    let ((nw, nb), (qw, qb), (pw, pb)) = (p(lp.norm1), p(lp.qkv), p(lp.proj));
-    ops::layer_norm_fwd(&la.h, nw, nb, eps, &mut la.a1);
-    ops::linear_fwd(&la.a1, qw, qb, &mut la.qkv);
-    ops::attention_fwd(&la.qkv, dims, dims.heads(), scale, &mut la.att);
-    ops::linear_fwd(&la.att, pw, pb, &mut la.h_mid);
-    add_assign(&mut la.h_mid, &la.h);
-    let ((nw, nb), (w1, b1), (w2, b2)) = (p(lp.norm2), p(lp.fc1), p(lp.fc2));
-    ops::layer_norm_fwd(&la.h_mid, nw, nb, eps, &mut la.a2);
-    ops::linear_fwd(&la.a2, w1, b1, &mut la.f1);
-    ops::gelu_fwd(&la.f1, &mut la.g);
-    ops::linear_fwd(&la.g, w2, b2, out);
-    add_assign(out, &la.h_mid);
-}
-
 /// Reverse the token order of each sample (N, T, D) when `flip`.
 fn permute_tokens(x: &[f32], n: usize, t: usize, d: usize, flip: bool) -> Vec<f32> {
     if !flip {
@@ -296,21 +212,6 @@ fn permute_tokens(x: &[f32], n: usize, t: usize, d: usize, flip: bool) -> Vec<f3
         }
     }
     out
-}
-
-fn add_assign(acc: &mut [f32], x: &[f32]) {
-    acc.iter_mut().zip(x).for_each(|(a, v)| *a += v);
-}
-
-/// The mean of a table's rows of length c: the class embedding of a dropped label (-1).
-fn mean_row(table: &[f32], c: usize) -> Vec<f32> {
-    let mut mean = vec![0f32; c];
-    for row in table.chunks(c) {
-        add_assign(&mut mean, row);
-    }
-    let k = (table.len() / c) as f32;
-    mean.iter_mut().for_each(|v| *v /= k);
-    mean
 }
 
 /// h (N, T, C) += pos_embed (in the block's token order) + the class embedding of each sample.
@@ -343,55 +244,15 @@ fn position_and_class_bwd(dh: &[f32], bp: &BlockParams, labels: Option<&[i64]>, 
             add_assign(&mut dpos[p * c..(p + 1) * c], &dh[(s * t + i) * c..(s * t + i + 1) * c]);
         }
     }
-    let Some(k_idx) = bp.class else { return };
-    let dclass = &mut grads[k_idx];
-    dclass.fill(0.0);
-    let k = dclass.len() / c;
-    for s in 0..n {
-        let mut sum = vec![0f32; c];
-        for i in 0..t {
-            add_assign(&mut sum, &dh[(s * t + i) * c..(s * t + i + 1) * c]);
-        }
-        match labels.map_or(-1, |y| y[s]) {
-            -1 => {
-                // The mean embedding spreads its gradient evenly over the classes.
-                sum.iter_mut().for_each(|v| *v /= k as f32);
-                for row in dclass.chunks_mut(c) {
-                    add_assign(row, &sum);
-                }
-            }
-            l => add_assign(&mut dclass[l as usize * c..(l as usize + 1) * c], &sum),
+    let Some(k) = bp.class else { return };
+    let mut per_sample = vec![0f32; n * c];
+    for (s, sum) in per_sample.chunks_mut(c).enumerate() {
+        for row in dh[s * t * c..(s + 1) * t * c].chunks(c) {
+            add_assign(sum, row);
         }
     }
-}
-
-fn linear(x: &[f32], params: &[&[f32]], p: Pair, d_out: usize) -> Vec<f32> {
-    let d_in = params[p.w].len() / d_out;
-    let mut y = vec![0f32; x.len() / d_in * d_out];
-    ops::linear_fwd(x, params[p.w], params[p.b], &mut y);
-    y
-}
-
-/// The gradient buffers of a (weight, bias) pair, borrowed together.
-fn pair_mut(grads: &mut [Vec<f32>], p: Pair) -> (&mut [f32], &mut [f32]) {
-    if p.w < p.b {
-        let (lo, hi) = grads.split_at_mut(p.b);
-        (&mut lo[p.w], &mut hi[0])
-    } else {
-        let (lo, hi) = grads.split_at_mut(p.w);
-        (&mut hi[0], &mut lo[p.b])
-    }
-}
-
-fn linear_bwd(x: &[f32], params: &[&[f32]], p: Pair, g: &[f32], dx: Option<&mut [f32]>, grads: &mut [Vec<f32>]) {
-    let (dw, db) = pair_mut(grads, p);
-    ops::linear_bwd(x, params[p.w], g, dx, false, dw, db);
-}
-
-/// Adds the input gradient to `dx` (the residual stream's gradient).
-fn layer_norm_bwd(x: &[f32], params: &[&[f32]], p: Pair, g: &[f32], dx: &mut [f32], grads: &mut [Vec<f32>], eps: f32) {
-    let (dw, db) = pair_mut(grads, p);
-    ops::layer_norm_bwd(x, params[p.w], g, eps, dx, dw, db);
+    let dropped = vec![-1i64; n];
+    class_table_bwd(&per_sample, labels.unwrap_or(&dropped), c, &mut grads[k]);
 }
 
 #[cfg(test)]
