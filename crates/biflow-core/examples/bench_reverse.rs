@@ -1,8 +1,8 @@
 //! Benchmark of BiFlow's reverse model G against F's exact inverse, and of a distillation step.
 //! Prints one JSON object per measurement:
 //!
-//! - `matmul`: this CPU's plain f32 matmul throughput (1024^3, candle/gemm), the ceiling the
-//!   reverse pass is compared with;
+//! - `matmul`: this CPU's plain f32 matmul throughput (4096x1024 by 1024x1024 through the fused
+//!   linear layer's gemm, best of 5), the ceiling the reverse pass is compared with;
 //! - `sample`: images/s of reverse sampling (one evaluation of G) and of exact sampling (causal
 //!   decoding plus its denoising step) on the same F, noise and machine, with the FLOPs of each path;
 //! - `distill`: where the time of one distillation step goes (F's trajectory, G with its heads,
@@ -18,9 +18,10 @@ use biflow_core::job::JobCtx;
 use biflow_core::run::{write_safetensors, HostTensor, Run, RunConfig};
 use biflow_core::trainer::MemData;
 use biflow_core::reverse::loss::{implied_conditional, LossConfig, LossKind, Targets};
-use biflow_core::reverse::{self, ReverseConfig, ReverseModel};
+use biflow_core::grad::ReverseGrad;
+use biflow_core::reverse::{self, ReverseConfig, ReverseModel, ReverseOutput};
 use biflow_core::sample::denoise;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal, Uniform};
@@ -64,18 +65,20 @@ fn exact_flops(f: &FlowConfig) -> f64 {
 }
 
 fn matmul_gflops() -> anyhow::Result<f64> {
-    let n = 1024;
+    // The fused linear layer's own path (gemm, row-major operands) at a training-sized shape, best of 5.
+    let (rows, n) = (4096, 1024);
     let u = Uniform::new(-1.0f32, 1.0);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let a = Tensor::from_vec((0..n * n).map(|_| u.sample(&mut rng)).collect::<Vec<f32>>(), (n, n), &Device::Cpu)?;
-    let b = Tensor::from_vec((0..n * n).map(|_| u.sample(&mut rng)).collect::<Vec<f32>>(), (n, n), &Device::Cpu)?;
-    a.matmul(&b)?;
-    let reps = 10;
-    let t0 = Instant::now();
-    for _ in 0..reps {
-        a.matmul(&b)?;
+    let x = Tensor::from_vec((0..rows * n).map(|_| u.sample(&mut rng)).collect::<Vec<f32>>(), (rows, n), &Device::Cpu)?;
+    let w = Tensor::from_vec((0..n * n).map(|_| u.sample(&mut rng)).collect::<Vec<f32>>(), (n, n), &Device::Cpu)?;
+    let b = Tensor::zeros(n, DType::F32, &Device::Cpu)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..6 {
+        let t0 = Instant::now();
+        biflow_core::ops::linear(&x, &w, &b)?;
+        best = best.min(t0.elapsed().as_secs_f64());
     }
-    Ok(2.0 * (n * n * n) as f64 * reps as f64 / t0.elapsed().as_secs_f64() / 1e9)
+    Ok(2.0 * (rows * n * n) as f64 / best / 1e9)
 }
 
 fn randn(shape: &[usize], rng: &mut rand::rngs::StdRng) -> anyhow::Result<Tensor> {
@@ -83,17 +86,19 @@ fn randn(shape: &[usize], rng: &mut rand::rngs::StdRng) -> anyhow::Result<Tensor
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
 
-/// The models: F frozen (constant weights, as distill loads it), G of F's width (1 layer per stage,
-/// 1 denoising layer) trainable.
+/// The models: F and G (of F's width, 1 layer per stage, 1 denoising layer) with constant weights,
+/// as sampling loads them.
 fn models(cfg: &FlowConfig) -> anyhow::Result<(TarFlow, ReverseModel, ReverseConfig)> {
     let params = initial_parameters(cfg, 0, &Device::Cpu)?;
     let flow = TarFlow::new(VarBuilder::from_tensors(params, DType::F32, &Device::Cpu), cfg)?;
     let g_cfg = ReverseConfig::for_flow(cfg, cfg.channels, 1, 1, true);
-    let (_gm, g) = reverse::new_trainable(&g_cfg, 1, &Device::Cpu)?;
+    let g_params = reverse::initial_parameters(&g_cfg, 1, &Device::Cpu)?;
+    let g = ReverseModel::new(VarBuilder::from_tensors(g_params, DType::F32, &Device::Cpu), &g_cfg)?;
     Ok((flow, g, g_cfg))
 }
 
-/// Steps/s of the whole `distill` job (data, the step above, AdamW, EMA) on random images, from a
+/// Steps/s of the `distill` job's steps (data, the step above, AdamW, EMA; the first step included,
+/// the final checkpoint not) on random images, from a
 /// forward run of F's initial weights written to a temporary folder.
 fn distill_steps_per_second(cfg: &FlowConfig, batch: usize, steps: usize) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
@@ -126,7 +131,10 @@ fn distill_steps_per_second(cfg: &FlowConfig, batch: usize, steps: usize) -> any
     };
     let args = DistillArgs { out: dir.path().join("g"), resume: false, settings, debug_nan_at_step: None, command: None, on: Default::default() };
     let r = distill_with(&args, "synthetic", &data, &JobCtx::silent())?;
-    Ok(r["stepsPerSec"].as_f64().unwrap_or(0.0))
+    // The steps themselves (data, loss and gradients, AdamW and EMA), not the final checkpoint.
+    let p = &r["phaseSeconds"];
+    let secs: f64 = ["data", "lossAndGradients", "optimizer"].iter().map(|k| p[k].as_f64().unwrap_or(0.0)).sum();
+    Ok((steps + 1) as f64 / secs)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -153,10 +161,10 @@ fn main() -> anyhow::Result<()> {
                 let y = Tensor::from_vec((0..n as i64).map(|i| i % 10).collect::<Vec<_>>(), n, &dev)?;
                 let w = vec![0.0f32; n];
                 // Reverse: one evaluation of G (warm-up first; repeated until it has run 2 s).
-                flow.unpatchify(&g.forward(&z, Some(&y), Some(&w), false)?.x)?;
+                flow.unpatchify(&g.sample(&z, Some(&y), Some(&w))?)?;
                 let (t0, mut reps) = (Instant::now(), 0);
                 while reps == 0 || t0.elapsed().as_secs_f64() < 2.0 {
-                    flow.unpatchify(&g.forward(&z, Some(&y), Some(&w), false)?.x)?;
+                    flow.unpatchify(&g.sample(&z, Some(&y), Some(&w))?)?;
                     reps += 1;
                 }
                 let reverse_s = t0.elapsed().as_secs_f64() / reps as f64;
@@ -180,30 +188,46 @@ fn main() -> anyhow::Result<()> {
             }
         }
         if what == "all" || what == "distill" {
+            // The CPU's distillation step, phase by phase, as distill.rs runs it: F's trajectory
+            // (candle, no graph), G's unconditional pass (hand-written, kept nothing), G's guided
+            // pass (kept), the loss and its gradient w.r.t. G's outputs (autograd), G's backward.
             let n = if name == "paper" { 16 } else { 64 };
             let loss_cfg = LossConfig { kind: LossKind::Align, rms_norm: true, learned_denoise: true, adaptive_p: 1.0, adaptive_eps: 0.01 };
+            let g_params = reverse::initial_parameters(&g_cfg, 1, &dev)?;
+            let mut g_names: Vec<String> = g_params.keys().cloned().collect();
+            g_names.sort();
+            let g_values: Vec<Vec<f32>> = g_names.iter().map(|k| g_params[k].flatten_all()?.to_vec1::<f32>()).collect::<Result<_, _>>()?;
+            let sizes: Vec<usize> = g_values.iter().map(Vec::len).collect();
+            let params: Vec<&[f32]> = g_values.iter().map(Vec::as_slice).collect();
+            let mut engine = ReverseGrad::new(&g_cfg, &g_names, &sizes)?;
+            let mut grads: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![0f32; s]).collect();
             let u = Uniform::new(-1.0f32, 1.0);
             let mut phase = [0f64; 6];
             for s in 0..=steps {
                 let x = Tensor::from_vec((0..n * cfg.image_dim()).map(|_| u.sample(&mut rng)).collect::<Vec<f32>>(), (n, cfg.in_channels, cfg.img_size, cfg.img_size), &dev)?;
                 let clean = flow.patchify(&x)?;
                 let noisy = (&clean + (randn(&[n, t, d], &mut rng)? * 0.05)?)?;
-                let y = Tensor::from_vec((0..n as i64).map(|i| i % 10).collect::<Vec<_>>(), n, &dev)?;
-                let w: Vec<f32> = (0..n).map(|i| (i % 4) as f32).collect();
+                let labels: Vec<i64> = (0..n as i64).map(|i| i % 10).collect();
+                let y = Tensor::new(labels.as_slice(), &dev)?;
+                let w: Vec<f32> = (0..n).map(|i| (i % 4) as f32 + 0.5).collect();
                 let c0 = Instant::now();
                 let fo = flow.forward_tokens(&noisy, Some(&y))?;
+                let z: Vec<f32> = fo.z.flatten_all()?.to_vec1()?;
                 let c1 = Instant::now();
-                let guided = g.forward(&fo.z, Some(&y), Some(&w), true)?;
+                let un = engine.forward(&params, &z, Some(&vec![-1; n]), &w, false, false)?;
                 let c2 = Instant::now();
-                let null = Tensor::from_vec(vec![-1i64; n], n, &dev)?;
-                let uncond = g.forward(&fo.z, Some(&null), Some(&w), true)?;
-                let pred = implied_conditional(&guided, &uncond, &w)?;
+                let gu = engine.forward(&params, &z, Some(&labels), &w, true, false)?;
                 let c3 = Instant::now();
+                let tensor = |v: Vec<f32>| Tensor::from_vec(v, (n, t, d), &dev);
+                let vars: Vec<Var> = std::iter::once(gu.x).chain(gu.heads).map(|v| Var::from_vec(v, (n, t, d), &dev)).collect::<Result<_, _>>()?;
+                let guided = ReverseOutput { x: vars[0].as_tensor().clone(), heads: vars[1..].iter().map(|v| v.as_tensor().clone()).collect(), states: Vec::new() };
+                let uncond = ReverseOutput { x: tensor(un.x)?, heads: un.heads.into_iter().map(tensor).collect::<Result<_, _>>()?, states: Vec::new() };
+                let pred = implied_conditional(&guided, &uncond, &w)?;
                 let loss = loss_cfg.loss(&pred, &Targets { clean: &clean, noisy: &noisy, trajectory: &fo.trajectory }, &[])?;
-                loss.total.to_scalar::<f32>()?;
+                let store = loss.total.backward()?;
+                let dv: Vec<Vec<f32>> = vars.iter().map(|v| store.get(v.as_tensor()).unwrap().flatten_all()?.to_vec1()).collect::<Result<_, _>>()?;
                 let c4 = Instant::now();
-                let grads = loss.total.backward()?;
-                drop(grads);
+                engine.backward(&params, &dv[0], &dv[1..], &[], &mut grads)?;
                 let c5 = Instant::now();
                 if s > 0 {
                     for (k, (a, b)) in [(c0, c1), (c1, c2), (c2, c3), (c3, c4), (c4, c5), (c0, c5)].into_iter().enumerate() {
@@ -217,7 +241,7 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "{}",
                 json!({"what": "distill", "config": name, "batch": n, "steps": steps,
-                    "forwardTrajectoryS": phase[0], "guidedPassS": phase[1], "unconditionalPassS": phase[2],
+                    "forwardTrajectoryS": phase[0], "unconditionalPassS": phase[1], "guidedPassS": phase[2],
                     "lossS": phase[3], "backwardS": phase[4], "stepS": phase[5], "stepsPerSecond": 1.0 / phase[5],
                     "trainerStepsPerSecond": whole,
                     "gflopPerStep": flops / 1e9, "gflops": flops / phase[5] / 1e9, "fractionOfMatmul": flops / phase[5] / 1e9 / peak})

@@ -408,7 +408,7 @@ fn speed(c: &mut Check) -> Result<Value> {
         let z = randn(&[n, t, d], 3, &c.device)?;
         let y = Tensor::from_vec((0..n as i64).map(|i| i % 10).collect::<Vec<_>>(), n, &c.device)?;
         let w = vec![0f32; n];
-        let reverse_s = time(&c.device, 1.0, || Ok(drop(flow.unpatchify(&g.forward(&z, Some(&y), Some(&w), false)?.x)?)))?;
+        let reverse_s = time(&c.device, 1.0, || Ok(drop(flow.unpatchify(&g.sample(&z, Some(&y), Some(&w))?)?)))?;
         let decode_s = time(&c.device, 0.0, || Ok(drop(flow.reverse(&z, Some(&y), &ReverseOptions::default(), |_, _| Ok(()))?)))?;
         let x = flow.reverse(&z, Some(&y), &ReverseOptions::default(), |_, _| Ok(()))?;
         let denoise_s = time(&c.device, 0.5, || Ok(drop(denoise(&flow, &x, Some(&y), 0.05)?)))?;

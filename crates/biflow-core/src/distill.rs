@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -16,8 +16,9 @@ use serde_json::{json, Map, Value};
 use crate::device::DeviceArgs;
 use crate::flow::TarFlow;
 use crate::job::JobCtx;
-use crate::reverse::loss::{implied_conditional, LossConfig, LossKind, PerceptualTerm, Targets};
-use crate::reverse::{self, ReverseConfig, ReverseModel};
+use crate::grad::ReverseGrad;
+use crate::reverse::loss::{implied_conditional, LossConfig, LossKind, LossValue, PerceptualTerm, Targets};
+use crate::reverse::{self, ReverseConfig, ReverseModel, ReverseOutput};
 use crate::run::{ForwardRef, Run, RunConfig};
 use crate::train::host_gradients;
 use crate::trainer::{self, load_checkpoint, open_data, Fit, Limited, Objective, RunLock, Schedule, Slot, StepOutput, TrainData};
@@ -212,10 +213,12 @@ fn resolve(s: &DistillSettings, f_run: &Run, forward_dir: &str, data: &dyn Train
 // ---------------------------------------------------------------------------------------------
 // The objective
 
-/// G's BiFlow loss on pairs (F's trajectory of x~, x) made on the fly from clean images.
+/// G's BiFlow loss on pairs (F's trajectory of x~, x) made on the fly from clean images. On the
+/// CPU G's passes are the hand-written ones (grad::ReverseGrad), elsewhere candle's with autograd.
 struct Distillation {
     flow: TarFlow,
     g: ReverseModel,
+    engine: Option<ReverseGrad>,
     opts: DistillOptions,
     perceptual: Vec<Box<dyn PerceptualTerm>>,
 }
@@ -241,30 +244,37 @@ impl Objective for Distillation {
                     let u: f64 = rng.gen();
                     w.push(if *y < 0 { 0.0 } else { (lo + (hi - lo) * u * u * u) as f32 });
                 }
-                (Some(Tensor::from_vec(ys, n, &dev)?), w)
+                (Some(ys), w)
             }
             None => (None, vec![0.0; n]),
         };
+        let label_tensor = labels.as_ref().map(|y| Tensor::from_vec(y.clone(), n, &dev)).transpose()?;
         // F is frozen: its weights are constants, so this pass records no gradient graph.
-        let fo = self.flow.forward_tokens(&noisy, labels.as_ref())?;
-        let guided = self.g.forward(&fo.z, labels.as_ref(), Some(&w), true)?;
-        let pred = if w.iter().any(|&w| w > 0.0) {
-            let null = Tensor::from_vec(vec![-1i64; n], n, &dev)?;
-            let uncond = self.g.forward(&fo.z, Some(&null), Some(&w), true)?;
-            implied_conditional(&guided, &uncond, &w)?
-        } else {
-            guided
-        };
+        let fo = self.flow.forward_tokens(&noisy, label_tensor.as_ref())?;
         let targets = Targets { clean: &clean, noisy: &noisy, trajectory: &fo.trajectory };
-        let value = self.opts.loss.loss(&pred, &targets, &self.perceptual)?;
-        let loss = value.total.to_scalar::<f32>()? as f64;
-        let grads = host_gradients(&value.total, slots)?;
+        let loss = |pred: &ReverseOutput| self.opts.loss.loss(pred, &targets, &self.perceptual);
+        let (value, grads) = match &mut self.engine {
+            Some(engine) => step_by_hand(engine, slots, &fo.z, labels.as_deref(), &w, self.opts.loss.kind == LossKind::Hidden, loss)?,
+            None => {
+                let guided = self.g.forward(&fo.z, label_tensor.as_ref(), Some(&w), true)?;
+                let pred = if w.iter().any(|&w| w > 0.0) {
+                    let null = Tensor::from_vec(vec![-1i64; n], n, &dev)?;
+                    let uncond = self.g.forward(&fo.z, Some(&null), Some(&w), true)?;
+                    implied_conditional(&guided, &uncond, &w)?
+                } else {
+                    guided
+                };
+                let value = loss(&pred)?;
+                let grads = host_gradients(&value.total, slots)?;
+                (value, grads)
+            }
+        };
         let metrics: Map<String, Value> = value.parts.into_iter().map(|(k, v)| (k, json!(v))).collect();
-        Ok(StepOutput { loss, metrics, grads })
+        Ok(StepOutput { loss: value.total.to_scalar::<f32>()? as f64, metrics, grads })
     }
 
     fn reads_vars(&self) -> bool {
-        true
+        self.engine.is_none()
     }
 
     /// One evaluation of G (EMA weights) at guidance 0, then F's score step where G does not denoise.
@@ -274,12 +284,82 @@ impl Objective for Distillation {
         let g = ReverseModel::new(trainer::ema_varbuilder(slots, &dev)?, self.g.config())?;
         let (z, y) = trainer::preview_noise(trainer::PREVIEW_COUNT, f.num_tokens(), f.token_dim(), f.num_classes, &dev)?;
         let w = g.config().guided().then(|| vec![0f32; trainer::PREVIEW_COUNT]);
-        let mut x = self.flow.unpatchify(&g.forward(&z, y.as_ref(), w.as_deref(), false)?.x)?;
+        let mut x = self.flow.unpatchify(&g.sample(&z, y.as_ref(), w.as_deref())?)?;
         if !self.opts.loss.learned_denoise {
             x = crate::sample::denoise(&self.flow, &x, y.as_ref(), self.opts.noise_std)?;
         }
         Ok(Some(x))
     }
+}
+
+/// One step with G's hand-written passes: the unconditional pass (only for the samples it
+/// affects, w > 0; it carries no gradient), the guided pass kept for the backward, the loss and its
+/// gradient with respect to G's outputs by autograd over that small graph, then G's backward.
+fn step_by_hand(
+    engine: &mut ReverseGrad,
+    slots: &[Slot],
+    z: &Tensor,
+    labels: Option<&[i64]>,
+    w: &[f32],
+    states: bool,
+    loss: impl FnOnce(&ReverseOutput) -> Result<LossValue>,
+) -> Result<(LossValue, Vec<Vec<f32>>)> {
+    let (n, t, d) = z.dims3()?;
+    let dev = z.device();
+    let params: Vec<&[f32]> = slots.iter().map(|s| s.value.as_slice()).collect();
+    let z: Vec<f32> = z.flatten_all()?.to_vec1()?;
+    let active: Vec<usize> = (0..n).filter(|&i| w[i] > 0.0).collect();
+    let uncond = if active.is_empty() {
+        None
+    } else {
+        let rows = t * d;
+        let z_active: Vec<f32> = active.iter().flat_map(|&i| z[i * rows..(i + 1) * rows].iter().copied()).collect();
+        let w_active: Vec<f32> = active.iter().map(|&i| w[i]).collect();
+        let part = engine.forward(&params, &z_active, Some(&vec![-1; active.len()]), &w_active, false, states)?;
+        // Back to the whole batch; the samples left out (w = 0) are weighted 0 in the mix.
+        let whole = |v: &[f32]| -> Result<Tensor> {
+            let width = v.len() / active.len();
+            let mut full = vec![0f32; n * width];
+            for (k, &i) in active.iter().enumerate() {
+                full[i * width..(i + 1) * width].copy_from_slice(&v[k * width..(k + 1) * width]);
+            }
+            Ok(Tensor::from_vec(full, (n, t, width / t), dev)?)
+        };
+        Some(ReverseOutput {
+            x: whole(&part.x)?,
+            heads: part.heads.iter().map(|h| whole(h)).collect::<Result<_>>()?,
+            states: part.states.iter().map(|h| whole(h)).collect::<Result<_>>()?,
+        })
+    };
+    let guided = engine.forward(&params, &z, labels, w, true, states)?;
+    let var = |v: Vec<f32>| -> Result<Var> {
+        let width = v.len() / n;
+        Ok(Var::from_vec(v, (n, t, width / t), dev)?)
+    };
+    let x = var(guided.x)?;
+    let heads = guided.heads.into_iter().map(var).collect::<Result<Vec<_>>>()?;
+    let stage_states = guided.states.into_iter().map(var).collect::<Result<Vec<_>>>()?;
+    let tensors = |vars: &[Var]| vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>();
+    let pred = ReverseOutput { x: x.as_tensor().clone(), heads: tensors(&heads), states: tensors(&stage_states) };
+    let pred = match &uncond {
+        Some(u) => implied_conditional(&pred, u, w)?,
+        None => pred,
+    };
+    let value = loss(&pred)?;
+    let store = value.total.backward()?;
+    let grad_of = |v: &Var| -> Result<Vec<f32>> {
+        Ok(match store.get(v.as_tensor()) {
+            Some(g) => g.flatten_all()?.to_vec1()?,
+            None => Vec::new(),
+        })
+    };
+    let d_x = grad_of(&x)?;
+    ensure!(!d_x.is_empty(), "the loss does not depend on G's output");
+    let d_heads = heads.iter().map(grad_of).collect::<Result<Vec<_>>>()?;
+    let d_states = stage_states.iter().map(grad_of).collect::<Result<Vec<_>>>()?;
+    let mut grads: Vec<Vec<f32>> = slots.iter().map(|s| vec![0f32; s.value.len()]).collect();
+    engine.backward(&params, &d_x, &d_heads, &d_states, &mut grads)?;
+    Ok((value, grads))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -417,6 +497,14 @@ pub fn distill_with(args: &DistillArgs, data_dir: &str, data: &dyn TrainData, ct
 
     let (map, g) = reverse::new_trainable(&g_cfg, opts.schedule.seed, &device)?;
     let slots = trainer::slots_of(&map)?;
+    // The hand-written passes are the CPU's fused path; the composed path (other devices, or
+    // ops::mode::composed) differentiates with candle's autograd.
+    let engine = if device.is_cpu() && crate::ops::mode::current().fused {
+        let (names, sizes) = trainer::slot_layout(&slots);
+        Some(ReverseGrad::new(&g_cfg, &names, &sizes)?)
+    } else {
+        None
+    };
     let fit = Fit {
         run: &run,
         lock: &lock,
@@ -430,7 +518,7 @@ pub fn distill_with(args: &DistillArgs, data_dir: &str, data: &dyn TrainData, ct
         debug_nan_at_step: args.debug_nan_at_step,
         command: args.command.clone(),
     };
-    let mut objective = Distillation { flow, g, opts, perceptual: Vec::new() };
+    let mut objective = Distillation { flow, g, engine, opts, perceptual: Vec::new() };
     let mut fitted = trainer::fit(fit, &mut objective, ctx)?;
     fitted.result.insert("forward".into(), json!(forward_abs));
     Ok(Value::Object(fitted.result))
@@ -471,7 +559,8 @@ mod tests {
     }
 
     /// Every parameter of G, the heads included where the loss has them, receives a non-zero
-    /// gradient under each loss, with training-time guidance on.
+    /// gradient under each loss, with training-time guidance on; and the CPU's hand-written passes
+    /// give the loss and gradients that candle's autograd gives.
     #[test]
     fn every_parameter_of_g_gets_a_gradient_under_each_loss() {
         let dev = Device::Cpu;
@@ -487,19 +576,34 @@ mod tests {
         };
         for (kind, learned) in [(LossKind::Align, true), (LossKind::Naive, true), (LossKind::Hidden, true), (LossKind::Align, false)] {
             let g_cfg = ReverseConfig::for_flow(&f_cfg, 64, 1, if learned { 1 } else { 0 }, kind == LossKind::Align);
-            let (map, g) = reverse::new_trainable(&g_cfg, 2, &dev).unwrap();
-            let slots = trainer::slots_of(&map).unwrap();
-            assert_eq!(slots.iter().any(|s| s.name.starts_with("heads.")), kind == LossKind::Align);
-            let (_fm, flow) = crate::flow::new_trainable(&f_cfg, 1, &dev).unwrap();
-            let mut obj = Distillation { flow, g, opts: options(kind, learned), perceptual: Vec::new() };
-            let mut rng = ChaCha8Rng::seed_from_u64(3);
-            let xs: Vec<f32> = (0..8 * 64).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
-            let ys: Vec<i64> = (0..8).map(|i| i % 3).collect();
-            let out = obj.step(&slots, xs, ys, &mut rng).unwrap();
-            assert!(out.loss.is_finite());
-            for (s, gr) in slots.iter().zip(&out.grads) {
-                let norm: f32 = gr.iter().map(|v| v * v).sum();
-                assert!(norm > 0.0, "{kind:?} (learned denoise {learned}): {} gets no gradient", s.name);
+            let mut results = Vec::new();
+            for by_hand in [false, true] {
+                let (map, g) = reverse::new_trainable(&g_cfg, 2, &dev).unwrap();
+                let slots = trainer::slots_of(&map).unwrap();
+                assert_eq!(slots.iter().any(|s| s.name.starts_with("heads.")), kind == LossKind::Align);
+                let engine = by_hand.then(|| {
+                    let (names, sizes) = trainer::slot_layout(&slots);
+                    ReverseGrad::new(&g_cfg, &names, &sizes).unwrap()
+                });
+                let (_fm, flow) = crate::flow::new_trainable(&f_cfg, 1, &dev).unwrap();
+                let mut obj = Distillation { flow, g, engine, opts: options(kind, learned), perceptual: Vec::new() };
+                let mut rng = ChaCha8Rng::seed_from_u64(3);
+                let xs: Vec<f32> = (0..8 * 64).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+                let ys: Vec<i64> = (0..8).map(|i| i % 3).collect();
+                let out = obj.step(&slots, xs, ys, &mut rng).unwrap();
+                assert!(out.loss.is_finite());
+                for (s, gr) in slots.iter().zip(&out.grads) {
+                    let norm: f32 = gr.iter().map(|v| v * v).sum();
+                    assert!(norm > 0.0, "{kind:?} (learned denoise {learned}, by hand {by_hand}): {} gets no gradient", s.name);
+                }
+                results.push((slots, out));
+            }
+            let ((slots, auto), (_, hand)) = (&results[0], &results[1]);
+            assert!((auto.loss - hand.loss).abs() < 1e-4 * auto.loss.abs().max(1.0), "{kind:?}: loss {} by autograd, {} by hand", auto.loss, hand.loss);
+            for ((s, a), h) in slots.iter().zip(&auto.grads).zip(&hand.grads) {
+                let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = a.iter().zip(h).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff <= 1e-3 * scale, "{kind:?} (learned denoise {learned}): {} differs by {diff} (largest {scale})", s.name);
             }
         }
     }

@@ -56,7 +56,7 @@ impl Pair<'_> {
     pub fn generate(&self, z: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
         let n = z.dim(0)?;
         let w = self.g.config().guided().then(|| vec![0.0f32; n]);
-        let x = self.flow.unpatchify(&self.g.forward(z, labels, w.as_deref(), false)?.x)?;
+        let x = self.flow.unpatchify(&self.g.sample(z, labels, w.as_deref())?)?;
         if self.g.config().denoise_layers == 0 {
             return denoise(self.flow, &x, labels, self.sigma);
         }

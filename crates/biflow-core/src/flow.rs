@@ -99,7 +99,17 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::linear(x, &self.weight, &self.bias)
     }
+    pub(crate) fn named(&self, prefix: &str, out: &mut Named) {
+        out.push((format!("{prefix}.weight"), self.weight.clone()));
+        out.push((format!("{prefix}.bias"), self.bias.clone()));
+    }
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.weight
+    }
 }
+
+/// A model's parameters with their checkpoint names (for the hand-written CPU passes).
+pub(crate) type Named = Vec<(String, Tensor)>;
 
 /// LayerNorm over the last dimension with an affine weight and bias (differentiable).
 pub struct LayerNorm {
@@ -113,6 +123,10 @@ impl LayerNorm {
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::layer_norm(x, &self.weight, &self.bias, LN_EPS)
+    }
+    pub(crate) fn named(&self, prefix: &str, out: &mut Named) {
+        out.push((format!("{prefix}.weight"), self.weight.clone()));
+        out.push((format!("{prefix}.bias"), self.bias.clone()));
     }
 }
 
@@ -206,6 +220,14 @@ impl AttentionBlock {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = (x + self.attention.forward(x)?)?;
         Ok((&x + self.mlp.forward(&x)?)?)
+    }
+    pub(crate) fn named(&self, prefix: &str, out: &mut Named) {
+        self.attention.norm.named(&format!("{prefix}.attention.norm"), out);
+        self.attention.qkv.named(&format!("{prefix}.attention.qkv"), out);
+        self.attention.proj.named(&format!("{prefix}.attention.proj"), out);
+        self.mlp.norm.named(&format!("{prefix}.mlp.norm"), out);
+        self.mlp.fc1.named(&format!("{prefix}.mlp.main.0"), out);
+        self.mlp.fc2.named(&format!("{prefix}.mlp.main.2"), out);
     }
     fn step(&self, x: &Tensor, cache: &mut KvCache, scale: &Tensor) -> Result<Tensor> {
         let x = (x + self.attention.step(x, cache, scale)?)?;

@@ -49,7 +49,7 @@ pub(crate) use {
     decode::{BlockDecoder, HostBlock, HostLayer, HostLinear, HostNorm},
     gelu::{gelu_bwd, gelu_fwd},
     layer_norm::{layer_norm_bwd, layer_norm_fwd},
-    linear::{linear_bwd, linear_fwd},
+    linear::{linear_bwd, linear_fwd, linear_fwd_t, transpose},
 };
 
 use anyhow::Result;

@@ -234,7 +234,7 @@ impl Sampler {
             Method::Exact(opts) => self.model.reverse(&z, y.as_ref(), opts, |k, _| on_step(k))?,
             Method::Reverse(g, w) => {
                 let w = g.config().guided().then(|| vec![*w as f32; m]);
-                let x = self.model.unpatchify(&g.forward(&z, y.as_ref(), w.as_deref(), false)?.x)?;
+                let x = self.model.unpatchify(&g.sample(&z, y.as_ref(), w.as_deref())?)?;
                 on_step(1)?;
                 x
             }

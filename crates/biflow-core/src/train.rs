@@ -533,8 +533,7 @@ pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, da
     // The hand-written gradient is the CPU's fused path; the composed path (other devices, or
     // ops::mode::composed) differentiates with candle's autograd.
     let engine = if device.is_cpu() && crate::ops::mode::current().fused {
-        let names: Vec<String> = slots.iter().map(|s| s.name.clone()).collect();
-        let sizes: Vec<usize> = slots.iter().map(|s| s.value.len()).collect();
+        let (names, sizes) = trainer::slot_layout(&slots);
         Some(NllGrad::new(&model_cfg, &names, &sizes)?)
     } else {
         None

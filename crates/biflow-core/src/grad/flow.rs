@@ -106,7 +106,7 @@ impl NllGrad {
             }
         }
         let dims = AttentionDims::of(t, c, c / HEAD_DIM, true).context("channels must be a multiple of the head size")?;
-        let shape = LayerShape { dims, scale: 1.0 / (HEAD_DIM as f32).sqrt(), eps: LN_EPS as f32 };
+        let shape = LayerShape { dims, scale: 1.0 / (HEAD_DIM as f32).sqrt(), eps: LN_EPS as f32, transposed: false };
         let rows = n * t;
 
         if self.work.as_ref().map(|w| w.rows) != Some(rows) {

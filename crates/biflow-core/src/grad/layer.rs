@@ -88,23 +88,36 @@ pub(crate) struct LayerShape {
     pub dims: AttentionDims,
     pub scale: f32,
     pub eps: f32,
+    /// The layers' four weight matrices are stored transposed (W^T, a sampling model's layout; forward only).
+    pub transposed: bool,
 }
 
 /// One pre-LN transformer layer on `la.h`, keeping its intermediates in `la`; writes its output.
 pub(crate) fn layer_forward(params: &[&[f32]], lp: &LayerParams, la: &mut LayerActs, out: &mut [f32], s: LayerShape) {
     let p = |pair: Pair| (params[pair.w], params[pair.b]);
+    let linear = if s.transposed { ops::linear_fwd_t } else { ops::linear_fwd };
     let ((nw, nb), (qw, qb), (pw, pb)) = (p(lp.norm1), p(lp.qkv), p(lp.proj));
     ops::layer_norm_fwd(&la.h, nw, nb, s.eps, &mut la.a1);
-    ops::linear_fwd(&la.a1, qw, qb, &mut la.qkv);
+    linear(&la.a1, qw, qb, &mut la.qkv);
     ops::attention_fwd(&la.qkv, s.dims, s.dims.heads(), s.scale, &mut la.att);
-    ops::linear_fwd(&la.att, pw, pb, &mut la.h_mid);
+    linear(&la.att, pw, pb, &mut la.h_mid);
     add_assign(&mut la.h_mid, &la.h);
     let ((nw, nb), (w1, b1), (w2, b2)) = (p(lp.norm2), p(lp.fc1), p(lp.fc2));
     ops::layer_norm_fwd(&la.h_mid, nw, nb, s.eps, &mut la.a2);
-    ops::linear_fwd(&la.a2, w1, b1, &mut la.f1);
+    linear(&la.a2, w1, b1, &mut la.f1);
     ops::gelu_fwd(&la.f1, &mut la.g);
-    ops::linear_fwd(&la.g, w2, b2, out);
+    linear(&la.g, w2, b2, out);
     add_assign(out, &la.h_mid);
+}
+
+impl LayerParams {
+    /// Its four weight matrices (d_out, d_in) as W^T (d_in, d_out), in place in `values`.
+    pub fn transpose_weights(&self, values: &mut [Vec<f32>]) {
+        for (pair, d_out) in [(self.qkv, values[self.qkv.b].len()), (self.proj, values[self.proj.b].len()), (self.fc1, values[self.fc1.b].len()), (self.fc2, values[self.fc2.b].len())] {
+            let w = &mut values[pair.w];
+            *w = ops::transpose(w, d_out, w.len() / d_out);
+        }
+    }
 }
 
 /// The backward of [`layer_forward`]: `dh` holds the gradient of the layer's output and becomes that

@@ -6,5 +6,7 @@
 
 mod flow;
 mod layer;
+mod reverse;
 
 pub use flow::{NllGrad, NllOutput};
+pub use reverse::{HostOutputs, ReverseGrad};

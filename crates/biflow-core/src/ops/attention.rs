@@ -9,6 +9,7 @@ use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::gelu::exp_nonpositive;
 use super::gemm::{matmul, Threads, View};
 use super::{fused, slice};
 
@@ -47,19 +48,39 @@ fn softmax_reference(s: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
     Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
-/// In place, row by row: p[i, j] = softmax_j(scale s[i, j]), over j <= i with 0 for j > i when causal.
-fn softmax_rows(p: &mut [f32], t: usize, scale: f32, causal: bool) {
-    for (i, row) in p.chunks_mut(t).enumerate() {
-        let (live, masked) = row.split_at_mut(if causal { i + 1 } else { t });
-        let m = live.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut sum = 0f32;
-        for v in live.iter_mut() {
-            *v = ((*v - m) * scale).exp();
-            sum += *v;
+simd_kernels! {
+    /// In place, row by row: p[i, j] = softmax_j(scale s[i, j]), over j <= i with 0 for j > i when
+    /// causal. Max and sum in 8 lanes and exp by polynomial, so the loops vectorise (this was scalar
+    /// libm work, a tenth of sampling time at T = 256).
+    fn softmax_rows(p: &mut [f32], t: usize, scale: f32, causal: bool) {
+        for (i, row) in p.chunks_mut(t).enumerate() {
+            let (live, masked) = row.split_at_mut(if causal { i + 1 } else { t });
+            let mut lanes = [f32::NEG_INFINITY; 8];
+            let chunks = live.chunks_exact(8);
+            let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            for ch in chunks {
+                for (l, &v) in lanes.iter_mut().zip(ch) {
+                    *l = l.max(v);
+                }
+            }
+            let m = lanes.iter().fold(tail, |a, &b| a.max(b));
+            let mut sums = [0f32; 8];
+            let mut chunks = live.chunks_exact_mut(8);
+            for ch in &mut chunks {
+                for (s, v) in sums.iter_mut().zip(ch.iter_mut()) {
+                    *v = exp_nonpositive((*v - m) * scale);
+                    *s += *v;
+                }
+            }
+            let mut sum: f32 = 0.0;
+            for v in chunks.into_remainder() {
+                *v = exp_nonpositive((*v - m) * scale);
+                sum += *v;
+            }
+            let inv = 1.0 / (sum + sums.iter().sum::<f32>());
+            live.iter_mut().for_each(|v| *v *= inv);
+            masked.fill(0.0);
         }
-        let inv = 1.0 / sum;
-        live.iter_mut().for_each(|v| *v *= inv);
-        masked.fill(0.0);
     }
 }
 

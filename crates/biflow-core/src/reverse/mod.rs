@@ -17,10 +17,13 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::flow::{label_indices, varmap_of, AttentionBlock, FlowConfig, LayerNorm, Linear, ParamInit, HEAD_DIM};
+use std::sync::OnceLock;
+
+use crate::flow::{label_indices, varmap_of, AttentionBlock, FlowConfig, LayerNorm, Linear, Named, ParamInit, HEAD_DIM};
+use crate::grad::ReverseGrad;
 
 /// Sine/cosine features of the guidance scale fed to `cfg_embed`.
-const CFG_FEATURES: usize = 16;
+pub(crate) const CFG_FEATURES: usize = 16;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -104,6 +107,14 @@ pub struct ReverseModel {
     denoise: Vec<AttentionBlock>,
     norm_out: LayerNorm,
     proj_out: Linear,
+    /// The CPU's hand-written sampling pass over host copies of the weights, made on first use.
+    host: OnceLock<Option<HostPass>>,
+}
+
+/// G's weights on the host, in the order the hand-written pass reads them.
+struct HostPass {
+    engine: ReverseGrad,
+    values: Vec<Vec<f32>>,
 }
 
 impl ReverseModel {
@@ -128,6 +139,7 @@ impl ReverseModel {
                 denoise: layers(vb.pp("denoise"), cfg.denoise_layers)?,
                 norm_out: LayerNorm::new(vb.pp("norm_out"), c)?,
                 proj_out: Linear::new(vb.pp("proj_out"), c, d)?,
+                host: OnceLock::new(),
             })
         };
         build().context("the weights do not match the reverse model's configuration")
@@ -135,6 +147,70 @@ impl ReverseModel {
 
     pub fn config(&self) -> &ReverseConfig {
         &self.cfg
+    }
+
+    /// Every parameter with its checkpoint name.
+    fn named_parameters(&self) -> Named {
+        let mut out = Named::new();
+        self.proj_in.named("proj_in", &mut out);
+        out.push(("pos_embed".into(), self.pos_embed.clone()));
+        if let (Some(table), Some(cfg_embed)) = (&self.class_embed, &self.cfg_embed) {
+            out.push(("class_embed".into(), table.clone()));
+            cfg_embed.named("cfg_embed", &mut out);
+        }
+        for (j, stage) in self.stages.iter().enumerate() {
+            for (l, layer) in stage.iter().enumerate() {
+                layer.named(&format!("stages.{j}.{l}"), &mut out);
+            }
+        }
+        for (j, head) in self.heads.iter().enumerate() {
+            head.norm.named(&format!("heads.{j}.norm"), &mut out);
+            head.proj.named(&format!("heads.{j}.proj"), &mut out);
+        }
+        for (l, layer) in self.denoise.iter().enumerate() {
+            layer.named(&format!("denoise.{l}"), &mut out);
+        }
+        self.norm_out.named("norm_out", &mut out);
+        self.proj_out.named("proj_out", &mut out);
+        out
+    }
+
+    /// The hand-written pass, where it applies: f32 weights on the CPU that are constants (a
+    /// trained model; trainable variables take candle's graph), on the fused path.
+    fn host_pass(&self) -> Result<Option<&HostPass>> {
+        if !(self.proj_out.weight().device().is_cpu() && crate::ops::mode::current().fused) {
+            return Ok(None);
+        }
+        if self.host.get().is_none() {
+            let named = self.named_parameters();
+            let host = if named.iter().all(|(_, t)| t.dtype() == DType::F32 && !t.is_variable()) {
+                let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
+                let mut values = named.iter().map(|(_, t)| Ok(t.flatten_all()?.to_vec1::<f32>()?)).collect::<Result<Vec<_>>>()?;
+                let sizes: Vec<usize> = values.iter().map(Vec::len).collect();
+                let engine = ReverseGrad::new(&self.cfg, &names, &sizes)?.for_sampling(&mut values)?;
+                Some(HostPass { engine, values })
+            } else {
+                None
+            };
+            let _ = self.host.set(host);
+        }
+        Ok(self.host.get().and_then(Option::as_ref))
+    }
+
+    /// x' = G(z | y, w) (N, T, D): one evaluation, for sampling. On the CPU this is the hand-written
+    /// pass (grad::ReverseGrad, in cache-sized groups of samples); elsewhere [`Self::forward`].
+    pub fn sample(&self, z: &Tensor, labels: Option<&Tensor>, guidance: Option<&[f32]>) -> Result<Tensor> {
+        let Some(host) = self.host_pass()? else {
+            return Ok(self.forward(z, labels, guidance, false)?.x);
+        };
+        let (n, t, d) = z.dims3()?;
+        ensure!(t == self.cfg.num_tokens && d == self.cfg.token_dim, "G takes noise tokens N,{},{}, got N,{t},{d}", self.cfg.num_tokens, self.cfg.token_dim);
+        let labels: Option<Vec<i64>> = labels.map(|y| y.flatten_all()?.to_dtype(DType::I64)?.to_vec1()).transpose()?;
+        let w = guidance.map(<[f32]>::to_vec).unwrap_or_else(|| vec![0.0; n]);
+        let params: Vec<&[f32]> = host.values.iter().map(Vec::as_slice).collect();
+        let z_host: Vec<f32> = z.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let x = host.engine.sample(&params, &z_host, labels.as_deref(), &w)?;
+        Ok(Tensor::from_vec(x, (n, t, d), z.device())?.to_dtype(z.dtype())?)
     }
 
     /// G(z | y, w): z (N, T, D) noise tokens, labels (N, -1 = none) or None, guidance scales w (N)
@@ -185,7 +261,7 @@ impl ReverseModel {
 
 /// [sin(k pi s), cos(k pi s)] for k = 1..8 with s = w / (1 + w) in [0, 1): bounded features of an
 /// unbounded scale, smooth at w = 0.
-fn guidance_features(w: &[f32]) -> Vec<f32> {
+pub(crate) fn guidance_features(w: &[f32]) -> Vec<f32> {
     let mut out = Vec::with_capacity(w.len() * CFG_FEATURES);
     for &w in w {
         let s = w / (1.0 + w);

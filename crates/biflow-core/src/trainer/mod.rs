@@ -69,6 +69,11 @@ pub struct StepOutput {
     pub grads: Vec<Vec<f32>>,
 }
 
+/// The slots' names and sizes: the parameter list a hand-written gradient (grad/) is built for.
+pub fn slot_layout(slots: &[Slot]) -> (Vec<String>, Vec<usize>) {
+    slots.iter().map(|s| (s.name.clone(), s.value.len())).unzip()
+}
+
 /// A loss to minimise over batches of training images.
 pub trait Objective {
     /// Loss and gradients for one batch of clean images (N*C*H*W in [-1,1]) and labels. All
