@@ -9,6 +9,7 @@
 //! Parameter names follow the reference `state_dict`, so imported checkpoints load as they are.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -17,6 +18,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal, Uniform};
 use serde::{Deserialize, Serialize};
 
+use crate::grad::{Frozen, NllGrad};
 use crate::ops;
 
 /// Attention head size, fixed by the reference.
@@ -102,9 +104,6 @@ impl Linear {
     pub(crate) fn named(&self, prefix: &str, out: &mut Named) {
         out.push((format!("{prefix}.weight"), self.weight.clone()));
         out.push((format!("{prefix}.bias"), self.bias.clone()));
-    }
-    pub(crate) fn weight(&self) -> &Tensor {
-        &self.weight
     }
 }
 
@@ -457,6 +456,8 @@ pub struct TarFlow {
     /// The reference's prior variance buffer `var` (T, D), used to scale z before decoding.
     var: Option<Tensor>,
     device: Device,
+    /// The CPU's hand-written forward pass over host copies of the weights, made on first use.
+    host: OnceLock<Option<Frozen<NllGrad>>>,
 }
 
 impl TarFlow {
@@ -469,7 +470,25 @@ impl TarFlow {
             .collect::<Result<Vec<_>>>()
             .context("the weights do not match the model configuration")?;
         let var = if vb.contains_tensor("var") { Some(vb.get((cfg.num_tokens(), cfg.token_dim()), "var")?) } else { None };
-        Ok(TarFlow { cfg: cfg.clone(), blocks, var, device: vb.device().clone() })
+        Ok(TarFlow { cfg: cfg.clone(), blocks, var, device: vb.device().clone(), host: OnceLock::new() })
+    }
+
+    /// Every parameter with its reference name (the prior's `var` buffer excepted).
+    fn named_parameters(&self) -> Named {
+        let mut out = Named::new();
+        for (i, block) in self.blocks.iter().enumerate() {
+            let b = format!("blocks.{i}");
+            block.proj_in.named(&format!("{b}.proj_in"), &mut out);
+            out.push((format!("{b}.pos_embed"), block.pos_embed.clone()));
+            if let Some(table) = &block.class_embed {
+                out.push((format!("{b}.class_embed"), table.clone()));
+            }
+            for (j, layer) in block.layers.iter().enumerate() {
+                layer.named(&format!("{b}.attn_blocks.{j}"), &mut out);
+            }
+            block.proj_out.named(&format!("{b}.proj_out"), &mut out);
+        }
+        out
     }
 
     pub fn config(&self) -> &FlowConfig {
@@ -503,13 +522,26 @@ impl TarFlow {
         self.forward_tokens(&self.patchify(x)?, labels)
     }
 
-    /// The forward pass on patch tokens (N, T, D).
+    /// The forward pass on patch tokens (N, T, D). On the CPU, for tokens that need no gradient, this
+    /// is the hand-written pass (grad::NllGrad::forward over the frozen weights); else candle's ops.
     pub fn forward_tokens(&self, tokens: &Tensor, labels: Option<&Tensor>) -> Result<FlowOutput> {
         let n = tokens.dim(0)?;
         if let Some(y) = labels {
             ensure!(y.elem_count() == n, "got {} labels for {n} samples", y.elem_count());
         }
         let labels = if self.cfg.num_classes == 0 { None } else { labels };
+        if !tokens.track_op() && tokens.dtype() == DType::F32 {
+            let frozen = Frozen::get_or_make(&self.host, || self.named_parameters(), |names, sizes, values| NllGrad::new(&self.cfg, names, sizes)?.frozen(values))?;
+            if let Some(host) = frozen {
+                let (t, d) = (self.cfg.num_tokens(), self.cfg.token_dim());
+                ensure!(tokens.dims() == [n, t, d], "the flow takes tokens N,{t},{d}, got {:?}", tokens.dims());
+                let y: Option<Vec<i64>> = labels.map(|y| y.flatten_all()?.to_dtype(DType::I64)?.to_vec1()).transpose()?;
+                let x: Vec<f32> = tokens.flatten_all()?.to_vec1()?;
+                let (trajectory, logdets) = host.engine.forward(&host.params(), &x, y.as_deref())?;
+                let trajectory = trajectory.into_iter().map(|v| Tensor::from_vec(v, (n, t, d), &self.device)).collect::<candle_core::Result<Vec<_>>>()?;
+                return Ok(FlowOutput { z: trajectory.last().unwrap().clone(), logdets: Tensor::from_vec(logdets, n, &self.device)?, trajectory });
+            }
+        }
         let mut x = tokens.clone();
         let mut logdets: Option<Tensor> = None;
         let mut trajectory = Vec::with_capacity(self.blocks.len());

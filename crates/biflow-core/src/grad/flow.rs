@@ -4,7 +4,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::layer::{add_assign, class_table_bwd, layer_backward, layer_forward, linear, linear_bwd, mean_row, pair_mut, Index, LayerActs, LayerParams, LayerScratch, LayerShape, Pair};
+use super::layer::{GROUP_TOKENS, add_assign, class_table_bwd, layer_backward, layer_forward, linear, linear_bwd, mean_row, pair_mut, Index, LayerActs, LayerParams, LayerScratch, LayerShape, Pair};
 use crate::flow::{FlowConfig, HEAD_DIM, LN_EPS};
 use crate::ops::{self, AttentionDims};
 
@@ -63,6 +63,8 @@ pub struct NllGrad {
     cfg: FlowConfig,
     blocks: Vec<BlockParams>,
     sizes: Vec<usize>,
+    /// The layers' weights are laid out transposed (a frozen F, see [`Self::frozen`]).
+    transposed: bool,
     work: Option<Workspace>,
 }
 
@@ -84,15 +86,31 @@ impl NllGrad {
                 flip: i % 2 == 1,
             });
         }
-        Ok(NllGrad { cfg: cfg.clone(), blocks, sizes: sizes.to_vec(), work: None })
+        Ok(NllGrad { cfg: cfg.clone(), blocks, sizes: sizes.to_vec(), transposed: false, work: None })
     }
 
-    /// Forward and backward for tokens (N, T, D) and labels (N; -1 = dropped; None = unconditional):
-    /// writes d loss / d parameter into `grads` (one buffer per parameter, every element written)
-    /// and returns z and the logdets, from which the loss and bits/dim follow.
-    pub fn run(&mut self, params: &[&[f32]], tokens: &[f32], labels: Option<&[i64]>, grads: &mut [Vec<f32>]) -> Result<NllOutput> {
-        let (t, d, c) = (self.cfg.num_tokens(), self.cfg.token_dim(), self.cfg.channels);
-        ensure!(params.len() == self.sizes.len() && grads.len() == self.sizes.len(), "wrong number of parameters");
+    /// This F frozen (sampling, evaluation, a distillation's teacher): the layers' weight matrices
+    /// in `values` (the parameter list) become W^T, the layout gemm streams fastest, which
+    /// [`Self::forward`] then reads; [`Self::run`] refuses.
+    pub fn frozen(mut self, values: &mut [Vec<f32>]) -> Result<NllGrad> {
+        ensure!(!self.transposed && values.len() == self.sizes.len(), "the parameter list does not fit");
+        for layer in self.blocks.iter().flat_map(|b| &b.layers) {
+            layer.transpose_weights(values);
+        }
+        self.transposed = true;
+        Ok(self)
+    }
+
+    fn shape(&self) -> Result<LayerShape> {
+        let (t, c) = (self.cfg.num_tokens(), self.cfg.channels);
+        let dims = AttentionDims::of(t, c, c / HEAD_DIM, true).context("channels must be a multiple of the head size")?;
+        Ok(LayerShape { dims, scale: 1.0 / (HEAD_DIM as f32).sqrt(), eps: LN_EPS as f32, transposed: self.transposed })
+    }
+
+    /// The checked sample count and labels (None for an unconditional model).
+    fn check<'a>(&self, params: &[&[f32]], tokens: &[f32], labels: Option<&'a [i64]>) -> Result<(usize, Option<&'a [i64]>)> {
+        let (t, d) = (self.cfg.num_tokens(), self.cfg.token_dim());
+        ensure!(params.len() == self.sizes.len(), "wrong number of parameters");
         for (i, &size) in self.sizes.iter().enumerate() {
             ensure!(params[i].len() == size, "parameter {i} has {} values, expected {size}", params[i].len());
         }
@@ -105,8 +123,58 @@ impl NllGrad {
                 bail!("label {l} is out of range: the model has {} classes (use -1 for no label)", self.cfg.num_classes);
             }
         }
-        let dims = AttentionDims::of(t, c, c / HEAD_DIM, true).context("channels must be a multiple of the head size")?;
-        let shape = LayerShape { dims, scale: 1.0 / (HEAD_DIM as f32).sqrt(), eps: LN_EPS as f32, transposed: false };
+        Ok((n, labels))
+    }
+
+    /// The forward pass alone, keeping nothing: the block outputs x^1 .. x^B (= z), each (N, T, D),
+    /// and the per-sample logdets (N). Samples go through in groups of about 2048 tokens, whose
+    /// activations stay in cache between the layers' kernels.
+    pub fn forward(&self, params: &[&[f32]], tokens: &[f32], labels: Option<&[i64]>) -> Result<(Vec<Vec<f32>>, Vec<f32>)> {
+        let (n, labels) = self.check(params, tokens, labels)?;
+        let (t, d) = (self.cfg.num_tokens(), self.cfg.token_dim());
+        let group = (GROUP_TOKENS / t).max(1);
+        let (mut trajectory, mut logdets) = (vec![Vec::with_capacity(tokens.len()); self.blocks.len()], Vec::with_capacity(n));
+        for lo in (0..n).step_by(group) {
+            let hi = (lo + group).min(n);
+            let (part, ld) = self.forward_group(params, &tokens[lo * t * d..hi * t * d], labels.map(|y| &y[lo..hi]))?;
+            trajectory.iter_mut().zip(part).for_each(|(all, p)| all.extend(p));
+            logdets.extend(ld);
+        }
+        Ok((trajectory, logdets))
+    }
+
+    fn forward_group(&self, params: &[&[f32]], tokens: &[f32], labels: Option<&[i64]>) -> Result<(Vec<Vec<f32>>, Vec<f32>)> {
+        let (t, d, c) = (self.cfg.num_tokens(), self.cfg.token_dim(), self.cfg.channels);
+        let n = tokens.len() / (t * d);
+        let shape = self.shape()?;
+        let mut acts = LayerActs::new(n * t, c);
+        let mut next = vec![0f32; n * t * c];
+        let mut logdets = vec![0f32; n];
+        let mut trajectory: Vec<Vec<f32>> = Vec::with_capacity(self.blocks.len());
+        for bp in &self.blocks {
+            let xin = permute_tokens(trajectory.last().map_or(tokens, Vec::as_slice), n, t, d, bp.flip);
+            ops::linear_fwd(&xin, params[bp.proj_in.w], params[bp.proj_in.b], &mut acts.h);
+            add_position_and_class(&mut acts.h, params[bp.pos], bp.class.map(|k| params[k]), labels, n, t, c, bp.flip);
+            for lp in &bp.layers {
+                layer_forward(params, lp, &mut acts, &mut next, shape);
+                std::mem::swap(&mut acts.h, &mut next);
+            }
+            let o = linear(&acts.h, params, bp.proj_out, 2 * d);
+            let (_, y) = couple(&self.cfg, &o, &xin, n, &mut logdets);
+            trajectory.push(permute_tokens(&y, n, t, d, bp.flip));
+        }
+        Ok((trajectory, logdets))
+    }
+
+    /// Forward and backward for tokens (N, T, D) and labels (N; -1 = dropped; None = unconditional):
+    /// writes d loss / d parameter into `grads` (one buffer per parameter, every element written)
+    /// and returns z and the logdets, from which the loss and bits/dim follow.
+    pub fn run(&mut self, params: &[&[f32]], tokens: &[f32], labels: Option<&[i64]>, grads: &mut [Vec<f32>]) -> Result<NllOutput> {
+        ensure!(!self.transposed, "a frozen F has no training gradient; make another NllGrad for training");
+        ensure!(grads.len() == self.sizes.len(), "wrong number of gradient buffers");
+        let (n, labels) = self.check(params, tokens, labels)?;
+        let (t, d, c) = (self.cfg.num_tokens(), self.cfg.token_dim(), self.cfg.channels);
+        let shape = self.shape()?;
         let rows = n * t;
 
         if self.work.as_ref().map(|w| w.rows) != Some(rows) {
@@ -132,23 +200,7 @@ impl NllGrad {
                 layer_forward(params, &bp.layers[l], &mut done[l], out, shape);
             }
             let o = linear(&acts.h_last, params, bp.proj_out, 2 * d);
-            // Token i's (a, b) come from the output at token i - 1 (token 0: a = b = 0).
-            let (mut a, mut y) = (vec![0f32; rows * d], vec![0f32; rows * d]);
-            for s in 0..n {
-                for i in 0..t {
-                    let r = s * t + i;
-                    for k in 0..d {
-                        let (ak, bk) = if i == 0 { (0.0, 0.0) } else { (o[(r - 1) * 2 * d + k], o[(r - 1) * 2 * d + d + k]) };
-                        let ak = match self.cfg.clip_scale {
-                            Some(cs) => cs as f32 * (ak / cs as f32).tanh(),
-                            None => ak,
-                        };
-                        a[r * d + k] = ak;
-                        y[r * d + k] = (xin[r * d + k] - bk) * (-ak).exp();
-                    }
-                }
-                logdets[s] -= a[s * t * d..(s + 1) * t * d].iter().sum::<f32>() / (t * d) as f32;
-            }
+            let (a, y) = couple(&self.cfg, &o, &xin, n, &mut logdets);
             x = permute_tokens(&y, n, t, d, bp.flip);
             (acts.xin, acts.a, acts.y) = (xin, a, y);
         }
@@ -198,6 +250,30 @@ impl NllGrad {
         }
         Ok(NllOutput { z, logdets })
     }
+}
+
+/// The affine coupling of one block, in its token order: token i's (a, b) come from the output o
+/// at token i - 1 (token 0: a = b = 0); y = (xin - b) e^-a. Returns the (clipped) a and y, and
+/// subtracts each sample's mean a from `logdets`.
+fn couple(cfg: &FlowConfig, o: &[f32], xin: &[f32], n: usize, logdets: &mut [f32]) -> (Vec<f32>, Vec<f32>) {
+    let (t, d) = (cfg.num_tokens(), cfg.token_dim());
+    let (mut a, mut y) = (vec![0f32; n * t * d], vec![0f32; n * t * d]);
+    for s in 0..n {
+        for i in 0..t {
+            let r = s * t + i;
+            for k in 0..d {
+                let (ak, bk) = if i == 0 { (0.0, 0.0) } else { (o[(r - 1) * 2 * d + k], o[(r - 1) * 2 * d + d + k]) };
+                let ak = match cfg.clip_scale {
+                    Some(cs) => cs as f32 * (ak / cs as f32).tanh(),
+                    None => ak,
+                };
+                a[r * d + k] = ak;
+                y[r * d + k] = (xin[r * d + k] - bk) * (-ak).exp();
+            }
+        }
+        logdets[s] -= a[s * t * d..(s + 1) * t * d].iter().sum::<f32>() / (t * d) as f32;
+    }
+    (a, y)
 }
 
 /// Reverse the token order of each sample (N, T, D) when `flip`.
@@ -303,6 +379,20 @@ mod tests {
             let ld: Vec<f32> = out.logdets.to_vec1().unwrap();
             let ldd = ld.iter().zip(&got.logdets).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(ldd < 1e-5, "logdets differ by {ldd}");
+            // The frozen forward (transposed weights, nothing kept) gives the same trajectory and logdets.
+            let mut frozen_values = values.clone();
+            let frozen = NllGrad::new(&cfg, &names, &sizes).unwrap().frozen(&mut frozen_values).unwrap();
+            let frozen_params: Vec<&[f32]> = frozen_values.iter().map(Vec::as_slice).collect();
+            let (trajectory, logdets) = frozen.forward(&frozen_params, &tokens, labels.as_deref()).unwrap();
+            assert_eq!(trajectory.len(), out.trajectory.len());
+            for (want, got) in out.trajectory.iter().zip(&trajectory) {
+                let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+                let diff = want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff < 1e-4, "the frozen forward's trajectory differs by {diff}");
+            }
+            let lfd = ld.iter().zip(&logdets).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(lfd < 1e-5, "the frozen forward's logdets differ by {lfd}");
+            assert!(frozen.frozen(&mut frozen_values).is_err(), "frozen twice");
             for (name, g) in names.iter().zip(&grads) {
                 let want: Vec<f32> = auto.get(vars[name].as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);

@@ -6,6 +6,10 @@ use anyhow::{Context, Result};
 use crate::flow::MLP_EXPANSION;
 use crate::ops::{self, AttentionDims};
 
+/// Tokens per group in a pass that keeps nothing: samples go through such passes a group at a
+/// time, so that a layer's activations stay in cache from one kernel to the next.
+pub(crate) const GROUP_TOKENS: usize = 2048;
+
 /// Indices of a linear layer's (or a LayerNorm's) weight and bias in the parameter list.
 #[derive(Clone, Copy)]
 pub(crate) struct Pair {

@@ -10,3 +10,50 @@ mod reverse;
 
 pub use flow::{NllGrad, NllOutput};
 pub use reverse::{HostOutputs, ReverseGrad};
+
+use std::sync::OnceLock;
+
+use anyhow::Result;
+use candle_core::DType;
+
+use crate::flow::Named;
+
+/// A model's constant weights on the host, laid out for its hand-written pass (`engine`).
+pub(crate) struct Frozen<E> {
+    pub engine: E,
+    values: Vec<Vec<f32>>,
+}
+
+impl<E> Frozen<E> {
+    pub fn params(&self) -> Vec<&[f32]> {
+        self.values.iter().map(Vec::as_slice).collect()
+    }
+
+    /// The hand-written pass of a model, made on first use and kept in `cell`, where it applies:
+    /// f32 weights on the CPU that are constants (a loaded model: trainable variables take candle's
+    /// graph), on the fused path. `make` builds the engine from the names and sizes and lays the
+    /// values out for it.
+    pub fn get_or_make<'a>(
+        cell: &'a OnceLock<Option<Frozen<E>>>,
+        named: impl FnOnce() -> Named,
+        make: impl FnOnce(&[String], &[usize], &mut [Vec<f32>]) -> Result<E>,
+    ) -> Result<Option<&'a Frozen<E>>> {
+        if !crate::ops::mode::current().fused {
+            return Ok(None);
+        }
+        if cell.get().is_none() {
+            let named = named();
+            let applies = named.iter().all(|(_, t)| t.device().is_cpu() && t.dtype() == DType::F32 && !t.is_variable());
+            let frozen = if applies {
+                let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
+                let mut values = named.iter().map(|(_, t)| Ok(t.flatten_all()?.to_vec1::<f32>()?)).collect::<Result<Vec<_>>>()?;
+                let sizes: Vec<usize> = values.iter().map(Vec::len).collect();
+                Some(Frozen { engine: make(&names, &sizes, &mut values)?, values })
+            } else {
+                None
+            };
+            let _ = cell.set(frozen);
+        }
+        Ok(cell.get().and_then(Option::as_ref))
+    }
+}

@@ -6,7 +6,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::layer::{add_assign, class_table_bwd, layer_backward, layer_forward, layer_norm_bwd, linear, linear_bwd, mean_row, Index, LayerActs, LayerParams, LayerScratch, LayerShape, Pair};
+use super::layer::{GROUP_TOKENS, add_assign, class_table_bwd, layer_backward, layer_forward, layer_norm_bwd, linear, linear_bwd, mean_row, Index, LayerActs, LayerParams, LayerScratch, LayerShape, Pair};
 use crate::flow::{HEAD_DIM, LN_EPS};
 use crate::ops::{self, AttentionDims};
 use crate::reverse::{guidance_features, ReverseConfig, CFG_FEATURES};
@@ -92,10 +92,10 @@ impl ReverseGrad {
         Ok(ReverseGrad { cfg: cfg.clone(), p, sizes: sizes.to_vec(), shape, work: None })
     }
 
-    /// This pass for sampling only: the layers' weight matrices in `values` (the parameter list)
+    /// This G frozen, for sampling: the layers' weight matrices in `values` (the parameter list)
     /// become W^T, the layout gemm streams fastest at any batch size; [`Self::sample`] then reads
     /// them so, and the training passes refuse.
-    pub fn for_sampling(mut self, values: &mut [Vec<f32>]) -> Result<ReverseGrad> {
+    pub fn frozen(mut self, values: &mut [Vec<f32>]) -> Result<ReverseGrad> {
         ensure!(!self.shape.transposed, "the weights are already laid out for sampling");
         ensure!(values.len() == self.sizes.len(), "wrong number of parameters");
         for layer in &self.p.layers {
@@ -118,11 +118,11 @@ impl ReverseGrad {
     /// guidance scales w (N). With `keep`, what [`Self::backward`] needs is kept (until the next
     /// kept pass); `states` also returns the stages' hidden states.
     pub fn forward(&mut self, params: &[&[f32]], z: &[f32], labels: Option<&[i64]>, w: &[f32], keep: bool, states: bool) -> Result<HostOutputs> {
+        if !keep {
+            return self.grouped(params, z, labels, w, states);
+        }
         ensure!(!self.shape.transposed, "this pass holds sampling weights; training passes need their own");
         let (h0, labels, features) = self.input(params, z, labels, w)?;
-        if !keep {
-            return Ok(self.light(params, h0, states));
-        }
         let (d, c, rows) = (self.cfg.token_dim, self.cfg.channels, h0.len() / self.cfg.channels);
         if self.work.as_ref().map(|w| w.rows) != Some(rows) {
             self.work = None; // free the old buffers before making the new ones
@@ -163,21 +163,31 @@ impl ReverseGrad {
         Ok(out)
     }
 
-    /// x' = G(z | y, w) alone (sampling): the samples go through in groups of about 2048 tokens,
-    /// whose activations stay in cache.
+    /// x' = G(z | y, w) alone (sampling).
     pub fn sample(&self, params: &[&[f32]], z: &[f32], labels: Option<&[i64]>, w: &[f32]) -> Result<Vec<f32>> {
+        Ok(self.grouped(params, z, labels, w, false)?.x)
+    }
+
+    /// A pass that keeps nothing, in groups of samples of about [`GROUP_TOKENS`] tokens, whose
+    /// activations stay in cache between the layers' kernels.
+    fn grouped(&self, params: &[&[f32]], z: &[f32], labels: Option<&[i64]>, w: &[f32], states: bool) -> Result<HostOutputs> {
         let (t, d) = (self.cfg.num_tokens, self.cfg.token_dim);
         ensure!(!z.is_empty() && z.len() % (t * d) == 0, "G takes noise tokens N x {t} x {d}");
         let n = z.len() / (t * d);
         ensure!(w.len() == n && labels.is_none_or(|y| y.len() == n), "got {} samples, {} guidance scales and {:?} labels", n, w.len(), labels.map(<[i64]>::len));
-        let group = (2048 / t).max(1);
-        let mut x = Vec::with_capacity(z.len());
+        let group = (GROUP_TOKENS / t).max(1);
+        let mut out = HostOutputs { x: Vec::with_capacity(z.len()), heads: Vec::new(), states: Vec::new() };
         for lo in (0..n).step_by(group) {
             let hi = (lo + group).min(n);
             let (h0, _, _) = self.input(params, &z[lo * t * d..hi * t * d], labels.map(|y| &y[lo..hi]), &w[lo..hi])?;
-            x.extend(self.light(params, h0, false).x);
+            let part = self.light(params, h0, states);
+            out.x.extend(part.x);
+            for (all, p) in [(&mut out.heads, part.heads), (&mut out.states, part.states)] {
+                all.resize(p.len(), Vec::new());
+                all.iter_mut().zip(p).for_each(|(a, p)| a.extend(p));
+            }
         }
-        Ok(x)
+        Ok(out)
     }
 
     /// The checked inputs and G's first hidden state: proj_in(z) + pos + class embedding +
@@ -412,7 +422,7 @@ mod tests {
             let (y_many, w_many): (Option<Vec<i64>>, Vec<f32>) = (labels.as_ref().map(|_| (0..300).map(|i| i % 3 - 1).collect()), (0..300).map(|i| if cfg.guided() { (i % 4) as f32 } else { 0.0 }).collect());
             let whole = engine.forward(&params, &host(&many), y_many.as_deref(), &w_many, false, false).unwrap();
             let mut sampling_values = values.clone();
-            let sampler = ReverseGrad::new(&cfg, &names, &sizes).unwrap().for_sampling(&mut sampling_values).unwrap();
+            let sampler = ReverseGrad::new(&cfg, &names, &sizes).unwrap().frozen(&mut sampling_values).unwrap();
             let sampling_params: Vec<&[f32]> = sampling_values.iter().map(Vec::as_slice).collect();
             let grouped = sampler.sample(&sampling_params, &host(&many), y_many.as_deref(), &w_many).unwrap();
             assert!(max_diff(&whole.x, &grouped) < 1e-5, "grouped sampling differs by {}", max_diff(&whole.x, &grouped));

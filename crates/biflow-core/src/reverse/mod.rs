@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::OnceLock;
 
 use crate::flow::{label_indices, varmap_of, AttentionBlock, FlowConfig, LayerNorm, Linear, Named, ParamInit, HEAD_DIM};
-use crate::grad::ReverseGrad;
+use crate::grad::{Frozen, ReverseGrad};
 
 /// Sine/cosine features of the guidance scale fed to `cfg_embed`.
 pub(crate) const CFG_FEATURES: usize = 16;
@@ -108,13 +108,7 @@ pub struct ReverseModel {
     norm_out: LayerNorm,
     proj_out: Linear,
     /// The CPU's hand-written sampling pass over host copies of the weights, made on first use.
-    host: OnceLock<Option<HostPass>>,
-}
-
-/// G's weights on the host, in the order the hand-written pass reads them.
-struct HostPass {
-    engine: ReverseGrad,
-    values: Vec<Vec<f32>>,
+    host: OnceLock<Option<Frozen<ReverseGrad>>>,
 }
 
 impl ReverseModel {
@@ -175,39 +169,18 @@ impl ReverseModel {
         out
     }
 
-    /// The hand-written pass, where it applies: f32 weights on the CPU that are constants (a
-    /// trained model; trainable variables take candle's graph), on the fused path.
-    fn host_pass(&self) -> Result<Option<&HostPass>> {
-        if !(self.proj_out.weight().device().is_cpu() && crate::ops::mode::current().fused) {
-            return Ok(None);
-        }
-        if self.host.get().is_none() {
-            let named = self.named_parameters();
-            let host = if named.iter().all(|(_, t)| t.dtype() == DType::F32 && !t.is_variable()) {
-                let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
-                let mut values = named.iter().map(|(_, t)| Ok(t.flatten_all()?.to_vec1::<f32>()?)).collect::<Result<Vec<_>>>()?;
-                let sizes: Vec<usize> = values.iter().map(Vec::len).collect();
-                let engine = ReverseGrad::new(&self.cfg, &names, &sizes)?.for_sampling(&mut values)?;
-                Some(HostPass { engine, values })
-            } else {
-                None
-            };
-            let _ = self.host.set(host);
-        }
-        Ok(self.host.get().and_then(Option::as_ref))
-    }
-
     /// x' = G(z | y, w) (N, T, D): one evaluation, for sampling. On the CPU this is the hand-written
     /// pass (grad::ReverseGrad, in cache-sized groups of samples); elsewhere [`Self::forward`].
     pub fn sample(&self, z: &Tensor, labels: Option<&Tensor>, guidance: Option<&[f32]>) -> Result<Tensor> {
-        let Some(host) = self.host_pass()? else {
+        let frozen = Frozen::get_or_make(&self.host, || self.named_parameters(), |names, sizes, values| ReverseGrad::new(&self.cfg, names, sizes)?.frozen(values));
+        let Some(host) = frozen? else {
             return Ok(self.forward(z, labels, guidance, false)?.x);
         };
         let (n, t, d) = z.dims3()?;
         ensure!(t == self.cfg.num_tokens && d == self.cfg.token_dim, "G takes noise tokens N,{},{}, got N,{t},{d}", self.cfg.num_tokens, self.cfg.token_dim);
         let labels: Option<Vec<i64>> = labels.map(|y| y.flatten_all()?.to_dtype(DType::I64)?.to_vec1()).transpose()?;
         let w = guidance.map(<[f32]>::to_vec).unwrap_or_else(|| vec![0.0; n]);
-        let params: Vec<&[f32]> = host.values.iter().map(Vec::as_slice).collect();
+        let params = host.params();
         let z_host: Vec<f32> = z.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let x = host.engine.sample(&params, &z_host, labels.as_deref(), &w)?;
         Ok(Tensor::from_vec(x, (n, t, d), z.device())?.to_dtype(z.dtype())?)
