@@ -93,6 +93,15 @@ describe('biflow distill / sample --method reverse / eval-reverse / edit', () =>
     // Guided sampling is still one evaluation of G; npy output carries the labels.
     const guided = runJson<SampleResult>(['sample', '--model', g, '--guidance', '2', '--labels', '7', '--num', '4', '--format', 'npy', '--out', join(dir, 's-g')])
     expect(guided.files.map((p) => p.split('/').pop()).sort()).toEqual(['labels.npy', 'samples.npy'])
+    // A temperature scales the drawn noise: cooler noise, samples closer to the mode.
+    const cool = runJson<SampleResult>(['sample', '--model', g, '--temperature', '0.5', '--num', '4', '--seed', '3', '--format', 'npy', '--out', join(dir, 's-cool')])
+    expect(cool.num).toBe(4)
+    for (const t of ['0', 'warm']) {
+      const hot = runCli(['sample', '--model', g, '--temperature', t, '--out', join(dir, 's-hot')])
+      expect(hot.code).toBe(1)
+      expect(hot.stderr).toMatch(/--temperature must be a number/)
+      expect(existsSync(join(dir, 's-hot'))).toBe(false)
+    }
     // A forward run has no reverse model.
     const bad = runCli(['sample', '--model', f, '--method', 'reverse', '--out', join(dir, 's-bad')])
     expect(bad.code).toBe(1)

@@ -20,6 +20,7 @@ nothing when opened. train and distill write one (without the comparison) when t
     '<%= config.bin %> report runs/mnist-g',
     '<%= config.bin %> report runs/mnist --no-compare --out mnist.html',
     '<%= config.bin %> report runs/mnist-g --num 25 --json',
+    '<%= config.bin %> report runs/mnist-g --guidance 2 --temperature 0.6',
   ]
 
   static args = {
@@ -34,11 +35,20 @@ nothing when opened. train and distill write one (without the comparison) when t
       allowNo: true,
     }),
     num: Flags.integer({description: 'images per method in the comparison', min: 1, default: 16}),
+    guidance: Flags.string({description: 'guidance scale of the comparison samples (class-conditional runs)', default: '0'}),
+    temperature: Flags.string({description: 'noise temperature of the comparison samples (below 1: cleaner, less varied)', default: '1'}),
   }
 
   async run(): Promise<ReportResult> {
     const {args, flags} = await this.parse(Report)
-    const r = await this.job<ReportResult>('report', {run: args.run, out: flags.out, compare: flags.compare, num: flags.num})
+    const r = await this.job<ReportResult>('report', {
+      run: args.run,
+      out: flags.out,
+      compare: flags.compare,
+      num: flags.num,
+      guidance: this.number('guidance', flags.guidance),
+      temperature: this.number('temperature', flags.temperature),
+    })
     if (r.compare) {
       for (const [m, t] of Object.entries(r.compare)) {
         this.log(`${m}: ${t.seconds.toFixed(3)} s for ${flags.num} images (${t.networkSteps} sequential network steps)`)

@@ -26,7 +26,7 @@ after loading) and imagesPerSecond.`
   static examples = [
     '<%= config.bin %> sample --model runs/mnist-g --num 64 --labels 0,1,2,3,4,5,6,7,8,9 --out samples/',
     '<%= config.bin %> sample --model runs/mnist-g --method exact --num 64 --labels 0,1,2,3,4,5,6,7,8,9 --out samples-exact/',
-    '<%= config.bin %> sample --model runs/mnist-g --guidance 2 --labels 7 --num 16 --out sevens/',
+    '<%= config.bin %> sample --model runs/mnist-g --guidance 2 --temperature 0.7 --labels 7 --num 16 --out sevens/',
     '<%= config.bin %> sample --model runs/afhq --method exact --guidance 1.5 --annealed --labels 0,1,2 --num 12 --out samples/ --format npz',
     '<%= config.bin %> sample --model runs/tiny --noise z.npy --format npy --out decoded/ --denoise none',
     '<%= config.bin %> sample --model runs/afhq-g --num 50000 --batch-size 256 --format npz --out fid-samples/ --device cuda:0 --precision bf16',
@@ -46,6 +46,10 @@ after loading) and imagesPerSecond.`
       default: 'auto',
     }),
     'noise-std': Flags.string({description: 'training noise level sigma for denoising (default: from the run)'}),
+    temperature: Flags.string({
+      description: 'scale of the drawn noise, z ~ N(0, T^2): below 1 (e.g. 0.7) trades diversity for cleaner samples',
+      default: '1',
+    }),
     noise: Flags.string({description: 'decode these noise tokens (.npy, float32 N,T,D) instead of drawing them'}),
     labels: Flags.string({description: 'class labels, comma separated (cycled over the images; -1 = no class)'}),
     seed: Flags.integer({description: 'random seed for the noise', default: 0}),
@@ -77,6 +81,7 @@ after loading) and imagesPerSecond.`
       denoise: {auto: undefined, score: true, none: false}[flags.denoise],
       noiseStd: num('noise-std', flags['noise-std']),
       noise: flags.noise,
+      temperature: num('temperature', flags.temperature),
       labels,
       seed: flags.seed,
       format: flags.format,

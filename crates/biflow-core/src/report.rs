@@ -35,6 +35,11 @@ pub struct ReportOptions {
     /// Images per method in the comparison.
     #[serde(default)]
     pub num: Option<usize>,
+    /// Guidance scale and noise temperature of the comparison's samples [default: 0 and 1].
+    #[serde(default)]
+    pub guidance: f64,
+    #[serde(default)]
+    pub temperature: Option<f64>,
     /// Evaluation results to show (saved as RUN/evaluation.json, which later reports show too).
     #[serde(default)]
     pub evaluation: Option<Value>,
@@ -47,7 +52,7 @@ pub fn report(o: ReportOptions, ctx: &JobCtx) -> Result<Value> {
     }
     let mut compared = Value::Null;
     if o.compare {
-        compared = compare(&run, o.num.unwrap_or(16), ctx)?;
+        compared = compare(&run, o.num.unwrap_or(16), o.guidance, o.temperature.unwrap_or(1.0), ctx)?;
     }
     let out = o.out.map(PathBuf::from).unwrap_or_else(|| run.dir.join(REPORT_FILE));
     let html = render(&run)?;
@@ -75,13 +80,15 @@ pub fn record_history(run_dir: &Path, command: Option<&str>, from_step: u64) -> 
 
 /// The same noise and labels through every method the run has: RUN/compare/{reverse,exact}.png and
 /// compare.json with the sampling times.
-fn compare(run: &Run, n: usize, ctx: &JobCtx) -> Result<Value> {
+fn compare(run: &Run, n: usize, guidance: f64, temperature: f64, ctx: &JobCtx) -> Result<Value> {
     let dir = run.dir.join(COMPARE_DIR);
     fs::create_dir_all(&dir)?;
     let methods: &[&str] = if run.is_distilled() { &["reverse", "exact"] } else { &["exact"] };
     let mut out = serde_json::Map::new();
     for m in methods {
-        let mut s = Sampler::new(&SampleOptions::streaming(&run.dir.display().to_string(), Some(m.to_string()), n, 0, 0.0), &candle_core::Device::Cpu)?;
+        let guidance = if run.config.model.num_classes > 0 { guidance } else { 0.0 };
+        let opts = SampleOptions { temperature, ..SampleOptions::streaming(&run.dir.display().to_string(), Some(m.to_string()), n, 0, guidance) };
+        let mut s = Sampler::new(&opts, &candle_core::Device::Cpu)?;
         let steps = s.steps_per_batch() as u64;
         ctx.start(&format!("compare {m}"), Some(steps));
         let t0 = Instant::now();
@@ -98,7 +105,10 @@ fn compare(run: &Run, n: usize, ctx: &JobCtx) -> Result<Value> {
         let v = x.flatten_all()?.to_vec1::<f32>()?;
         let img = crate::sample::grid(&v, n, c.in_channels, c.img_size, c.img_size)?;
         crate::io::atomic::write_png(&dir.join(format!("{m}.png")), &img)?;
-        out.insert(m.to_string(), json!({"seconds": secs, "imagesPerSecond": n as f64 / secs.max(1e-9), "networkSteps": steps, "num": n}));
+        out.insert(
+            m.to_string(),
+            json!({"seconds": secs, "imagesPerSecond": n as f64 / secs.max(1e-9), "networkSteps": steps, "num": n, "guidance": guidance, "temperature": temperature}),
+        );
     }
     let v = Value::Object(out);
     crate::io::atomic::write(&dir.join("compare.json"), format!("{v}\n").as_bytes())?;
@@ -223,6 +233,11 @@ fn render(run: &Run) -> Result<String> {
                 (Some(s), Some(k)) => format!("<br>{s:.3} s for {} images, {k} sequential network steps", info["num"]),
                 _ => String::new(),
             };
+            let settings = match (info["guidance"].as_f64(), info["temperature"].as_f64()) {
+                (Some(g), Some(t)) => format!("<br>guidance {g}, noise temperature {t}"),
+                _ => String::new(),
+            };
+            let timing = timing + &settings;
             let _ = write!(figs, "<figure>{img}<figcaption>{}{timing}</figcaption></figure>", esc(label));
         }
     }

@@ -40,6 +40,10 @@ pub struct SampleOptions {
     pub noise_std: Option<f64>,
     #[serde(default)]
     pub noise: Option<String>,
+    /// Scale of the drawn noise z ~ N(0, T^2): below 1 trades diversity for cleaner samples (the
+    /// usual flow trick); given `noise` is used as it is.
+    #[serde(default = "one")]
+    pub temperature: f64,
     #[serde(default)]
     pub labels: Option<Vec<i64>>,
     #[serde(default)]
@@ -72,6 +76,7 @@ impl SampleOptions {
             denoise: None,
             noise_std: None,
             noise: None,
+            temperature: 1.0,
             labels: None,
             seed,
             format: default_format(),
@@ -101,6 +106,7 @@ pub struct Sampler {
     pub sigma: Option<f64>,
     labels: Option<Vec<i64>>,
     given_noise: Option<Vec<f32>>,
+    temperature: f32,
     rng: rand::rngs::StdRng,
     n: usize,
     done: usize,
@@ -110,6 +116,8 @@ impl Sampler {
     /// A sampler on `device` (the caller's placement; `o.device` is read by the sample job only).
     pub fn new(o: &SampleOptions, device: &Device) -> Result<Sampler> {
         ensure!(o.guidance.is_finite() && o.guidance >= 0.0, "--guidance must be a number >= 0");
+        ensure!(o.temperature.is_finite() && o.temperature > 0.0, "--temperature must be a number > 0, got {}", o.temperature);
+        ensure!(o.temperature == 1.0 || o.noise.is_none(), "--temperature scales drawn noise; scale the tokens of --noise yourself");
         let run = crate::run::Run::open(Path::new(&o.model))?;
         let reverse = match o.method.as_str() {
             "auto" => run.is_distilled(),
@@ -171,6 +179,7 @@ impl Sampler {
             sigma,
             labels,
             given_noise,
+            temperature: o.temperature as f32,
             rng: rand::rngs::StdRng::seed_from_u64(o.seed),
             n,
             done: 0,
@@ -221,7 +230,7 @@ impl Sampler {
         // Drawing batch by batch from one RNG gives the same noise as drawing all of it at once.
         let noise: Vec<f32> = match &self.given_noise {
             Some(all) => all[lo * t * d..(lo + m) * t * d].to_vec(),
-            None => (0..m * t * d).map(|_| StandardNormal.sample(&mut self.rng)).collect(),
+            None => (0..m * t * d).map(|_| self.temperature * Distribution::<f32>::sample(&StandardNormal, &mut self.rng)).collect(),
         };
         let device = self.model.device();
         let z = Tensor::from_vec(noise, (m, t, d), device)?;
