@@ -6,14 +6,11 @@ import {spawnSync} from 'node:child_process'
 import {dirname, join} from 'node:path'
 import {fileURLToPath} from 'node:url'
 
+import {buildExample} from './lib/cargo-example.mjs'
+
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const args = process.argv.slice(2)
-const build = spawnSync('cargo', ['build', '--release', '-q', '-p', 'biflow-core', '--example', 'bench_fid'], {
-  cwd: root,
-  stdio: ['ignore', 'inherit', 'inherit'],
-})
-if (build.status !== 0) process.exit(build.status ?? 1)
-const run = spawnSync(join(root, 'target', 'release', 'examples', 'bench_fid'), args, {cwd: root, encoding: 'utf8'})
+const run = spawnSync(buildExample(root, 'bench_fid'), args, {cwd: root, encoding: 'utf8'})
 if (run.status !== 0) {
   process.stderr.write(run.stderr)
   process.exit(run.status ?? 1)

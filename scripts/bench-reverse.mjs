@@ -8,11 +8,12 @@ import {execFileSync} from 'node:child_process'
 import {dirname, join} from 'node:path'
 import {fileURLToPath} from 'node:url'
 
+import {buildExample} from './lib/cargo-example.mjs'
+
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const configs = (process.env.BENCH_REVERSE_CONFIGS ?? 'tiny,paper').split(',')
 const batches = process.env.BENCH_REVERSE_BATCHES ?? '1,64'
-execFileSync('cargo', ['build', '--release', '-p', 'biflow-core', '--example', 'bench_reverse'], {cwd: root, stdio: ['ignore', 'ignore', 'inherit']})
-const bin = join(process.env.CARGO_TARGET_DIR ?? join(root, 'target'), 'release', 'examples', 'bench_reverse')
+const bin = buildExample(root, 'bench_reverse')
 const result = {sample: [], distill: []}
 for (const name of configs) {
   console.error(`bench:reverse ${name} (batches ${batches})...`)

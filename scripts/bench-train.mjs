@@ -6,11 +6,12 @@ import {execFileSync} from 'node:child_process'
 import {dirname, join} from 'node:path'
 import {fileURLToPath} from 'node:url'
 
+import {buildExample} from './lib/cargo-example.mjs'
+
 const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 const steps = process.env.BENCH_TRAIN_STEPS ?? '12'
 const configs = (process.env.BENCH_TRAIN_CONFIGS ?? 'tiny,paper').split(',')
-execFileSync('cargo', ['build', '--release', '-p', 'biflow-core', '--example', 'bench_train'], {cwd: root, stdio: ['ignore', 'ignore', 'inherit']})
-const bin = join(process.env.CARGO_TARGET_DIR ?? join(root, 'target'), 'release', 'examples', 'bench_train')
+const bin = buildExample(root, 'bench_train')
 const result = {}
 for (const name of configs) {
   console.error(`bench:train ${name} (${steps} steps)...`)

@@ -31,7 +31,7 @@ export default class Demo extends BiflowCommand {
 small forward flow F (TARFlow), distills its learned reverse model G, samples the same noise and labels with
 both methods (G: one network evaluation; exact: causal decoding of F), evaluates (bits/dim, eval-reverse,
 sampling time of both methods) and writes a self-contained HTML report. The comparison grids sample with
-guidance 2 and noise temperature 0.6. About 13 minutes on two idle CPU cores (--quick: 16x16 digits, under a
+guidance 2 and noise temperature 0.6. About 12 minutes on two idle CPU cores (--quick: 16x16 digits, under a
 minute). Ctrl-C leaves resumable runs: run the same command again to continue.`
 
   static examples = [

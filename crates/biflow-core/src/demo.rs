@@ -70,7 +70,7 @@ fn recipe(o: &DemoOptions) -> Recipe {
             num_exact: 8,
         }
     } else {
-        // About 13 minutes on two idle cores: 28x28 digits, F = 128 channels, 4 blocks x 1 layer,
+        // About 12 minutes on two idle cores: 28x28 digits, F = 128 channels, 4 blocks x 1 layer,
         // patch 4, trained on digits with noise 0.1 (0.05 left F's samples as strokes at this budget).
         Recipe {
             size: None,

@@ -312,8 +312,8 @@ fn step_by_hand(
     let uncond = if active.is_empty() {
         None
     } else {
-        let rows = t * d;
-        let z_active: Vec<f32> = active.iter().flat_map(|&i| z[i * rows..(i + 1) * rows].iter().copied()).collect();
+        let size = t * d;
+        let z_active: Vec<f32> = active.iter().flat_map(|&i| z[i * size..(i + 1) * size].iter().copied()).collect();
         let w_active: Vec<f32> = active.iter().map(|&i| w[i]).collect();
         let part = engine.forward(&params, &z_active, Some(&vec![-1; active.len()]), &w_active, false, states)?;
         // Back to the whole batch; the samples left out (w = 0) are weighted 0 in the mix.

@@ -122,7 +122,11 @@ fn draw_chart<DB: plotters::prelude::DrawingBackend>(
         }};
     }
     if log_y {
+        // Whole decades: a log axis is labelled at powers of ten, and a range inside one decade
+        // (a gradient norm between 0.8 and 6) would show none.
         let lo = lo.max(hi * 1e-6).max(f64::MIN_POSITIVE);
+        let (lo, hi) = (10f64.powf(lo.log10().floor()), 10f64.powf(hi.log10().ceil()));
+        let hi = hi.max(lo * 10.0);
         body!(chart.build_cartesian_2d(x0..x1, (lo..hi).log_scale()).map_err(|e| err(&e))?);
     } else {
         body!(chart.build_cartesian_2d(x0..x1, lo..hi).map_err(|e| err(&e))?);
@@ -158,4 +162,19 @@ pub fn plot_loss(metrics: &Path, out: &Path) -> Result<()> {
     let pts = series(metrics, "loss");
     let img = chart_png("training loss", "loss", &pts, false, (800, 450))?;
     crate::io::atomic::write_png(out, &image::DynamicImage::ImageRgb8(img))
+}
+
+#[cfg(test)]
+mod tests {
+    /// A log axis whose values sit inside one decade (no power of ten among them) still gets
+    /// numbered ticks: the decades around them.
+    #[test]
+    fn log_axis_inside_one_decade_has_tick_labels() {
+        let pts: Vec<(f64, f64)> = (0..50).map(|i| (100.0 + i as f64, 2.0 + 0.5 * (i % 7) as f64)).collect();
+        let svg = super::chart_svg("gradient norm", "norm", &pts, true, (400, 300)).unwrap();
+        let labels: Vec<&str> = svg.split("<text").skip(1).filter_map(|t| Some(t.split('>').nth(1)?.split('<').next()?.trim())).collect();
+        for decade in ["1.0", "10.0"] {
+            assert!(labels.contains(&decade), "no y tick {decade}: {labels:?}");
+        }
+    }
 }
