@@ -96,9 +96,10 @@ describe('biflow distill / sample --method reverse / eval-reverse / edit', () =>
     // A temperature scales the drawn noise: cooler noise, samples closer to the mode.
     const cool = runJson<SampleResult>(['sample', '--model', g, '--temperature', '0.5', '--num', '4', '--seed', '3', '--format', 'npy', '--out', join(dir, 's-cool')])
     expect(cool.num).toBe(4)
-    for (const t of ['0', 'warm']) {
+    // A flag that is not a number is a usage error (exit 2); 0 is refused by the core (exit 1).
+    for (const [t, code] of [['0', 1], ['warm', 2]] as const) {
       const hot = runCli(['sample', '--model', g, '--temperature', t, '--out', join(dir, 's-hot')])
-      expect(hot.code).toBe(1)
+      expect(hot.code).toBe(code)
       expect(hot.stderr).toMatch(/--temperature must be a number/)
       expect(existsSync(join(dir, 's-hot'))).toBe(false)
     }
