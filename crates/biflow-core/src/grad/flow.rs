@@ -2,9 +2,9 @@
 //! [`TarFlow::forward`](crate::flow::TarFlow::forward), then [`nll_loss`](crate::flow::nll_loss) and
 //! candle's `backward`. The tests check the loss and every gradient against autograd.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 
-use super::layer::{GROUP_TOKENS, add_assign, class_table_bwd, layer_backward, layer_forward, linear, linear_bwd, mean_row, pair_mut, Index, LayerActs, LayerParams, LayerScratch, LayerShape, Pair};
+use super::layer::{check_labels, check_sizes, GROUP_TOKENS, add_assign, class_table_bwd, layer_backward, layer_forward, linear, linear_bwd, mean_row, pair_mut, Index, LayerActs, LayerParams, LayerScratch, LayerShape, Pair};
 use crate::flow::{FlowConfig, HEAD_DIM, LN_EPS};
 use crate::ops::{self, AttentionDims};
 
@@ -110,18 +110,12 @@ impl NllGrad {
     /// The checked sample count and labels (None for an unconditional model).
     fn check<'a>(&self, params: &[&[f32]], tokens: &[f32], labels: Option<&'a [i64]>) -> Result<(usize, Option<&'a [i64]>)> {
         let (t, d) = (self.cfg.num_tokens(), self.cfg.token_dim());
-        ensure!(params.len() == self.sizes.len(), "wrong number of parameters");
-        for (i, &size) in self.sizes.iter().enumerate() {
-            ensure!(params[i].len() == size, "parameter {i} has {} values, expected {size}", params[i].len());
-        }
+        check_sizes(params, &self.sizes)?;
         ensure!(!tokens.is_empty() && tokens.len() % (t * d) == 0, "tokens must be N x {t} x {d}");
         let n = tokens.len() / (t * d);
         let labels = if self.cfg.num_classes > 0 { labels } else { None };
         if let Some(y) = labels {
-            ensure!(y.len() == n, "got {} labels for {n} samples", y.len());
-            if let Some(l) = y.iter().find(|&&l| l < -1 || l >= self.cfg.num_classes as i64) {
-                bail!("label {l} is out of range: the model has {} classes (use -1 for no label)", self.cfg.num_classes);
-            }
+            check_labels(y, n, self.cfg.num_classes)?;
         }
         Ok((n, labels))
     }

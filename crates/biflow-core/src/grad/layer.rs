@@ -1,7 +1,7 @@
 //! The pre-LN transformer layer F and G share, by hand: its parameters' places in a parameter list,
 //! what its forward keeps for the backward, and both passes over the fused kernels of [`crate::ops`].
 
-use anyhow::{Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::flow::MLP_EXPANSION;
 use crate::ops::{self, AttentionDims};
@@ -138,6 +138,24 @@ pub(crate) fn layer_backward(params: &[&[f32]], lp: &LayerParams, la: &LayerActs
     ops::attention_bwd(&la.qkv, datt, s.dims, s.dims.heads(), s.scale, dqkv);
     linear_bwd(&la.a1, params, lp.qkv, dqkv, Some(da1), grads);
     layer_norm_bwd(&la.h, params, lp.norm1, da1, dh, grads, s.eps);
+}
+
+/// The parameter list a pass receives has the sizes it was built for.
+pub(crate) fn check_sizes(params: &[&[f32]], sizes: &[usize]) -> Result<()> {
+    ensure!(params.len() == sizes.len(), "wrong number of parameters");
+    for (i, (p, &size)) in params.iter().zip(sizes).enumerate() {
+        ensure!(p.len() == size, "parameter {i} has {} values, expected {size}", p.len());
+    }
+    Ok(())
+}
+
+/// N labels, each a class below `classes` or -1 (no label).
+pub(crate) fn check_labels(labels: &[i64], n: usize, classes: usize) -> Result<()> {
+    ensure!(labels.len() == n, "got {} labels for {n} samples", labels.len());
+    if let Some(l) = labels.iter().find(|&&l| l < -1 || l >= classes as i64) {
+        bail!("label {l} is out of range: the model has {classes} classes (use -1 for no label)");
+    }
+    Ok(())
 }
 
 pub(crate) fn add_assign(acc: &mut [f32], x: &[f32]) {

@@ -4,9 +4,9 @@
 //! from candle's autograd over that small graph, and [`ReverseGrad::backward`] carries it through
 //! the network. The tests check the outputs and every parameter's gradient against autograd.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 
-use super::layer::{GROUP_TOKENS, add_assign, class_table_bwd, layer_backward, layer_forward, layer_norm_bwd, linear, linear_bwd, mean_row, Index, LayerActs, LayerParams, LayerScratch, LayerShape, Pair};
+use super::layer::{check_labels, check_sizes, GROUP_TOKENS, add_assign, class_table_bwd, layer_backward, layer_forward, layer_norm_bwd, linear, linear_bwd, mean_row, Index, LayerActs, LayerParams, LayerScratch, LayerShape, Pair};
 use crate::flow::{HEAD_DIM, LN_EPS};
 use crate::ops::{self, AttentionDims};
 use crate::reverse::{guidance_features, ReverseConfig, CFG_FEATURES};
@@ -106,14 +106,6 @@ impl ReverseGrad {
         Ok(self)
     }
 
-    fn check_params(&self, params: &[&[f32]]) -> Result<()> {
-        ensure!(params.len() == self.sizes.len(), "wrong number of parameters");
-        for (i, &size) in self.sizes.iter().enumerate() {
-            ensure!(params[i].len() == size, "parameter {i} has {} values, expected {size}", params[i].len());
-        }
-        Ok(())
-    }
-
     /// G(z | y, w) for noise tokens z (N, T, D), labels (N; -1 = none; None = none for all) and
     /// guidance scales w (N). With `keep`, what [`Self::backward`] needs is kept (until the next
     /// kept pass); `states` also returns the stages' hidden states.
@@ -193,17 +185,14 @@ impl ReverseGrad {
     /// The checked inputs and G's first hidden state: proj_in(z) + pos + class embedding +
     /// cfg_embed(features(w)); also the labels (-1 = none) and guidance features it used.
     fn input(&self, params: &[&[f32]], z: &[f32], labels: Option<&[i64]>, w: &[f32]) -> Result<(Vec<f32>, Vec<i64>, Vec<f32>)> {
-        self.check_params(params)?;
+        check_sizes(params, &self.sizes)?;
         let (t, d, c) = (self.cfg.num_tokens, self.cfg.token_dim, self.cfg.channels);
         ensure!(!z.is_empty() && z.len() % (t * d) == 0, "G takes noise tokens N x {t} x {d}");
         let n = z.len() / (t * d);
         ensure!(w.len() == n, "got {} guidance scales for {n} samples", w.len());
         let labels: Vec<i64> = match labels {
             Some(y) => {
-                ensure!(y.len() == n, "got {} labels for {n} samples", y.len());
-                if let Some(l) = y.iter().find(|&&l| l < -1 || l >= self.cfg.num_classes as i64) {
-                    bail!("label {l} is out of range: the model has {} classes (use -1 for no label)", self.cfg.num_classes);
-                }
+                check_labels(y, n, self.cfg.num_classes)?;
                 y.to_vec()
             }
             None => vec![-1; n],
@@ -278,7 +267,7 @@ impl ReverseGrad {
     /// element) from those of the last kept pass's outputs: x' (N, T, D), each head's (N, T, D; may
     /// be empty: no gradient) and each stage state's (N, T, C; may be empty).
     pub fn backward(&mut self, params: &[&[f32]], d_x: &[f32], d_heads: &[Vec<f32>], d_states: &[Vec<f32>], grads: &mut [Vec<f32>]) -> Result<()> {
-        self.check_params(params)?;
+        check_sizes(params, &self.sizes)?;
         ensure!(!self.shape.transposed, "this pass holds sampling weights; training passes need their own");
         ensure!(grads.len() == self.sizes.len(), "wrong number of gradient buffers");
         let (t, c) = (self.cfg.num_tokens, self.cfg.channels);
