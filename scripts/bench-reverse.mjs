@@ -20,7 +20,7 @@ for (const name of configs) {
   const out = execFileSync(bin, [name, 'all', '--batches', batches], {cwd: root, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit']})
   for (const line of out.trim().split('\n')) {
     const r = JSON.parse(line)
-    if (r.what === 'matmul') result.matmulGflops = r.gflops
+    if (r.what === 'matmul') Object.assign(result, {matmulGflops: r.gflops, packedMatmulGflops: r.packedGflops})
     else result[r.what].push(r)
   }
 }

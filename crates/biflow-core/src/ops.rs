@@ -39,17 +39,19 @@ mod gemm;
 mod layer_norm;
 mod linear;
 pub mod mode;
+mod packed;
 
 pub use attention::{attention, attention_reference};
 pub use gelu::gelu;
 pub use layer_norm::{layer_norm, layer_norm_reference};
 pub use linear::{linear, linear_reference};
+pub use packed::{linear_packed, pack};
 pub(crate) use {
     attention::{attention_bwd, attention_fwd, Dims as AttentionDims},
     decode::{BlockDecoder, HostBlock, HostLayer, HostLinear, HostNorm},
     gelu::{gelu_bwd, gelu_fwd},
     layer_norm::{layer_norm_bwd, layer_norm_fwd},
-    linear::{linear_bwd, linear_fwd, linear_fwd_t, transpose},
+    linear::{linear_bwd, linear_fwd},
 };
 
 use anyhow::Result;
@@ -170,3 +172,4 @@ mod tests {
         check(|t| gelu(&t[0]).unwrap(), |t| t[0].gelu_erf().unwrap(), vec![randn(&[5, 301], 5, 3.0)], 1e-5);
     }
 }
+

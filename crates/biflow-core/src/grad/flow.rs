@@ -63,8 +63,8 @@ pub struct NllGrad {
     cfg: FlowConfig,
     blocks: Vec<BlockParams>,
     sizes: Vec<usize>,
-    /// The layers' weights are laid out transposed (a frozen F, see [`Self::frozen`]).
-    transposed: bool,
+    /// The layers' weights are packed (a frozen F, see [`Self::frozen`]).
+    packed: bool,
     work: Option<Workspace>,
 }
 
@@ -86,25 +86,26 @@ impl NllGrad {
                 flip: i % 2 == 1,
             });
         }
-        Ok(NllGrad { cfg: cfg.clone(), blocks, sizes: sizes.to_vec(), transposed: false, work: None })
+        Ok(NllGrad { cfg: cfg.clone(), blocks, sizes: sizes.to_vec(), packed: false, work: None })
     }
 
     /// This F frozen (sampling, evaluation, a distillation's teacher): the layers' weight matrices
-    /// in `values` (the parameter list) become W^T, the layout gemm streams fastest, which
-    /// [`Self::forward`] then reads; [`Self::run`] refuses.
+    /// in `values` (the parameter list) are packed once for the sampling kernel ([`ops::pack`]),
+    /// which [`Self::forward`] then reads; [`Self::run`] refuses.
     pub fn frozen(mut self, values: &mut [Vec<f32>]) -> Result<NllGrad> {
-        ensure!(!self.transposed && values.len() == self.sizes.len(), "the parameter list does not fit");
+        ensure!(!self.packed && values.len() == self.sizes.len(), "the parameter list does not fit");
         for layer in self.blocks.iter().flat_map(|b| &b.layers) {
-            layer.transpose_weights(values);
+            layer.pack_weights(values);
         }
-        self.transposed = true;
+        self.sizes = values.iter().map(Vec::len).collect();
+        self.packed = true;
         Ok(self)
     }
 
     fn shape(&self) -> Result<LayerShape> {
         let (t, c) = (self.cfg.num_tokens(), self.cfg.channels);
         let dims = AttentionDims::of(t, c, c / HEAD_DIM, true).context("channels must be a multiple of the head size")?;
-        Ok(LayerShape { dims, scale: 1.0 / (HEAD_DIM as f32).sqrt(), eps: LN_EPS as f32, transposed: self.transposed })
+        Ok(LayerShape { dims, scale: 1.0 / (HEAD_DIM as f32).sqrt(), eps: LN_EPS as f32, packed: self.packed })
     }
 
     /// The checked sample count and labels (None for an unconditional model).
@@ -164,7 +165,7 @@ impl NllGrad {
     /// writes d loss / d parameter into `grads` (one buffer per parameter, every element written)
     /// and returns z and the logdets, from which the loss and bits/dim follow.
     pub fn run(&mut self, params: &[&[f32]], tokens: &[f32], labels: Option<&[i64]>, grads: &mut [Vec<f32>]) -> Result<NllOutput> {
-        ensure!(!self.transposed, "a frozen F has no training gradient; make another NllGrad for training");
+        ensure!(!self.packed, "a frozen F has no training gradient; make another NllGrad for training");
         ensure!(grads.len() == self.sizes.len(), "wrong number of gradient buffers");
         let (n, labels) = self.check(params, tokens, labels)?;
         let (t, d, c) = (self.cfg.num_tokens(), self.cfg.token_dim(), self.cfg.channels);
@@ -373,7 +374,7 @@ mod tests {
             let ld: Vec<f32> = out.logdets.to_vec1().unwrap();
             let ldd = ld.iter().zip(&got.logdets).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(ldd < 1e-5, "logdets differ by {ldd}");
-            // The frozen forward (transposed weights, nothing kept) gives the same trajectory and logdets.
+            // The frozen forward (packed weights, nothing kept) gives the same trajectory and logdets.
             let mut frozen_values = values.clone();
             let frozen = NllGrad::new(&cfg, &names, &sizes).unwrap().frozen(&mut frozen_values).unwrap();
             let frozen_params: Vec<&[f32]> = frozen_values.iter().map(Vec::as_slice).collect();

@@ -92,14 +92,14 @@ pub(crate) struct LayerShape {
     pub dims: AttentionDims,
     pub scale: f32,
     pub eps: f32,
-    /// The layers' four weight matrices are stored transposed (W^T, a sampling model's layout; forward only).
-    pub transposed: bool,
+    /// The layers' four weight matrices are stored packed ([`ops::pack`], a frozen model's layout; forward only).
+    pub packed: bool,
 }
 
 /// One pre-LN transformer layer on `la.h`, keeping its intermediates in `la`; writes its output.
 pub(crate) fn layer_forward(params: &[&[f32]], lp: &LayerParams, la: &mut LayerActs, out: &mut [f32], s: LayerShape) {
     let p = |pair: Pair| (params[pair.w], params[pair.b]);
-    let linear = if s.transposed { ops::linear_fwd_t } else { ops::linear_fwd };
+    let linear = if s.packed { ops::linear_packed } else { ops::linear_fwd };
     let ((nw, nb), (qw, qb), (pw, pb)) = (p(lp.norm1), p(lp.qkv), p(lp.proj));
     ops::layer_norm_fwd(&la.h, nw, nb, s.eps, &mut la.a1);
     linear(&la.a1, qw, qb, &mut la.qkv);
@@ -115,11 +115,10 @@ pub(crate) fn layer_forward(params: &[&[f32]], lp: &LayerParams, la: &mut LayerA
 }
 
 impl LayerParams {
-    /// Its four weight matrices (d_out, d_in) as W^T (d_in, d_out), in place in `values`.
-    pub fn transpose_weights(&self, values: &mut [Vec<f32>]) {
-        for (pair, d_out) in [(self.qkv, values[self.qkv.b].len()), (self.proj, values[self.proj.b].len()), (self.fc1, values[self.fc1.b].len()), (self.fc2, values[self.fc2.b].len())] {
-            let w = &mut values[pair.w];
-            *w = ops::transpose(w, d_out, w.len() / d_out);
+    /// Its four weight matrices (d_out, d_in) packed for [`ops::linear_packed`], in place in `values`.
+    pub fn pack_weights(&self, values: &mut [Vec<f32>]) {
+        for pair in [self.qkv, self.proj, self.fc1, self.fc2] {
+            values[pair.w] = ops::pack(&values[pair.w], values[pair.b].len());
         }
     }
 }

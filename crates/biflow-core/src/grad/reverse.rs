@@ -88,20 +88,21 @@ impl ReverseGrad {
             proj_out: index.pair("proj_out")?,
         };
         let dims = AttentionDims::of(cfg.num_tokens, cfg.channels, cfg.channels / HEAD_DIM, false).context("channels must be a multiple of the head size")?;
-        let shape = LayerShape { dims, scale: 1.0 / (HEAD_DIM as f32).sqrt(), eps: LN_EPS as f32, transposed: false };
+        let shape = LayerShape { dims, scale: 1.0 / (HEAD_DIM as f32).sqrt(), eps: LN_EPS as f32, packed: false };
         Ok(ReverseGrad { cfg: cfg.clone(), p, sizes: sizes.to_vec(), shape, work: None })
     }
 
     /// This G frozen, for sampling: the layers' weight matrices in `values` (the parameter list)
-    /// become W^T, the layout gemm streams fastest at any batch size; [`Self::sample`] then reads
-    /// them so, and the training passes refuse.
+    /// are packed once for the sampling kernel ([`ops::pack`]); [`Self::sample`] then reads them
+    /// so, and the training passes refuse.
     pub fn frozen(mut self, values: &mut [Vec<f32>]) -> Result<ReverseGrad> {
-        ensure!(!self.shape.transposed, "the weights are already laid out for sampling");
+        ensure!(!self.shape.packed, "the weights are already laid out for sampling");
         ensure!(values.len() == self.sizes.len(), "wrong number of parameters");
         for layer in &self.p.layers {
-            layer.transpose_weights(values);
+            layer.pack_weights(values);
         }
-        self.shape.transposed = true;
+        self.sizes = values.iter().map(Vec::len).collect();
+        self.shape.packed = true;
         self.work = None;
         Ok(self)
     }
@@ -113,7 +114,7 @@ impl ReverseGrad {
         if !keep {
             return self.grouped(params, z, labels, w, states);
         }
-        ensure!(!self.shape.transposed, "this pass holds sampling weights; training passes need their own");
+        ensure!(!self.shape.packed, "this pass holds sampling weights; training passes need their own");
         let (h0, labels, features) = self.input(params, z, labels, w)?;
         let (d, c, rows) = (self.cfg.token_dim, self.cfg.channels, h0.len() / self.cfg.channels);
         if self.work.as_ref().map(|w| w.rows) != Some(rows) {
@@ -268,7 +269,7 @@ impl ReverseGrad {
     /// be empty: no gradient) and each stage state's (N, T, C; may be empty).
     pub fn backward(&mut self, params: &[&[f32]], d_x: &[f32], d_heads: &[Vec<f32>], d_states: &[Vec<f32>], grads: &mut [Vec<f32>]) -> Result<()> {
         check_sizes(params, &self.sizes)?;
-        ensure!(!self.shape.transposed, "this pass holds sampling weights; training passes need their own");
+        ensure!(!self.shape.packed, "this pass holds sampling weights; training passes need their own");
         ensure!(grads.len() == self.sizes.len(), "wrong number of gradient buffers");
         let (t, c) = (self.cfg.num_tokens, self.cfg.channels);
         let shape = self.shape;
@@ -406,7 +407,7 @@ mod tests {
                 }
                 engine.backward(&params, &dx, &dh, &ds, &mut grads).unwrap();
             }
-            // Sampling (transposed weights, in groups of samples: here 128 of 16 tokens) gives what one pass gives.
+            // Sampling (packed weights, in groups of samples: here 128 of 16 tokens) gives what one pass gives.
             let many = Tensor::randn(0f32, 1.0, (300, t, d), &dev).unwrap();
             let (y_many, w_many): (Option<Vec<i64>>, Vec<f32>) = (labels.as_ref().map(|_| (0..300).map(|i| i % 3 - 1).collect()), (0..300).map(|i| if cfg.guided() { (i % 4) as f32 } else { 0.0 }).collect());
             let whole = engine.forward(&params, &host(&many), y_many.as_deref(), &w_many, false, false).unwrap();

@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use super::gemm::{matmul, Threads, View};
 use super::gelu::exp_nonpositive;
+use super::linear::transpose;
 use super::{gelu_fwd, layer_norm_fwd};
 
 /// A tensor's values as a host f32 vector.
@@ -25,6 +26,10 @@ fn host(t: &Tensor) -> Result<Vec<f32>> {
 /// y = x W^T + b for W (d_out, d_in): host copies of a linear layer's parameters, the weight stored
 /// transposed, (d_in, d_out) row-major. gemm repacks a strided operand on every call, and for the few
 /// rows of a decoding step repacking W (element by element) took longer than the product itself.
+/// Not the packed kernel G samples with ([`super::packed`]): its one long sum per output rounds
+/// more than gemm's few-row path, 2040 dependent decoding steps amplify that (tests/decode.rs:
+/// 1.1e-5 of the largest token from an f64 decoding instead of 1.3e-6), and at a step's few rows
+/// the product is bound by reading W, which packing does not shorten.
 pub(crate) struct HostLinear {
     wt: Vec<f32>,
     b: Vec<f32>,
@@ -33,19 +38,7 @@ pub(crate) struct HostLinear {
 impl HostLinear {
     pub fn new(w: &Tensor, b: &Tensor) -> Result<Self> {
         let (w, b) = (host(w)?, host(b)?);
-        let (d_out, d_in) = (b.len(), w.len() / b.len().max(1));
-        // Transposed in 32 x 32 tiles, so that reads and writes both stay within a few cache lines.
-        let mut wt = vec![0f32; w.len()];
-        const TILE: usize = 32;
-        for o0 in (0..d_out).step_by(TILE) {
-            for i0 in (0..d_in).step_by(TILE) {
-                for o in o0..(o0 + TILE).min(d_out) {
-                    for i in i0..(i0 + TILE).min(d_in) {
-                        wt[i * d_out + o] = w[o * d_in + i];
-                    }
-                }
-            }
-        }
+        let wt = transpose(&w, b.len(), w.len() / b.len().max(1));
         Ok(HostLinear { wt, b })
     }
 
