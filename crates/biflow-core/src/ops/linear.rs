@@ -30,8 +30,9 @@ pub fn linear_reference(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub(crate) fn linear_fwd(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
     let (d_out, d_in) = (b.len(), w.len() / b.len());
     let rows = x.len() / d_in;
-    // gemm runs ~8% faster on a row-major right operand than on the strided view W^T; for enough
-    // rows (training batches, not decoding steps) the transposed copy of W costs well under 1%.
+    // For enough rows (training batches, not decoding steps) W is packed for the AVX-512 kernel (or,
+    // without it, transposed: gemm runs ~8% faster on a row-major right operand than on the strided
+    // view W^T); the copy costs well under 1% of the product.
     if rows < 1024 {
         for row in y.chunks_mut(d_out) {
             row.copy_from_slice(b);
@@ -39,7 +40,7 @@ pub(crate) fn linear_fwd(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
         matmul(y, 0, d_out, rows, d_out, d_in, View::rows(x, 0, d_in), View::rows(w, 0, d_in).t(), true, Threads::All);
         return;
     }
-    linear_fwd_t(x, &transpose(w, d_out, d_in), b, y);
+    super::packed::linear_packed(x, &super::packed::pack(w, d_out), b, y);
 }
 
 /// [`linear_fwd`] with the weight given transposed: W^T (d_in, d_out), row-major (a model that
