@@ -7,6 +7,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Threads, View};
+use super::packed::{linear_packed, pack};
 use super::{fused, slice};
 
 /// x (..., in), W (out, in), b (out) -> (..., out).
@@ -40,7 +41,7 @@ pub(crate) fn linear_fwd(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
         matmul(y, 0, d_out, rows, d_out, d_in, View::rows(x, 0, d_in), View::rows(w, 0, d_in).t(), true, Threads::All);
         return;
     }
-    super::packed::linear_packed(x, &super::packed::pack(w, d_out), b, y);
+    linear_packed(x, &pack(w, d_out), b, y);
 }
 
 /// [`linear_fwd`] with the weight given transposed: W^T (d_in, d_out), row-major (a model that

@@ -1,5 +1,6 @@
-//! y = x W^T + b for constant weights (a frozen model's sampling pass), with W packed once into
-//! the panels an AVX-512 kernel streams straight from memory.
+//! y = x W^T + b with W packed into the panels an AVX-512 kernel streams straight from memory: once
+//! for a frozen model (G's sampling pass, F's frozen forward), per call for a training batch (where
+//! the plain path copied W^T for gemm anyway; see `linear_fwd`).
 //!
 //! Why: on G's one-evaluation pass gemm spent ~8% of the time repacking W on every call, and its
 //! AVX2 kernel (16 x 6 tiles in 16 registers) runs at ~80% of this CPU's FMA peak. Packed once, W is
