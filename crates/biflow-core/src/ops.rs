@@ -157,14 +157,17 @@ mod tests {
         }
     }
 
+    /// A few rows (gemm), and a training batch of >= 1024 rows (the packed kernel's path).
     #[test]
     fn fused_linear_matches_reference() {
-        check(
-            |t| linear(&t[0], &t[1], &t[2]).unwrap(),
-            |t| linear_reference(&t[0], &t[1], &t[2]).unwrap(),
-            vec![randn(&[3, 37, 40], 6, 1.0), randn(&[24, 40], 7, 0.5), randn(&[24], 8, 1.0)],
-            2e-5,
-        );
+        for (rows, tol) in [(37, 2e-5), (600, 1e-4)] {
+            check(
+                |t| linear(&t[0], &t[1], &t[2]).unwrap(),
+                |t| linear_reference(&t[0], &t[1], &t[2]).unwrap(),
+                vec![randn(&[3, rows, 40], 6, 1.0), randn(&[24, 40], 7, 0.5), randn(&[24], 8, 1.0)],
+                tol,
+            );
+        }
     }
 
     #[test]
