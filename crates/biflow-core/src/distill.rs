@@ -602,7 +602,7 @@ mod tests {
             assert!((auto.loss - hand.loss).abs() < 1e-4 * auto.loss.abs().max(1.0), "{kind:?}: loss {} by autograd, {} by hand", auto.loss, hand.loss);
             for ((s, a), h) in slots.iter().zip(&auto.grads).zip(&hand.grads) {
                 let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let diff = a.iter().zip(h).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                let diff = crate::grad::max_abs_diff(a, h);
                 assert!(diff <= 1e-3 * scale, "{kind:?} (learned denoise {learned}): {} differs by {diff} (largest {scale})", s.name);
             }
         }

@@ -329,6 +329,7 @@ fn position_and_class_bwd(dh: &[f32], bp: &BlockParams, labels: Option<&[i64]>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grad::max_abs_diff;
     use crate::flow::{new_trainable, nll_loss, patchify, FlowConfig};
     use candle_core::{Device, Tensor};
 
@@ -369,10 +370,10 @@ mod tests {
             let got = engine.run(&params, &tokens, labels.as_deref(), &mut grads).unwrap();
 
             let z: Vec<f32> = out.z.flatten_all().unwrap().to_vec1().unwrap();
-            let zd = z.iter().zip(&got.z).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let zd = max_abs_diff(&z, &got.z);
             assert!(zd < 1e-4, "z differs by {zd}");
             let ld: Vec<f32> = out.logdets.to_vec1().unwrap();
-            let ldd = ld.iter().zip(&got.logdets).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let ldd = max_abs_diff(&ld, &got.logdets);
             assert!(ldd < 1e-5, "logdets differ by {ldd}");
             // The frozen forward (packed weights, nothing kept) gives the same trajectory and logdets.
             let mut frozen_values = values.clone();
@@ -382,16 +383,16 @@ mod tests {
             assert_eq!(trajectory.len(), out.trajectory.len());
             for (want, got) in out.trajectory.iter().zip(&trajectory) {
                 let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
-                let diff = want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                let diff = max_abs_diff(&want, got);
                 assert!(diff < 1e-4, "the frozen forward's trajectory differs by {diff}");
             }
-            let lfd = ld.iter().zip(&logdets).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let lfd = max_abs_diff(&ld, &logdets);
             assert!(lfd < 1e-5, "the frozen forward's logdets differ by {lfd}");
             assert!(frozen.frozen(&mut frozen_values).is_err(), "frozen twice");
             for (name, g) in names.iter().zip(&grads) {
                 let want: Vec<f32> = auto.get(vars[name].as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-                let diff = want.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                let diff = max_abs_diff(&want, g);
                 assert!(diff <= 1e-3 * scale, "{name}: gradient differs by {diff} (largest {scale})");
                 assert!(scale > 1e-6, "{name}: gradient is zero");
             }

@@ -57,3 +57,11 @@ impl<E> Frozen<E> {
         Ok(cell.get().and_then(Option::as_ref))
     }
 }
+
+/// The largest |a - b| over two equally long slices; NaN if any difference is NaN (`f32::max` would
+/// drop it, and the tests fill outputs with NaN to catch what a pass leaves unwritten).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "the compared values differ in length");
+    a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, |m, d| if m.is_nan() || d.is_nan() { f32::NAN } else { m.max(d) })
+}

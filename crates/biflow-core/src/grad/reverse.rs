@@ -333,6 +333,7 @@ impl ReverseGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grad::max_abs_diff;
     use crate::reverse::new_trainable;
     use candle_core::{Device, Tensor};
 
@@ -347,11 +348,6 @@ mod tests {
         names.sort();
         let values = names.iter().map(|n| host(vars[n].as_tensor())).collect();
         (names, values)
-    }
-
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max)
     }
 
     /// The hand-written pass equals the candle model and its autograd: every output, and every
@@ -400,10 +396,10 @@ mod tests {
                 let got = engine.forward(&params, &host(&z), labels.as_deref(), &w, true, true).unwrap();
                 let light = engine.forward(&params, &host(&z), labels.as_deref(), &w, false, true).unwrap();
                 assert_eq!(got.x, light.x, "the kept and the light pass differ");
-                assert!(max_diff(&host(&out.x), &got.x) < 1e-4, "x' differs by {}", max_diff(&host(&out.x), &got.x));
+                assert!(max_abs_diff(&host(&out.x), &got.x) < 1e-4, "x' differs by {}", max_abs_diff(&host(&out.x), &got.x));
                 assert_eq!(got.heads.len(), out.heads.len());
                 for (a, b) in out.heads.iter().zip(&got.heads).chain(out.states.iter().zip(&got.states)) {
-                    assert!(max_diff(&host(a), b) < 1e-4, "a head or state differs by {}", max_diff(&host(a), b));
+                    assert!(max_abs_diff(&host(a), b) < 1e-4, "a head or state differs by {}", max_abs_diff(&host(a), b));
                 }
                 engine.backward(&params, &dx, &dh, &ds, &mut grads).unwrap();
             }
@@ -415,11 +411,11 @@ mod tests {
             let sampler = ReverseGrad::new(&cfg, &names, &sizes).unwrap().frozen(&mut sampling_values).unwrap();
             let sampling_params: Vec<&[f32]> = sampling_values.iter().map(Vec::as_slice).collect();
             let grouped = sampler.sample(&sampling_params, &host(&many), y_many.as_deref(), &w_many).unwrap();
-            assert!(max_diff(&whole.x, &grouped) < 1e-5, "grouped sampling differs by {}", max_diff(&whole.x, &grouped));
+            assert!(max_abs_diff(&whole.x, &grouped) < 1e-5, "grouped sampling differs by {}", max_abs_diff(&whole.x, &grouped));
             for (name, gr) in names.iter().zip(&grads) {
                 let want = host(&auto.get(vars[name].as_tensor()).unwrap());
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let diff = max_diff(&want, gr);
+                let diff = max_abs_diff(&want, gr);
                 assert!(scale > 1e-6, "{name}: gradient is zero");
                 assert!(diff <= 1e-3 * scale, "{name}: gradient differs by {diff} (largest {scale})");
             }
