@@ -1,63 +1,15 @@
 // BiFlow's reverse model end to end: distill a small forward run on MNIST, sample it both ways from
 // the same noise, evaluate it, edit in noise space, and refuse bad input without touching the disk.
-import {existsSync, readdirSync, writeFileSync} from 'node:fs'
+import {existsSync, readdirSync} from 'node:fs'
 import {join} from 'node:path'
 import {beforeAll, describe, expect, it} from 'vitest'
 
-import {runCli, runJson, tempDir} from './helpers.js'
+import {runCli, runJson, tempDir, writeGreyPng} from './helpers.js'
 
 const dir = tempDir('biflow-reverse-')
 const data = join(dir, 'mnist')
 const f = join(dir, 'f')
 const g = join(dir, 'g')
-
-/** A grey PNG of size x size whose pixels are `value(x, y)` (0..255), written with the CLI-free encoder below. */
-function writeGreyPng(path: string, size: number, value: (x: number, y: number) => number): void {
-  // Uncompressed zlib (stored blocks) inside a minimal PNG: IHDR, one IDAT, IEND.
-  const crcTable = Array.from({length: 256}, (_, n) => {
-    let c = n
-    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1
-    return c >>> 0
-  })
-  const crc = (b: Buffer) => {
-    let c = 0xffffffff
-    for (const x of b) c = crcTable[(c ^ x) & 0xff] ^ (c >>> 8)
-    return (c ^ 0xffffffff) >>> 0
-  }
-  const chunk = (type: string, body: Buffer) => {
-    const len = Buffer.alloc(4)
-    len.writeUInt32BE(body.length)
-    const tb = Buffer.concat([Buffer.from(type, 'latin1'), body])
-    const c = Buffer.alloc(4)
-    c.writeUInt32BE(crc(tb))
-    return Buffer.concat([len, tb, c])
-  }
-  const raw = Buffer.alloc(size * (size + 1))
-  for (let y = 0; y < size; y++) for (let x = 0; x < size; x++) raw[y * (size + 1) + 1 + x] = value(x, y)
-  const stored = Buffer.concat([Buffer.from([1, raw.length & 0xff, raw.length >> 8, ~raw.length & 0xff, (~raw.length >> 8) & 0xff]), raw])
-  let a = 1
-  let b = 0
-  for (const x of raw) {
-    a = (a + x) % 65521
-    b = (b + a) % 65521
-  }
-  const adler = Buffer.alloc(4)
-  adler.writeUInt32BE(((b << 16) | a) >>> 0)
-  const ihdr = Buffer.alloc(13)
-  ihdr.writeUInt32BE(size, 0)
-  ihdr.writeUInt32BE(size, 4)
-  ihdr[8] = 8 // bit depth
-  ihdr[9] = 0 // grey
-  writeFileSync(
-    path,
-    Buffer.concat([
-      Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]),
-      chunk('IHDR', ihdr),
-      chunk('IDAT', Buffer.concat([Buffer.from([0x78, 0x01]), stored, adler])),
-      chunk('IEND', Buffer.alloc(0)),
-    ]),
-  )
-}
 
 interface SampleResult {
   method: string
