@@ -40,7 +40,7 @@ describe('biflow report', () => {
     // Nothing outside the page: every src is a data: URI, no scripts, no links to fetch.
     expect([...html.matchAll(/src="([^"]*)"/g)].every((m) => m[1].startsWith('data:'))).toBe(true)
     expect(html).not.toMatch(/<script|<link|https?:\/\/(?!www\.w3\.org)/)
-    for (const s of ['Evaluation', 'reconstructionMse', 'Training curves', 'Samples during training', 'step 12', 'reverse: learned G', 'exact: causal decoding', 'Provenance', 'dataset manifest checksum', 'forward run', 'biflow distill --forward', 'Configuration']) {
+    for (const s of ['Evaluation', 'MSE 0.10000, PSNR 16.00 dB', 'Other results', 'Training curves', 'Samples during training', 'step 12', 'reverse: learned G', 'exact: causal decoding', 'Provenance', 'dataset manifest checksum', 'forward run', 'biflow distill --forward', 'Configuration']) {
       expect(html, s).toContain(s)
     }
   })

@@ -63,12 +63,54 @@ impl Pair<'_> {
         Ok(x)
     }
 
-    /// Per-image MSE of G(F(x + sigma eps)) against x, images (N, C, H, W).
-    pub fn reconstruction_mse(&self, x: &Tensor, labels: Option<&Tensor>, rng: &mut rand::rngs::StdRng) -> Result<Vec<f64>> {
+    /// Per-image MSE of G(F(x + sigma eps)) against x, images (N, C, H, W); F(x~) joins `latents`.
+    pub fn reconstruction_mse(&self, x: &Tensor, labels: Option<&Tensor>, rng: &mut rand::rngs::StdRng, latents: &mut LatentStats) -> Result<Vec<f64>> {
         let noise: Vec<f32> = (0..x.elem_count()).map(|_| StandardNormal.sample(rng)).collect();
         let noisy = (x + (Tensor::from_vec(noise, x.dims(), x.device())? * self.sigma)?)?;
         let z = self.flow.forward(&noisy, labels)?.z;
+        latents.add(&z)?;
         per_image_mse(&self.generate(&z, labels)?, x)
+    }
+}
+
+/// How far F(x~), the z that G is trained on, is from the N(0, I) it is sampled at: moments over
+/// all values and per token (tokens (N, T, D)).
+#[derive(Default)]
+pub struct LatentStats {
+    /// Per token: count, sum, sum of squares.
+    tokens: Vec<(f64, f64, f64)>,
+}
+
+impl LatentStats {
+    pub fn add(&mut self, z: &Tensor) -> Result<()> {
+        let (_, t, d) = z.dims3()?;
+        let v: Vec<f32> = z.flatten_all()?.to_vec1()?;
+        self.tokens.resize(t, (0.0, 0.0, 0.0));
+        for (i, &x) in v.iter().enumerate() {
+            let s = &mut self.tokens[(i / d) % t];
+            s.0 += 1.0;
+            s.1 += x as f64;
+            s.2 += (x as f64) * (x as f64);
+        }
+        Ok(())
+    }
+
+    pub fn summary(&self) -> Value {
+        let moments = |(n, s, q): (f64, f64, f64)| {
+            let m = s / n.max(1.0);
+            (m, (q / n.max(1.0) - m * m).max(0.0).sqrt())
+        };
+        let all = self.tokens.iter().fold((0.0, 0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
+        let (mean, std) = moments(all);
+        let per: Vec<(f64, f64)> = self.tokens.iter().map(|&s| moments(s)).collect();
+        let fold = |f: fn(f64, f64) -> f64, init: f64, g: fn(&(f64, f64)) -> f64| per.iter().map(g).fold(init, f);
+        json!({
+            "mean": mean,
+            "std": std,
+            "tokenStdMin": fold(f64::min, f64::INFINITY, |p| p.1),
+            "tokenStdMax": fold(f64::max, 0.0, |p| p.1),
+            "tokenMeanAbsMax": fold(f64::max, 0.0, |p| p.0.abs()),
+        })
     }
 }
 
@@ -104,6 +146,7 @@ pub fn eval_reverse(o: EvalReverseOptions, ctx: &JobCtx) -> Result<Value> {
     // Reconstruction of held-out images.
     ctx.start("reconstruct", Some(n as u64));
     let (mut mse, mut data, mut data_labels) = (Vec::new(), Vec::new(), Vec::new());
+    let mut latents = LatentStats::default();
     let started = Instant::now();
     for lo in (0..n).step_by(bs) {
         ctx.check_cancelled()?;
@@ -112,7 +155,7 @@ pub fn eval_reverse(o: EvalReverseOptions, ctx: &JobCtx) -> Result<Value> {
         let m = idx.len();
         let x = Tensor::from_vec(xs.clone(), (m, cfg.in_channels, cfg.img_size, cfg.img_size), &device)?;
         let y = labelled.then(|| Tensor::from_vec(ys.clone(), m, &device)).transpose()?;
-        mse.extend(pair.reconstruction_mse(&x, y.as_ref(), &mut rng)?);
+        mse.extend(pair.reconstruction_mse(&x, y.as_ref(), &mut rng, &mut latents)?);
         data.extend(xs);
         data_labels.extend(ys);
         ctx.progress((lo + m) as u64, Some(n as u64), crate::metrics!["mse" => mean(&mse)]);
@@ -161,6 +204,7 @@ pub fn eval_reverse(o: EvalReverseOptions, ctx: &JobCtx) -> Result<Value> {
         "bpdExactSamples": bpd_exact,
         "bpdData": bpd_data,
         "noiseStd": sigma,
+        "latent": latents.summary(),
         "reconstructSeconds": reconstruct_secs,
     }))
 }

@@ -28,6 +28,8 @@ pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
         "edit" => crate::edit::edit(opts(name, options)?, ctx),
         "import-tarflow" => crate::import::import_tarflow(opts(name, options)?, ctx),
         "sample" => crate::sample::sample(opts(name, options)?, ctx),
+        "judge.train" => crate::judge::train::judge_train(opts(name, options)?, ctx),
+        "eval-quality" => crate::judge::quality::eval_quality(opts(name, options)?, ctx),
         "eval-bpd" => crate::bpd::eval_bpd(opts(name, options)?, ctx),
         "runs" => crate::runs::runs(opts(name, options)?),
         "doctor" => Ok(crate::device::doctor()),

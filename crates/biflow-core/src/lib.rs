@@ -14,6 +14,7 @@ pub mod flow;
 pub mod import;
 pub mod io;
 pub mod job;
+pub mod judge;
 pub mod jobs;
 pub mod grad;
 pub mod ops;

@@ -69,7 +69,8 @@ fn reconstruction(run: &Run, g: &reverse::ReverseModel) -> f64 {
     let x = Tensor::from_vec(held_out.images, (64, 1, 8, 8), &Device::Cpu).unwrap();
     let y = Tensor::from_vec(held_out.labels, 64, &Device::Cpu).unwrap();
     let pair = Pair { flow: &flow, g, sigma: 0.05 };
-    let mse = pair.reconstruction_mse(&x, Some(&y), &mut rand::rngs::StdRng::seed_from_u64(0)).unwrap();
+    let mut latents = biflow_core::eval_reverse::LatentStats::default();
+    let mse = pair.reconstruction_mse(&x, Some(&y), &mut rand::rngs::StdRng::seed_from_u64(0), &mut latents).unwrap();
     mse.iter().sum::<f64>() / mse.len() as f64
 }
 

@@ -12,6 +12,8 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+mod evaluation;
+
 use crate::job::JobCtx;
 use crate::run::Run;
 use crate::sample::{SampleOptions, Sampler};
@@ -216,10 +218,7 @@ fn render(run: &Run) -> Result<String> {
 
     // Evaluation results.
     if let Some(ev) = fs::read_to_string(run.dir.join(EVALUATION_FILE)).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok()) {
-        h += "<h2>Evaluation</h2>";
-        let mut rows = Vec::new();
-        flatten("", &ev, &mut rows);
-        h += &table(&rows);
+        h += &evaluation::render(&ev);
     }
 
     // Both methods side by side.
