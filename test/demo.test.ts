@@ -16,6 +16,7 @@ interface DemoResult {
     evalReverse: Record<string, number>
     sampling: {reverse: {seconds: number; networkSteps: number}; exact: {seconds: number; networkSteps: number}}
     reverseSpeedupOverExact: number
+    quality?: {exact: {num: number; fd: number}; reverse: {num: number; fd: number}}
   }
   seconds: number
 }
@@ -31,7 +32,7 @@ describe('biflow demo --quick', () => {
 
   it('runs BiFlow end to end and writes the report, grids and runs', () => {
     const out = join(tempDir('biflow-demo-'), 'demo')
-    const r = runJson<DemoResult>(['demo', '--quick', '--out', out])
+    const r = runJson<DemoResult>(['demo', '--quick', '--out', out, '--judge', join(out, 'judge')])
     console.log(`demo --quick took ${r.seconds.toFixed(1)} s`)
     const e = r.evaluation
     expect(Number.isFinite(e.bitsPerDim.value) && e.bitsPerDim.value > 0).toBe(true)
@@ -48,7 +49,13 @@ describe('biflow demo --quick', () => {
     const html = readFileSync(r.report, 'utf8')
     expect(html).toContain('reverse: learned G')
     expect(html).toContain('exact: causal decoding')
-    expect(html).toContain('reconstructionMse')
+    expect(html).toContain('PSNR')
+    // The judge's table, both samplers side by side.
+    for (const m of ['exact', 'reverse'] as const) {
+      expect(e.quality?.[m].num, m).toBe(200)
+      expect(Number.isFinite(e.quality?.[m].fd), m).toBe(true)
+    }
+    expect(html).toContain('Frechet distance in the judge')
     expect(html).toContain('biflow demo --quick')
 
     const runs = runJson<{runs: {dir: string; kind: string; status: string}[]}>(['runs', out]).runs

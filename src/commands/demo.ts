@@ -3,6 +3,7 @@ import {Flags} from '@oclif/core'
 import {builtin} from '../lib/builtin.js'
 import {BiflowCommand} from '../lib/command.js'
 import {deviceFlags} from '../lib/device.js'
+import type {EvalQualityResult} from './eval-quality.js'
 
 interface Timing {
   seconds: number
@@ -22,6 +23,7 @@ interface DemoResult {
     evalReverse: {reconstructionMse: number; reconstructionPsnr: number; reverseVsExactMse: number; bpdReverseSamples: number; bpdExactSamples: number; bpdData: number}
     sampling: {reverse: Timing; exact: Timing}
     reverseSpeedupOverExact: number | null
+    quality?: {exact: EvalQualityResult; reverse: EvalQualityResult}
   }
   seconds: number
 }
@@ -32,11 +34,17 @@ small forward flow F (TARFlow), distills its learned reverse model G, samples th
 both methods (G: one network evaluation; exact: causal decoding of F), evaluates (bits/dim, eval-reverse,
 sampling time of both methods) and writes a self-contained HTML report. The comparison grids sample with
 guidance 2 and noise temperature 0.6. About 12 minutes on two idle CPU cores (--quick: 16x16 digits, under a
-minute). Ctrl-C leaves resumable runs: run the same command again to continue.`
+minute). Ctrl-C leaves resumable runs: run the same command again to continue.
+
+With --judge DIR both samplers are also judged offline at the grids' settings (eval-quality: FD_J, label
+accuracy, precision, recall, diversity of 1000 samples each) and the report shows the table side by side.
+When DIR holds no judge, one is trained there first on the demo's digits (biflow judge train: about 5 more
+minutes on two cores, plus about 3 for judging; --quick: under a minute).`
 
   static examples = [
     '<%= config.bin %> demo',
     '<%= config.bin %> demo --quick',
+    '<%= config.bin %> demo --judge demo/judge',
     '<%= config.bin %> demo --out my-demo --steps 5000 --distill-steps 2000 --json',
   ]
 
@@ -45,6 +53,7 @@ minute). Ctrl-C leaves resumable runs: run the same command again to continue.`
     quick: Flags.boolean({description: 'a tiny version (16x16 digits, a few hundred steps): about a minute'}),
     steps: Flags.integer({description: "F's training steps [default: 3000; --quick 300]", min: 1}),
     'distill-steps': Flags.integer({description: "G's distillation steps [default: 1000; --quick 200]", min: 1}),
+    judge: Flags.string({description: 'judge both samplers with this judge (trained into the folder first when it holds none)'}),
     device: deviceFlags.device,
   }
 
@@ -58,6 +67,7 @@ minute). Ctrl-C leaves resumable runs: run the same command again to continue.`
       distillSteps: flags['distill-steps'],
       commandLine: this.commandLine(),
       device: flags.device,
+      judge: flags.judge,
     })
     const e = r.evaluation
     const f = (v: number | null | undefined, d = 3) => (v === null || v === undefined ? '?' : v.toFixed(d))
@@ -68,6 +78,10 @@ minute). Ctrl-C leaves resumable runs: run the same command again to continue.`
     this.log(
       `  sampling 20 images: G ${f(e.sampling.reverse.seconds)} s (1 evaluation), exact ${f(e.sampling.exact.seconds)} s (${e.sampling.exact.networkSteps} sequential steps): ${f(e.reverseSpeedupOverExact, 0)}x faster`,
     )
+    if (e.quality) {
+      const q = (x: EvalQualityResult) => `FD_J ${f(x.fd, 1)}, label accuracy ${f(100 * (x.labelAccuracy ?? Number.NaN), 1)}%, recall ${f(x.recall)}`
+      this.log(`  judged (guidance 2, temperature 0.6): G ${q(e.quality.reverse)}; exact ${q(e.quality.exact)}`)
+    }
     this.log(`  samples: ${r.samples.reverse} and ${r.samples.exact}`)
     this.log(`  report:  ${r.report}`)
     return r

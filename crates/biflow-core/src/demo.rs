@@ -37,6 +37,10 @@ pub struct DemoOptions {
     /// `--device` for training, distillation and the evaluations (default auto).
     #[serde(default)]
     pub device: Option<String>,
+    /// A judge folder: both samplers are judged with it (eval-quality), and it is trained there first
+    /// when the folder holds none.
+    #[serde(default)]
+    pub judge: Option<String>,
 }
 
 /// The comparison grids' sampling: classifier-free guidance (one evaluation of G at this scale; two
@@ -54,6 +58,9 @@ struct Recipe {
     distill: Value,
     eval_limit: usize,
     num_exact: usize,
+    /// The judge's training steps and the samples each method is judged on.
+    judge_steps: u64,
+    judged: usize,
 }
 
 fn recipe(o: &DemoOptions) -> Recipe {
@@ -68,6 +75,8 @@ fn recipe(o: &DemoOptions) -> Recipe {
             distill: json!({"batchSize": 32, "lr": 2e-3, "steps": o.distill_steps.unwrap_or(200), "saveEvery": 100, "sampleEvery": 50}),
             eval_limit: 128,
             num_exact: 8,
+            judge_steps: 300,
+            judged: 200,
         }
     } else {
         // About 12 minutes on two idle cores: 28x28 digits, F = 128 channels, 4 blocks x 1 layer,
@@ -81,6 +90,8 @@ fn recipe(o: &DemoOptions) -> Recipe {
             distill: json!({"batchSize": 64, "lr": 2e-3, "steps": o.distill_steps.unwrap_or(1000), "saveEvery": 250, "sampleEvery": 250}),
             eval_limit: 512,
             num_exact: 16,
+            judge_steps: 1500,
+            judged: 1000,
         }
     }
 }
@@ -191,13 +202,39 @@ pub fn demo(o: DemoOptions, ctx: &JobCtx) -> Result<Value> {
         (Some(a), Some(b)) if a > 0.0 => Some(b / a),
         _ => None,
     };
-    let evaluation = json!({
+    let mut evaluation = json!({
         "bitsPerDim": {"value": bpd["bpd"], "num": bpd["num"], "split": "val", "model": "forward F"},
         "evalReverse": rev,
         "sampling": sampling,
         "reverseSpeedupOverExact": speedup,
         "trainingSeconds": {"forward": timings.get("forward"), "distill": timings.get("biflow")},
     });
+
+    // 5b. With a judge: both samplers at the grids' settings, judged offline.
+    if let Some(judge) = &o.judge {
+        let t = Instant::now();
+        if !Path::new(judge).join(crate::judge::net::JUDGE_FILE).is_file() {
+            ctx.message(format!("judge: training one on {} into {judge}", data.display()));
+            let floor = if o.quick { 0.5 } else { crate::judge::train::DEFAULT_FLOOR };
+            crate::jobs::run("judge.train", json!({"data": s(&data), "out": judge, "steps": r.judge_steps, "minAccuracy": floor, "device": o.device}), ctx)?;
+        }
+        timings.insert("judge".into(), json!(t.elapsed().as_secs_f64()));
+        let t = Instant::now();
+        let mut quality = serde_json::Map::new();
+        for method in ["exact", "reverse"] {
+            ctx.message(format!("judging {} {method} samples", r.judged));
+            let q = crate::jobs::run(
+                "eval-quality",
+                json!({"model": s(&g_dir), "method": method, "judge": judge, "data": s(&data), "guidance": SAMPLE_GUIDANCE,
+                       "temperature": SAMPLE_TEMPERATURE, "num": r.judged, "seed": 0, "device": o.device}),
+                ctx,
+            )?;
+            quality.insert("judge".into(), q["judge"].clone());
+            quality.insert(method.into(), q);
+        }
+        evaluation["quality"] = Value::Object(quality);
+        timings.insert("judging".into(), json!(t.elapsed().as_secs_f64()));
+    }
 
     // 6. The reports (F's too), with the evaluation.
     let report = crate::report::report(
