@@ -6,6 +6,11 @@
 //
 //   node scripts/bench-quality.mjs [--work DIR] [--f-steps 3000] [--g-steps 6000] [--num 1000]
 //        [--guidances 0,1,2,3] [--seed 0] [--g-out NAME] [--skip-exact] -- [extra distill flags]
+//   node scripts/bench-quality.mjs --ablations STEPS [--seeds 0,1] [--work DIR] -- [extra distill flags]
+//
+// The second form is the paper's ablations on the same F and judge: hidden alignment (the default), naive
+// distillation, score-based instead of learned denoising, no reverse-side RMS norm, and training-time
+// guidance off (--cfg-range 0,0), each distilled for STEPS steps per seed and judged at guidance 0.
 //
 // Runs are reused: a complete F, judge or G in WORK (default bench-quality/, git-ignored) is not trained
 // again, an interrupted one resumes, so the same command after Ctrl-C continues. --g-out names G's folder
@@ -80,6 +85,25 @@ let judgeInfo
 if (existsSync(join(judge, 'judge.json'))) judgeInfo = JSON.parse(readFileSync(join(judge, 'judge.json'), 'utf8'))
 else judgeInfo = biflow(['judge', 'train', '--data', data, '--out', judge])
 phases.judge = (Date.now() - t) / 1000
+
+const ablationSteps = flag('ablations')
+if (ablationSteps !== undefined) {
+  const variants = {align: [], naive: ['--loss', 'naive'], 'score-denoise': ['--denoise', 'none'], 'no-norm': ['--align-norm', 'none'], 'no-cfg': ['--cfg-range', '0,0']}
+  const seeds = flag('seeds', '0,1').split(',')
+  const rows = []
+  for (const s of seeds) {
+    for (const [name, flags] of Object.entries(variants)) {
+      const dir = join(work, `ab-${name}-s${s}`)
+      const trained = fit('distill', dir, ['--forward', fDir, '--data', data, '--steps', ablationSteps, '--seed', s, '--save-every', '500', ...flags, ...extra])
+      const q = biflow(['eval-quality', '--model', dir, '--judge', judge, '--data', data, '--num', String(num), '--seed', String(seed)])
+      const row = {variant: name, seed: Number(s), fd: q.fd, labelAccuracy: q.labelAccuracy, precision: q.precision, recall: q.recall, diversityRatio: q.diversityRatio, distillSeconds: trained.seconds}
+      console.error(JSON.stringify(row))
+      rows.push(row)
+    }
+  }
+  console.log(JSON.stringify({cpu: cpus()[0]?.model, work, steps: Number(ablationSteps), num, distillFlags: extra, phaseSeconds: phases, rows}))
+  process.exit(0)
+}
 
 phases.distill = fit('distill', gDir, ['--forward', fDir, '--data', data, '--steps', String(gSteps), '--save-every', '500', ...extra])
 

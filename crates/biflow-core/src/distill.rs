@@ -132,7 +132,9 @@ fn resolve(s: &DistillSettings, f_run: &Run, forward_dir: &str, data: &dyn Train
     ensure!(data.len() >= batch_size, "the training split has {} images, fewer than --batch-size {batch_size}", data.len());
     let steps = s.steps.unwrap_or(2000);
     ensure!(steps > 0, "--steps must be at least 1");
-    let lr = s.lr.unwrap_or(5e-4);
+    // A constant 1e-3 after a short warmup: on MNIST the old 5e-4 with cosine decay left G collapsed
+    // (recall 0.001 in the judge's features after 1500 steps) where this reached 0.33 (docs/mnist).
+    let lr = s.lr.unwrap_or(1e-3);
     ensure!(lr > 0.0 && lr.is_finite(), "--lr must be a positive number");
     let noise_std = match s.noise_std.or(f_run.config.noise_std) {
         Some(x) if x > 0.0 && x.is_finite() => x,
@@ -189,8 +191,8 @@ fn resolve(s: &DistillSettings, f_run: &Run, forward_dir: &str, data: &dyn Train
             batch_size,
             steps,
             lr,
-            min_lr: s.min_lr.unwrap_or(1e-6).min(lr),
-            warmup: s.warmup.unwrap_or((steps / 20).min(500)),
+            min_lr: s.min_lr.unwrap_or(lr).min(lr),
+            warmup: s.warmup.unwrap_or((steps / 10).min(100)),
             weight_decay: s.weight_decay.unwrap_or(1e-4),
             beta1: 0.9,
             beta2: 0.95,
