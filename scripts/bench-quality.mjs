@@ -6,7 +6,7 @@
 //
 //   node scripts/bench-quality.mjs [--work DIR] [--f-steps 3000] [--g-steps 6000] [--num 1000]
 //        [--guidances 0,1,2,3] [--seed 0] [--g-out NAME] [--skip-exact] -- [extra distill flags]
-//   node scripts/bench-quality.mjs --ablations STEPS [--seeds 0,1] [--work DIR] -- [extra distill flags]
+//   node scripts/bench-quality.mjs --ablations STEPS [--seeds 0,1] [--variants align,naive,...] [--work DIR] -- [extra distill flags]
 //
 // The second form is the paper's ablations on the same F and judge: hidden alignment (the default), naive
 // distillation, score-based instead of learned denoising, no reverse-side RMS norm, and training-time
@@ -90,9 +90,10 @@ const ablationSteps = flag('ablations')
 if (ablationSteps !== undefined) {
   const variants = {align: [], naive: ['--loss', 'naive'], 'score-denoise': ['--denoise', 'none'], 'no-norm': ['--align-norm', 'none'], 'no-cfg': ['--cfg-range', '0,0']}
   const seeds = flag('seeds', '0,1').split(',')
+  const chosen = flag('variants', Object.keys(variants).join(',')).split(',')
   const rows = []
   for (const s of seeds) {
-    for (const [name, flags] of Object.entries(variants)) {
+    for (const [name, flags] of Object.entries(variants).filter(([n]) => chosen.includes(n))) {
       const dir = join(work, `ab-${name}-s${s}`)
       const trained = fit('distill', dir, ['--forward', fDir, '--data', data, '--steps', ablationSteps, '--seed', s, '--save-every', '500', ...flags, ...extra])
       const q = biflow(['eval-quality', '--model', dir, '--judge', judge, '--data', data, '--num', String(num), '--seed', String(seed)])

@@ -87,7 +87,7 @@ fn recipe(o: &DemoOptions) -> Recipe {
             data_dir: "mnist",
             forward: json!({"channels": 128, "blocks": 4, "layersPerBlock": 1, "patchSize": 4, "batchSize": 64, "lr": 2e-3,
                 "noiseStd": 0.1, "clipScale": 3.0, "steps": o.steps.unwrap_or(3000), "saveEvery": 500, "sampleEvery": 500}),
-            distill: json!({"batchSize": 64, "lr": 2e-3, "steps": o.distill_steps.unwrap_or(1000), "saveEvery": 250, "sampleEvery": 250}),
+            distill: json!({"batchSize": 64, "steps": o.distill_steps.unwrap_or(1000), "saveEvery": 250, "sampleEvery": 250}),
             eval_limit: 512,
             num_exact: 16,
             judge_steps: 1500,
