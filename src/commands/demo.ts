@@ -33,7 +33,7 @@ export default class Demo extends BiflowCommand {
 small forward flow F (TARFlow), distills its learned reverse model G, samples the same noise and labels with
 both methods (G: one network evaluation; exact: causal decoding of F), evaluates (bits/dim, eval-reverse,
 sampling time of both methods) and writes a self-contained HTML report. The comparison grids sample with
-guidance 2 and noise temperature 0.6. About 12 minutes on two idle CPU cores (--quick: 16x16 digits, under a
+guidance 2 and noise temperature 0.6. About 20 minutes on two idle CPU cores (--quick: 16x16 digits, under a
 minute). Ctrl-C leaves resumable runs: run the same command again to continue.
 
 With --judge DIR both samplers are also judged offline at the grids' settings (eval-quality: FD_J, label
@@ -52,7 +52,7 @@ minutes on two cores, plus about 3 for judging; --quick: under a minute).`
     out: Flags.string({description: 'folder for the dataset, both runs and the report', default: 'demo'}),
     quick: Flags.boolean({description: 'a tiny version (16x16 digits, a few hundred steps): about a minute'}),
     steps: Flags.integer({description: "F's training steps [default: 3000; --quick 300]", min: 1}),
-    'distill-steps': Flags.integer({description: "G's distillation steps [default: 1000; --quick 200]", min: 1}),
+    'distill-steps': Flags.integer({description: "G's distillation steps [default: 2500, where G's grid first matches exact decoding's by the judge; --quick 200]", min: 1}),
     judge: Flags.string({description: 'judge both samplers with this judge (trained into the folder first when it holds none)'}),
     device: deviceFlags.device,
   }

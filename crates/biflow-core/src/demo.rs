@@ -79,7 +79,7 @@ fn recipe(o: &DemoOptions) -> Recipe {
             judged: 200,
         }
     } else {
-        // About 12 minutes on two idle cores: 28x28 digits, F = 128 channels, 4 blocks x 1 layer,
+        // About 20 minutes on two idle cores: 28x28 digits, F = 128 channels, 4 blocks x 1 layer,
         // patch 4, trained on digits with noise 0.1 (0.05 left F's samples as strokes at this budget).
         Recipe {
             size: None,
@@ -87,7 +87,7 @@ fn recipe(o: &DemoOptions) -> Recipe {
             data_dir: "mnist",
             forward: json!({"channels": 128, "blocks": 4, "layersPerBlock": 1, "patchSize": 4, "batchSize": 64, "lr": 2e-3,
                 "noiseStd": 0.1, "clipScale": 3.0, "steps": o.steps.unwrap_or(3000), "saveEvery": 500, "sampleEvery": 500}),
-            distill: json!({"batchSize": 64, "steps": o.distill_steps.unwrap_or(1000), "saveEvery": 250, "sampleEvery": 250}),
+            distill: json!({"batchSize": 64, "steps": o.distill_steps.unwrap_or(2500), "saveEvery": 500, "sampleEvery": 500}),
             eval_limit: 512,
             num_exact: 16,
             judge_steps: 1500,
