@@ -44,7 +44,7 @@ describe('biflow judge train / eval-quality', () => {
     expect(trained.usable).toBe(true)
     expect(readdirSync(judge).sort()).toEqual(['judge.json', 'weights.safetensors'])
     // An existing judge is not overwritten unasked.
-    fails(['judge', 'train', '--data', data, '--out', judge, '--steps', '1'], /exists: choose another --out, or add --force/)
+    fails(['judge', 'train', '--data', data, '--out', judge, '--steps', '1'], /exists and is not empty: choose another --out, or add --force/)
   })
 
   it('reads ~0 FD_J and ~1 precision/recall for data against itself, a large FD_J for noise, ~0 recall for a collapsed sampler', () => {

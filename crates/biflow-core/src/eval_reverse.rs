@@ -102,14 +102,13 @@ impl LatentStats {
         };
         let all = self.tokens.iter().fold((0.0, 0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
         let (mean, std) = moments(all);
-        let per: Vec<(f64, f64)> = self.tokens.iter().map(|&s| moments(s)).collect();
-        let fold = |f: fn(f64, f64) -> f64, init: f64, g: fn(&(f64, f64)) -> f64| per.iter().map(g).fold(init, f);
+        let (means, stds): (Vec<f64>, Vec<f64>) = self.tokens.iter().map(|&s| moments(s)).unzip();
         json!({
             "mean": mean,
             "std": std,
-            "tokenStdMin": fold(f64::min, f64::INFINITY, |p| p.1),
-            "tokenStdMax": fold(f64::max, 0.0, |p| p.1),
-            "tokenMeanAbsMax": fold(f64::max, 0.0, |p| p.0.abs()),
+            "tokenStdMin": stds.iter().copied().fold(f64::INFINITY, f64::min),
+            "tokenStdMax": stds.iter().copied().fold(0.0, f64::max),
+            "tokenMeanAbsMax": means.iter().map(|m| m.abs()).fold(0.0, f64::max),
         })
     }
 }

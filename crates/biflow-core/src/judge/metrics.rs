@@ -31,10 +31,6 @@ impl Features {
     pub fn head(&self, n: usize) -> Features {
         Features { dim: self.dim, data: self.data[..n.min(self.len()) * self.dim].to_vec() }
     }
-    /// The rows at `indices`.
-    pub fn select(&self, indices: &[usize]) -> Features {
-        Features { dim: self.dim, data: indices.iter().flat_map(|&i| self.row(i).iter().copied()).collect() }
-    }
 }
 
 fn dist2(a: &[f32], b: &[f32]) -> f32 {

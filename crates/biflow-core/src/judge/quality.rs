@@ -71,7 +71,7 @@ fn judge_batch(judge: &Judge, x: &Tensor, feats: &mut Features, predicted: &mut 
 }
 
 /// Judged images: features, the judge's classes, and the requested or true labels where known.
-struct Judged {
+pub(super) struct Judged {
     features: Features,
     predicted: Vec<i64>,
     labels: Option<Vec<i64>>,
@@ -79,11 +79,20 @@ struct Judged {
     sampling_seconds: Option<f64>,
 }
 
-fn judge_dataset(judge: &Judge, ds: &Dataset, split: Split, limit: usize, device: &Device, ctx: &JobCtx) -> Result<Judged> {
+impl Judged {
+    /// How often the judge's class is the label, over the images that have one (None: no labels).
+    pub(super) fn label_accuracy(&self) -> Option<f64> {
+        let pairs: Vec<(i64, i64)> = self.labels.as_ref()?.iter().zip(&self.predicted).filter(|(y, _)| **y >= 0).map(|(y, p)| (*y, *p)).collect();
+        (!pairs.is_empty()).then(|| pairs.iter().filter(|(y, p)| y == p).count() as f64 / pairs.len() as f64)
+    }
+}
+
+/// The first `limit` images of a split, judged (progress shown as `phase`).
+pub(super) fn judge_dataset(judge: &Judge, ds: &Dataset, split: Split, limit: usize, phase: &str, device: &Device, ctx: &JobCtx) -> Result<Judged> {
     let n = ds.len(split).min(limit);
     let (c, h, w) = ds.shape();
     let mut j = Judged { features: Features::new(judge.config().feature_dim), predicted: vec![], labels: Some(vec![]), what: String::new(), sampling_seconds: None };
-    ctx.start("reference features", Some(n as u64));
+    ctx.start(phase, Some(n as u64));
     for lo in (0..n).step_by(256) {
         ctx.check_cancelled()?;
         let idx: Vec<usize> = (lo..(lo + 256).min(n)).collect();
@@ -259,7 +268,7 @@ pub fn eval_quality(o: QualityOptions, ctx: &JobCtx) -> Result<Value> {
         (None, Some(path)) if Path::new(path).join(crate::data::MANIFEST).is_file() => {
             let other = labelled_dataset(path)?;
             ensure!(other.shape() == ds.shape(), "the dataset {path} has images of another shape than {}", o.data);
-            let mut j = judge_dataset(&judge, &other, Split::Train, o.num.unwrap_or(usize::MAX), device, ctx)?;
+            let mut j = judge_dataset(&judge, &other, Split::Train, o.num.unwrap_or(usize::MAX), "judge images", device, ctx)?;
             j.what = format!("the train split of dataset {path}");
             j
         }
@@ -267,7 +276,7 @@ pub fn eval_quality(o: QualityOptions, ctx: &JobCtx) -> Result<Value> {
         (Some(_), Some(_)) => bail!("give either a --model to sample or images to score, not both"),
         (None, None) => bail!("nothing to judge: give a --model (a run) or IMAGES (a folder, an .npz or a dataset)"),
     };
-    let reference = judge_dataset(&judge, &ds, split, num_ref, device, ctx)?;
+    let reference = judge_dataset(&judge, &ds, split, num_ref, "reference features", device, ctx)?;
     let n = samples.features.len();
     ensure!(n > K_NEAREST, "{} has {n} images; eval-quality needs more than {K_NEAREST}", samples.what);
 
@@ -284,12 +293,8 @@ pub fn eval_quality(o: QualityOptions, ctx: &JobCtx) -> Result<Value> {
         _ => (samples.predicted.clone(), "judge's class"),
     };
     let diversity = within_class_diversity(&samples.features, &group);
-    let label_accuracy = samples.labels.as_ref().and_then(|l| {
-        let asked: Vec<(i64, i64)> = l.iter().zip(&samples.predicted).filter(|(y, _)| **y >= 0).map(|(y, p)| (*y, *p)).collect();
-        (!asked.is_empty()).then(|| asked.iter().filter(|(y, p)| y == p).count() as f64 / asked.len() as f64)
-    });
+    let label_accuracy = samples.label_accuracy();
     ctx.end();
-    let data_accuracy = ref_labels.iter().zip(&reference.predicted).filter(|(y, p)| y == p).count() as f64 / ref_labels.len() as f64;
     Ok(json!({
         "source": samples.what,
         "model": o.model,
@@ -311,6 +316,6 @@ pub fn eval_quality(o: QualityOptions, ctx: &JobCtx) -> Result<Value> {
         "diversityRatio": match (diversity, data_diversity) { (Some(a), Some(b)) if b > 0.0 => Some(a / b), _ => None },
         "diversityGroupedBy": grouped_by,
         "samplingSeconds": samples.sampling_seconds,
-        "judge": {"dir": o.judge, "heldOutAccuracy": file.held_out_accuracy, "accuracyOnReference": data_accuracy},
+        "judge": {"dir": o.judge, "heldOutAccuracy": file.held_out_accuracy, "accuracyOnReference": reference.label_accuracy()},
     }))
 }

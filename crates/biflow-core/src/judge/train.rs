@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -61,21 +61,6 @@ pub fn labelled_dataset(dir: &str) -> Result<Dataset> {
     Ok(ds)
 }
 
-/// Accuracy of the judge on the first `limit` images of a split.
-pub fn accuracy(judge: &Judge, ds: &Dataset, split: Split, limit: usize, device: &Device) -> Result<f64> {
-    let n = ds.len(split).min(limit);
-    let (c, h, w) = ds.shape();
-    let mut correct = 0usize;
-    for lo in (0..n).step_by(256) {
-        let idx: Vec<usize> = (lo..(lo + 256).min(n)).collect();
-        let (xs, ys) = ds.batch_f32(split, &idx)?;
-        let x = Tensor::from_vec(xs, (idx.len(), c, h, w), device)?;
-        let pred = judge.logits(&judge.features(&x)?)?.argmax(1)?.to_vec1::<u32>()?;
-        correct += pred.iter().zip(&ys).filter(|(p, y)| **p as i64 == **y).count();
-    }
-    Ok(correct as f64 / n.max(1) as f64)
-}
-
 pub fn judge_train(o: JudgeTrainOptions, ctx: &JobCtx) -> Result<Value> {
     let on = crate::device::place(o.device.as_deref(), o.precision.as_deref())?;
     let device = &on.device;
@@ -87,10 +72,7 @@ pub fn judge_train(o: JudgeTrainOptions, ctx: &JobCtx) -> Result<Value> {
     ensure!(peak > 0.0 && peak.is_finite(), "--lr must be a positive number");
     ensure!((0.0..=1.0).contains(&floor), "--min-accuracy must be between 0 and 1");
     let out = PathBuf::from(&o.out);
-    if out.exists() && !o.force {
-        let empty = std::fs::read_dir(&out).map(|mut d| d.next().is_none()).unwrap_or(false);
-        ensure!(empty, "{} exists: choose another --out, or add --force to replace it", out.display());
-    }
+    crate::sample::ensure_empty_out(&out, o.force)?;
     let ds = labelled_dataset(&o.data)?;
     let (c, h, w) = ds.shape();
     let n_train = ds.len(Split::Train);
@@ -146,10 +128,8 @@ pub fn judge_train(o: JudgeTrainOptions, ctx: &JobCtx) -> Result<Value> {
     }
     ctx.end();
     let train_seconds = started.elapsed().as_secs_f64();
-    ctx.start("held-out accuracy", None);
     let held_out = ds.len(Split::Val);
-    let acc = accuracy(&judge, &ds, Split::Val, held_out, device)?;
-    ctx.end();
+    let acc = super::quality::judge_dataset(&judge, &ds, Split::Val, held_out, "held-out accuracy", device, ctx)?.label_accuracy().unwrap_or(0.0);
 
     let mut file = JudgeFile::new(config);
     file.held_out_accuracy = acc;
