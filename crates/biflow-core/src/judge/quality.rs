@@ -14,7 +14,6 @@ use serde_json::{json, Value};
 
 use super::metrics::{frechet, precision_recall, within_class_diversity, Features};
 use super::net::Judge;
-use super::train::labelled_dataset;
 use crate::data::{Dataset, Split};
 use crate::fid::inception::Image;
 use crate::fid::source::{ArraySource, FolderSource, ImageSource};
@@ -60,6 +59,19 @@ pub struct QualityOptions {
     pub device: Option<String>,
     #[serde(default)]
     pub precision: Option<String>,
+}
+
+/// Open a dataset the judge can learn from or score against: labelled, square, with a held-out split.
+pub fn labelled_dataset(dir: &str) -> Result<Dataset> {
+    let ds = Dataset::open(Path::new(dir))?;
+    ensure!(
+        ds.manifest.labelled() && ds.num_classes() >= 2,
+        "the dataset {dir} has no class labels: the judge learns and scores classes (prepare a labelled dataset: class subfolders, an .npz with labels, MNIST)"
+    );
+    let (_, h, w) = ds.shape();
+    ensure!(h == w, "the dataset {dir} has {h}x{w} images; the judge needs square images");
+    ensure!(ds.len(Split::Val) > 0, "the dataset {dir} has no held-out split: prepare it with --val-fraction > 0");
+    Ok(ds)
 }
 
 /// Features and predicted classes of images (N, C, H, W in [-1, 1]).

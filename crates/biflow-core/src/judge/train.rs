@@ -16,7 +16,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::net::{save_weights, Judge, JudgeConfig, JudgeFile, JUDGE_FILE};
-use crate::data::{Dataset, Split};
+use super::quality::{judge_dataset, labelled_dataset};
+use crate::data::Split;
 use crate::io::tensors::HostTensor;
 use crate::job::JobCtx;
 use crate::optim::{lr_at, AdamW, AdamWConfig, Moments};
@@ -46,19 +47,6 @@ pub struct JudgeTrainOptions {
     pub device: Option<String>,
     #[serde(default)]
     pub precision: Option<String>,
-}
-
-/// Open a dataset the judge can learn from or score against: labelled, square, with a held-out split.
-pub fn labelled_dataset(dir: &str) -> Result<Dataset> {
-    let ds = Dataset::open(Path::new(dir))?;
-    ensure!(
-        ds.manifest.labelled() && ds.num_classes() >= 2,
-        "the dataset {dir} has no class labels: the judge learns and scores classes (prepare a labelled dataset: class subfolders, an .npz with labels, MNIST)"
-    );
-    let (_, h, w) = ds.shape();
-    ensure!(h == w, "the dataset {dir} has {h}x{w} images; the judge needs square images");
-    ensure!(ds.len(Split::Val) > 0, "the dataset {dir} has no held-out split: prepare it with --val-fraction > 0");
-    Ok(ds)
 }
 
 pub fn judge_train(o: JudgeTrainOptions, ctx: &JobCtx) -> Result<Value> {
@@ -129,7 +117,7 @@ pub fn judge_train(o: JudgeTrainOptions, ctx: &JobCtx) -> Result<Value> {
     ctx.end();
     let train_seconds = started.elapsed().as_secs_f64();
     let held_out = ds.len(Split::Val);
-    let acc = super::quality::judge_dataset(&judge, &ds, Split::Val, held_out, "held-out accuracy", device, ctx)?.label_accuracy().unwrap_or(0.0);
+    let acc = judge_dataset(&judge, &ds, Split::Val, held_out, "held-out accuracy", device, ctx)?.label_accuracy().unwrap_or(0.0);
 
     let mut file = JudgeFile::new(config);
     file.held_out_accuracy = acc;
