@@ -5,8 +5,8 @@
 
 use std::time::Instant;
 
-use biflow_core::fid::frechet::{frechet_distance, Gaussian};
-use biflow_core::fid::inception::{formula_tensors, preprocess_image, FidInception, Image};
+use biflow_core::eval::fid::frechet::{frechet_distance, Gaussian};
+use biflow_core::eval::fid::inception::{formula_tensors, preprocess_image, FidInception, Image};
 use rand::{Rng, SeedableRng};
 
 fn arg(name: &str, default: usize) -> usize {

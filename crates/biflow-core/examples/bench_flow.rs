@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use biflow_core::flow::{new_trainable, nll_loss, FlowConfig, ReverseOptions};
+use biflow_core::models::flow::{new_trainable, nll_loss, FlowConfig, ReverseOptions};
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal, Uniform};

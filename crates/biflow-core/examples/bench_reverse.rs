@@ -14,15 +14,15 @@
 
 use std::time::Instant;
 
-use biflow_core::flow::{initial_parameters, FlowConfig, ReverseOptions, TarFlow};
-use biflow_core::distill::{distill_with, DistillArgs, DistillSettings};
+use biflow_core::models::flow::{initial_parameters, FlowConfig, ReverseOptions, TarFlow};
+use biflow_core::jobs::distill::{distill_with, DistillArgs, DistillSettings};
 use biflow_core::job::JobCtx;
 use biflow_core::run::{write_safetensors, HostTensor, Run, RunConfig};
-use biflow_core::trainer::MemData;
-use biflow_core::reverse::loss::{implied_conditional, LossConfig, LossKind, Targets};
-use biflow_core::grad::ReverseGrad;
-use biflow_core::reverse::{self, ReverseConfig, ReverseModel, ReverseOutput};
-use biflow_core::sample::denoise;
+use biflow_core::train::MemData;
+use biflow_core::models::reverse::loss::{implied_conditional, LossConfig, LossKind, Targets};
+use biflow_core::engines::ReverseGrad;
+use biflow_core::models::reverse::{self, ReverseConfig, ReverseModel, ReverseOutput};
+use biflow_core::jobs::sample::denoise;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use rand::SeedableRng;
@@ -78,14 +78,14 @@ fn matmul_gflops() -> anyhow::Result<(f64, f64)> {
     let x = Tensor::from_vec(xs.clone(), (rows, n), &Device::Cpu)?;
     let w = Tensor::from_vec(ws.clone(), (n, n), &Device::Cpu)?;
     let b = Tensor::zeros(n, DType::F32, &Device::Cpu)?;
-    let (packed, zeros, mut y) = (biflow_core::ops::pack(&ws, n), vec![0f32; n], vec![0f32; rows * n]);
+    let (packed, zeros, mut y) = (biflow_core::engines::ops::pack(&ws, n), vec![0f32; n], vec![0f32; rows * n]);
     let mut best = (f64::INFINITY, f64::INFINITY);
     for _ in 0..6 {
         let t0 = Instant::now();
-        biflow_core::ops::linear(&x, &w, &b)?;
+        biflow_core::engines::ops::linear(&x, &w, &b)?;
         best.0 = best.0.min(t0.elapsed().as_secs_f64());
         let t0 = Instant::now();
-        biflow_core::ops::linear_packed(&xs, &packed, &zeros, &mut y);
+        biflow_core::engines::ops::linear_packed(&xs, &packed, &zeros, &mut y);
         best.1 = best.1.min(t0.elapsed().as_secs_f64());
     }
     let flops = 2.0 * (rows * n * n) as f64;

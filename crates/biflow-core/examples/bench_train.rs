@@ -6,8 +6,8 @@
 //! the steps after WARMUP from the trainer's own per-step timestamps; peak memory is VmHWM.
 
 use biflow_core::job::JobCtx;
-use biflow_core::train::{train_with, TrainArgs, TrainSettings};
-use biflow_core::trainer::MemData;
+use biflow_core::jobs::train::{train_with, TrainArgs, TrainSettings};
+use biflow_core::train::MemData;
 use rand::{Rng, SeedableRng};
 
 fn vm_hwm_mib() -> Option<f64> {

@@ -20,14 +20,14 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use biflow_core::device::{self, DeviceArgs};
-use biflow_core::distill::{distill_with, DistillArgs, DistillSettings};
-use biflow_core::flow::{FlowConfig, ReverseOptions, TarFlow};
+use biflow_core::jobs::distill::{distill_with, DistillArgs, DistillSettings};
+use biflow_core::models::flow::{FlowConfig, ReverseOptions, TarFlow};
 use biflow_core::job::JobCtx;
-use biflow_core::ops::mode;
-use biflow_core::reverse::{self, ReverseConfig};
-use biflow_core::sample::denoise;
-use biflow_core::train::{train_with, TrainArgs, TrainSettings};
-use biflow_core::trainer::MemData;
+use biflow_core::device::mode;
+use biflow_core::models::reverse::{self, ReverseConfig};
+use biflow_core::jobs::sample::denoise;
+use biflow_core::jobs::train::{train_with, TrainArgs, TrainSettings};
+use biflow_core::train::MemData;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
@@ -162,7 +162,7 @@ fn parity(c: &mut Check) -> Result<Value> {
         num_classes: u("num_classes"),
         clip_scale: None,
     };
-    let state: HashMap<String, Tensor> = biflow_core::import::read_reference_state(&dir.join("tiny-cond.pth"))?.into_iter().collect();
+    let state: HashMap<String, Tensor> = biflow_core::jobs::import::read_reference_state(&dir.join("tiny-cond.pth"))?.into_iter().collect();
     let model = |device: &Device| -> Result<TarFlow> {
         let moved = state.iter().map(|(k, t)| Ok((k.clone(), t.to_device(device)?))).collect::<Result<HashMap<_, _>>>()?;
         Ok(TarFlow::new(VarBuilder::from_tensors(moved, DType::F32, device), &cfg)?)
@@ -225,15 +225,15 @@ fn perturb_and_copy(src: &candle_nn::VarMap, dst: &candle_nn::VarMap, std: f64) 
 
 fn gradients(c: &mut Check) -> Result<Value> {
     let cfg = tiny();
-    let (cpu_map, cpu_f) = biflow_core::flow::new_trainable(&cfg, 1, &Device::Cpu)?;
-    let (dev_map, dev_f) = biflow_core::flow::new_trainable(&cfg, 1, &c.device)?;
+    let (cpu_map, cpu_f) = biflow_core::models::flow::new_trainable(&cfg, 1, &Device::Cpu)?;
+    let (dev_map, dev_f) = biflow_core::models::flow::new_trainable(&cfg, 1, &c.device)?;
     perturb_and_copy(&cpu_map, &dev_map, 0.01)?;
     // 64 samples: repeated labels (the class embedding's gradient sums them) and dropped ones.
     let x = (randn(&[64, 1, 32, 32], 7, &Device::Cpu)? * 0.5)?;
     let y = Tensor::from_vec((0..64i64).map(|i| if i % 7 == 3 { -1 } else { i % 10 }).collect::<Vec<_>>(), 64, &Device::Cpu)?;
     let grads = |f: &TarFlow, dev: &Device| -> Result<(f32, candle_core::backprop::GradStore)> {
         let out = f.forward(&x.to_device(dev)?, Some(&y.to_device(dev)?))?;
-        let loss = biflow_core::flow::nll_loss(&out)?;
+        let loss = biflow_core::models::flow::nll_loss(&out)?;
         Ok((loss.to_scalar::<f32>()?, loss.backward()?))
     };
     let (cpu_loss, cpu_g) = {
@@ -397,7 +397,7 @@ fn distill(c: &mut Check) -> Result<Value> {
 fn speed(c: &mut Check) -> Result<Value> {
     let cfg = paper();
     let (t, d) = (cfg.num_tokens(), cfg.token_dim());
-    let params = biflow_core::flow::initial_parameters(&cfg, 0, &c.device)?;
+    let params = biflow_core::models::flow::initial_parameters(&cfg, 0, &c.device)?;
     let flow = TarFlow::new(VarBuilder::from_tensors(params.into_iter().collect(), DType::F32, &c.device), &cfg)?;
     let g_cfg = ReverseConfig::for_flow(&cfg, cfg.channels, 1, 1, false);
     let (_, g) = reverse::new_trainable(&g_cfg, 0, &c.device)?;
@@ -423,8 +423,8 @@ fn speed(c: &mut Check) -> Result<Value> {
 // Inception
 
 fn inception(c: &mut Check) -> Result<Value> {
-    use biflow_core::fid::inception::{formula_tensors, preprocess, FidInception};
-    use biflow_core::fid::net::DeviceInception;
+    use biflow_core::eval::fid::inception::{formula_tensors, preprocess, FidInception};
+    use biflow_core::eval::fid::net::DeviceInception;
     // Formula weights (no download); two smooth synthetic images, resized as pytorch-fid does.
     let cpu = FidInception::from_tensors(formula_tensors())?;
     let gpu = DeviceInception::from_tensors(formula_tensors(), &c.device)?;

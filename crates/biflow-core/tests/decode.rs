@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use biflow_core::flow::{initial_parameters, FlowConfig, ReverseOptions, TarFlow};
+use biflow_core::models::flow::{initial_parameters, FlowConfig, ReverseOptions, TarFlow};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rand::SeedableRng;

@@ -6,12 +6,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use biflow_core::distill::{distill_with, DistillArgs, DistillSettings};
-use biflow_core::eval_reverse::Pair;
+use biflow_core::jobs::distill::{distill_with, DistillArgs, DistillSettings};
+use biflow_core::eval::reverse::Pair;
 use biflow_core::job::JobCtx;
-use biflow_core::reverse::{self, ReverseConfig};
+use biflow_core::models::reverse::{self, ReverseConfig};
 use biflow_core::run::Run;
-use biflow_core::train::{train_with, TrainArgs, TrainSettings};
+use biflow_core::jobs::train::{train_with, TrainArgs, TrainSettings};
 use candle_core::{Device, Tensor};
 use common::{cancelling_ctx, toy_data};
 use rand::SeedableRng;
@@ -69,7 +69,7 @@ fn reconstruction(run: &Run, g: &reverse::ReverseModel) -> f64 {
     let x = Tensor::from_vec(held_out.images, (64, 1, 8, 8), &Device::Cpu).unwrap();
     let y = Tensor::from_vec(held_out.labels, 64, &Device::Cpu).unwrap();
     let pair = Pair { flow: &flow, g, sigma: 0.05 };
-    let mut latents = biflow_core::eval_reverse::LatentStats::default();
+    let mut latents = biflow_core::eval::reverse::LatentStats::default();
     let mse = pair.reconstruction_mse(&x, Some(&y), &mut rand::rngs::StdRng::seed_from_u64(0), &mut latents).unwrap();
     mse.iter().sum::<f64>() / mse.len() as f64
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use biflow_core::flow::{bits_per_dim, nll_loss, FlowConfig, ReverseOptions, TarFlow};
+use biflow_core::models::flow::{bits_per_dim, nll_loss, FlowConfig, ReverseOptions, TarFlow};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::Value;
@@ -59,7 +59,7 @@ fn config(f: &Value) -> FlowConfig {
 }
 
 fn model(cfg: &FlowConfig) -> TarFlow {
-    let state = biflow_core::import::read_reference_state(&fixture_dir().join("tiny-cond.pth")).unwrap();
+    let state = biflow_core::jobs::import::read_reference_state(&fixture_dir().join("tiny-cond.pth")).unwrap();
     let tensors: HashMap<String, Tensor> = state.into_iter().collect();
     TarFlow::new(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), cfg).unwrap()
 }

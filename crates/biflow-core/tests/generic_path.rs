@@ -5,10 +5,10 @@
 mod common;
 
 use biflow_core::device::Precision;
-use biflow_core::flow::{self, FlowConfig, ReverseOptions};
-use biflow_core::ops::mode;
-use biflow_core::reverse::loss::{LossConfig, LossKind, Targets};
-use biflow_core::reverse::{self, ReverseConfig};
+use biflow_core::models::flow::{self, FlowConfig, ReverseOptions};
+use biflow_core::device::mode;
+use biflow_core::models::reverse::loss::{LossConfig, LossKind, Targets};
+use biflow_core::models::reverse::{self, ReverseConfig};
 use candle_core::{backprop::GradStore, Device, Tensor};
 use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
@@ -226,7 +226,7 @@ fn bf16_products_stay_close_to_f32_and_keep_gradients() {
 #[test]
 fn training_on_the_generic_path_follows_the_fused_path() {
     use biflow_core::job::JobCtx;
-    use biflow_core::train::{train_with, TrainArgs, TrainSettings};
+    use biflow_core::jobs::train::{train_with, TrainArgs, TrainSettings};
     let data = common::toy_data(256, 1);
     let s = TrainSettings {
         batch_size: Some(32),

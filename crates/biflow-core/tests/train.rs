@@ -7,8 +7,8 @@ use std::path::Path;
 
 use biflow_core::job::JobCtx;
 use biflow_core::run::Run;
-use biflow_core::train::{train_with, TrainArgs, TrainSettings};
-use biflow_core::trainer::load_checkpoint;
+use biflow_core::jobs::train::{train_with, TrainArgs, TrainSettings};
+use biflow_core::train::load_checkpoint;
 use common::{cancelling_ctx, toy_data};
 
 fn settings(steps: u64) -> TrainSettings {

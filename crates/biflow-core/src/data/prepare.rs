@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::decode::{self, Item, Label, Source};
+use super::decode::{self, splitmix64, Item, Label, Source};
 use super::resize;
 use super::shard::{default_records_per_shard, ShardWriter};
 use super::{
@@ -52,14 +52,6 @@ pub struct PrepareOptions {
     pub records_per_shard: Option<usize>,
 }
 
-/// A small, fast, portable PRNG step (the split must not change with a library version).
-pub(crate) fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 pub const SPLIT_METHOD: &str =
     "val = round(count * valFraction) records (at least 1 when valFraction > 0) drawn without replacement by Floyd's algorithm from a splitmix64 stream seeded with `seed`; the rest is train";

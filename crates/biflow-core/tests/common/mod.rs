@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use biflow_core::job::{Event, JobCtx};
-use biflow_core::trainer::MemData;
+use biflow_core::train::MemData;
 use rand::{Rng, SeedableRng};
 
 /// 8x8 grey images: a ramp along x (class 0) or y (class 1) with random amplitude and noise.

@@ -714,7 +714,7 @@ fn fuzz_checkpoint() {
                 step: 1,
                 dir: dir.to_path_buf(),
             };
-            biflow_core::trainer::load_checkpoint(&c).map(|_| ())
+            biflow_core::train::load_checkpoint(&c).map(|_| ())
         },
     );
 }
@@ -738,6 +738,6 @@ fn fuzz_metrics() {
                 }
             }
         },
-        |dir| biflow_core::trainer::plot_loss(&dir.join("metrics.jsonl"), &dir.join("loss.png")),
+        |dir| biflow_core::train::plot_loss(&dir.join("metrics.jsonl"), &dir.join("loss.png")),
     );
 }

@@ -409,7 +409,7 @@ pub fn dataset_files() -> Vec<(String, Vec<u8>)> {
     files
 }
 
-fn tiny_model() -> biflow_core::flow::FlowConfig {
+fn tiny_model() -> biflow_core::models::flow::FlowConfig {
     serde_json::from_value(serde_json::json!({
         "imgSize": 4, "inChannels": 1, "patchSize": 2, "channels": 64, "numBlocks": 1, "layersPerBlock": 1, "numClasses": 2
     }))
@@ -418,7 +418,7 @@ fn tiny_model() -> biflow_core::flow::FlowConfig {
 
 fn tiny_weights() -> Vec<u8> {
     let params =
-        biflow_core::flow::initial_parameters(&tiny_model(), 1, &candle_core::Device::Cpu).unwrap();
+        biflow_core::models::flow::initial_parameters(&tiny_model(), 1, &candle_core::Device::Cpu).unwrap();
     let mut named: Vec<(String, HostTensor)> = params
         .into_iter()
         .map(|(n, t)| {

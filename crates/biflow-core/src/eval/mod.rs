@@ -1,0 +1,7 @@
+//! Evaluation: pytorch-compatible FID, bits/dim, the learned inverse against the exact one
+//! (eval-reverse), and the offline judge of sample quality.
+
+pub mod bpd;
+pub mod fid;
+pub mod judge;
+pub mod reverse;

@@ -1,0 +1,246 @@
+//! Shareable model bundles: what sampling needs, plus a model card and a preview.
+//!
+//! ```text
+//! bundle.json              {"format":"biflow-bundle","version":1,"kind":..,"files":{path: sha256}}
+//! README.md                the model card: provenance, configuration, metrics, how to use it
+//! config.json              the run's config (a distilled run's forward.dir is "forward")
+//! weights.safetensors      the EMA weights
+//! preview.png              16 samples
+//! forward/config.json, forward/weights.safetensors    a distilled run's forward flow F
+//! ```
+//!
+//! The archive itself (tar.gz) is written and read by the CLI with npm `tar`; the core stages the
+//! files (`bundle.stage`) and checks an unpacked bundle before it becomes a run (`bundle.verify`).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::Device;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::job::JobCtx;
+use crate::run::{Run, CONFIG_FILE, WEIGHTS_FILE};
+
+pub const MANIFEST: &str = "bundle.json";
+/// Every file a bundle may hold (besides bundle.json); anything else is refused.
+pub const ALLOWED: &[&str] = &[
+    "README.md",
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    "preview.png",
+    "forward/config.json",
+    "forward/weights.safetensors",
+];
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StageOptions {
+    pub run: String,
+    /// An empty folder to write the bundle's files into.
+    pub staging: String,
+    #[serde(default = "default_preview")]
+    pub preview: usize,
+}
+
+fn default_preview() -> usize {
+    16
+}
+
+fn copy_checked(from: &Path, to: &Path) -> Result<()> {
+    if let Some(p) = to.parent() {
+        fs::create_dir_all(p)?;
+    }
+    fs::copy(from, to).with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    Ok(())
+}
+
+fn with_source(config: &crate::run::RunConfig, run: &Path) -> Result<Value> {
+    let mut v = serde_json::to_value(config)?;
+    let original = v.get("source").cloned().unwrap_or(Value::Null);
+    v["source"] = json!({"type": "bundle", "exportedFrom": fs::canonicalize(run).unwrap_or(run.to_path_buf()), "original": original});
+    Ok(v)
+}
+
+/// Stage the files of RUN's bundle into `staging`; returns the file list (bundle.json last).
+pub fn stage(o: StageOptions, ctx: &JobCtx) -> Result<Value> {
+    let run = Run::open(Path::new(&o.run))?;
+    let staging = PathBuf::from(&o.staging);
+    fs::create_dir_all(&staging)?;
+    ensure!(fs::read_dir(&staging)?.next().is_none(), "the staging folder {} is not empty", staging.display());
+    ctx.start("stage", None);
+    let mut files: Vec<String> = Vec::new();
+
+    // The model: config and EMA weights (a distilled run also carries its verified forward run).
+    let mut config = with_source(&run.config, &run.dir)?;
+    if run.is_distilled() {
+        let f = run.forward_run()?;
+        config["forward"]["dir"] = json!("forward");
+        let fcfg = with_source(&f.config, &f.dir)?;
+        crate::io::atomic::write(&staging.join("forward/config.json").tap_parent()?, format!("{}\n", serde_json::to_string_pretty(&fcfg)?).as_bytes())?;
+        copy_checked(&f.sampling_weights_path()?, &staging.join("forward/weights.safetensors"))?;
+        files.extend(["forward/config.json".to_string(), "forward/weights.safetensors".to_string()]);
+    }
+    crate::io::atomic::write(&staging.join(CONFIG_FILE), format!("{}\n", serde_json::to_string_pretty(&config)?).as_bytes())?;
+    copy_checked(&run.sampling_weights_path()?, &staging.join(WEIGHTS_FILE))?;
+    files.extend([CONFIG_FILE.to_string(), WEIGHTS_FILE.to_string()]);
+
+    // A preview grid: the run's default sampler (G for a distilled run, causal decoding otherwise).
+    if o.preview > 0 {
+        ctx.message(format!("sampling a preview of {} images", o.preview));
+        let mut s = crate::jobs::sample::Sampler::new(&crate::jobs::sample::SampleOptions::streaming(&o.run, None, o.preview, 0, 0.0), &candle_core::Device::Cpu)?;
+        let c = s.config().clone();
+        if let Some(x) = s.next_batch(o.preview, |_| ctx.check_cancelled())? {
+            let v = x.flatten_all()?.to_vec1::<f32>()?;
+            if let Ok(img) = crate::jobs::sample::grid(&v, o.preview, c.in_channels, c.img_size, c.img_size) {
+                crate::io::atomic::write_png(&staging.join("preview.png"), &img)?;
+                files.push("preview.png".into());
+            }
+        }
+    }
+
+    // The model card.
+    let summary = crate::jobs::runs::describe(&run.dir);
+    let card = model_card(&run, &summary);
+    crate::io::atomic::write(&staging.join("README.md"), card.as_bytes())?;
+    files.push("README.md".into());
+
+    let mut sums = BTreeMap::new();
+    for f in &files {
+        sums.insert(f.clone(), crate::io::sha256_hex(&fs::read(staging.join(f))?));
+    }
+    let manifest = json!({
+        "format": "biflow-bundle",
+        "version": 1,
+        "kind": summary["kind"],
+        "biflowVersion": env!("CARGO_PKG_VERSION"),
+        "files": sums,
+    });
+    crate::io::atomic::write(&staging.join(MANIFEST), format!("{}\n", serde_json::to_string_pretty(&manifest)?).as_bytes())?;
+    files.push(MANIFEST.into());
+    ctx.end();
+    Ok(json!({"staging": staging, "files": files, "kind": summary["kind"]}))
+}
+
+trait TapParent {
+    fn tap_parent(self) -> Result<PathBuf>;
+}
+impl TapParent for &PathBuf {
+    /// The path, after creating its parent folder.
+    fn tap_parent(self) -> Result<PathBuf> {
+        if let Some(p) = self.parent() {
+            fs::create_dir_all(p)?;
+        }
+        Ok(self.clone())
+    }
+}
+
+fn model_card(run: &Run, summary: &Value) -> String {
+    let c = &run.config;
+    let name = run.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let kind = summary["kind"].as_str().unwrap_or("?");
+    let mut s = format!("# {name}: a biflow {kind} model\n\n");
+    s += &format!(
+        "Bidirectional Normalizing Flow (BiFlow) bundle made by biflow {}. {}\n\n",
+        env!("CARGO_PKG_VERSION"),
+        if run.is_distilled() {
+            "It holds the learned reverse model G (one network evaluation per sample) and the forward flow F it was distilled from (in forward/)."
+        } else {
+            "It holds a TARFlow forward flow F (exact sampling by causal decoding)."
+        }
+    );
+    s += "## Use\n\n    biflow import bundle THIS.tar.gz --out runs/model\n";
+    s += "    biflow sample --model runs/model --num 16 --out samples/\n\n";
+    s += "## Provenance\n\n";
+    let data = c.train.get("data").and_then(Value::as_str);
+    if let Some(d) = data {
+        s += &format!("- dataset: `{d}`");
+        if let Some(sum) = dataset_checksum(Path::new(d)) {
+            s += &format!(" (manifest checksum sha256 `{sum}`)");
+        }
+        s += "\n";
+    }
+    if let Some(f) = &c.forward {
+        s += &format!("- forward run: `{}` (weights sha256 `{}`)\n", f.dir, f.weights_sha256);
+    }
+    s += &format!("- source: `{}`\n", c.source);
+    s += &format!("- exported from: `{}`\n\n", fs::canonicalize(&run.dir).unwrap_or(run.dir.clone()).display());
+    s += "## Metrics\n\n";
+    s += &format!("- status: {}, steps: {}\n", summary["status"].as_str().unwrap_or("?"), summary["steps"]);
+    if let Some(b) = summary["bestBpd"].as_f64() {
+        s += &format!("- best training bits/dim: {b:.4}\n");
+    }
+    if let Some(l) = summary["loss"].as_f64() {
+        s += &format!("- last training loss: {l:.5}\n");
+    }
+    if let Ok(t) = fs::read_to_string(run.dir.join("evaluation.json")) {
+        s += &format!("- evaluation: `{}`\n", t.trim());
+    }
+    s += "\n## Configuration\n\n```json\n";
+    s += &serde_json::to_string_pretty(&json!({"model": c.model, "reverse": c.reverse, "noiseStd": c.noise_std, "train": c.train})).unwrap_or_default();
+    s += "\n```\n\nThe preview (preview.png) shows 16 samples with the run's default method and seed 0.\n";
+    s
+}
+
+/// The checksum recorded in a prepared dataset's manifest (None when it cannot be read).
+pub fn dataset_checksum(dir: &Path) -> Option<String> {
+    let text = fs::read_to_string(dir.join("manifest.json")).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    v.get("checksum")?.get("value")?.as_str().map(str::to_string)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VerifyOptions {
+    pub dir: String,
+}
+
+/// Check an unpacked bundle: exactly the files its manifest lists, each with its checksum, and a
+/// run that opens and whose weights load.
+pub fn verify(o: VerifyOptions, ctx: &JobCtx) -> Result<Value> {
+    let dir = PathBuf::from(&o.dir);
+    ctx.start("verify", None);
+    let text = fs::read_to_string(dir.join(MANIFEST)).context("not a biflow bundle: it has no bundle.json")?;
+    let m: Value = serde_json::from_str(&text).context("not a biflow bundle: bundle.json is not valid JSON")?;
+    ensure!(m["format"] == "biflow-bundle" && m["version"] == 1, "not a biflow bundle (format {}, version {})", m["format"], m["version"]);
+    let Some(files) = m["files"].as_object() else { bail!("bundle.json lists no files") };
+    for (name, sum) in files {
+        ensure!(ALLOWED.contains(&name.as_str()), "bundle.json lists an unexpected file '{name}'");
+        let path = dir.join(name);
+        let meta = fs::symlink_metadata(&path).with_context(|| format!("the bundle lacks {name}, which its manifest lists"))?;
+        ensure!(meta.is_file(), "{name} in the bundle is not a plain file");
+        let actual = crate::io::sha256_hex(&fs::read(&path)?);
+        ensure!(Some(actual.as_str()) == sum.as_str(), "{name} in the bundle does not match its checksum (corrupted or altered)");
+    }
+    // Nothing beyond what the manifest lists.
+    let mut present = Vec::new();
+    list_files(&dir, &dir, &mut present)?;
+    for p in present {
+        ensure!(p == MANIFEST || files.contains_key(&p), "the bundle holds '{p}', which its manifest does not list");
+    }
+    let run = Run::open(&dir)?;
+    let device = Device::Cpu;
+    run.load_flow(&device).context("the bundle's forward weights do not load")?;
+    if run.is_distilled() {
+        run.load_reverse(&device).context("the bundle's reverse model does not load")?;
+    }
+    ctx.end();
+    Ok(json!({"kind": m["kind"], "files": files.len()}))
+}
+
+fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let t = e.file_type()?;
+        let rel = e.path().strip_prefix(root)?.to_string_lossy().replace('\\', "/");
+        if t.is_dir() {
+            list_files(root, &e.path(), out)?;
+        } else {
+            ensure!(t.is_file(), "the bundle holds '{rel}', which is not a plain file");
+            out.push(rel);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,82 @@
+//! The table of jobs the CLI can run. Each job takes its options as JSON (camelCase keys, the
+//! same names as the CLI flags) and returns a JSON result that `--json` prints.
+
+pub mod bundle;
+pub mod demo;
+pub mod distill;
+pub mod edit;
+pub mod import;
+pub mod report;
+pub mod runs;
+pub mod sample;
+pub mod train;
+
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::job::JobCtx;
+
+fn opts<T: DeserializeOwned>(name: &str, options: Value) -> Result<T> {
+    serde_json::from_value(options).with_context(|| format!("invalid options for job '{name}'"))
+}
+
+/// Run the job called `name`.
+pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
+    match name {
+        "echo" => echo(opts(name, options)?, ctx),
+        "data.prepare" => crate::data::prepare(opts(name, options)?, ctx),
+        "data.inspect" => crate::data::inspect(opts(name, options)?, ctx),
+        "data.synth" => crate::data::bench::synth(opts(name, options)?),
+        "data.benchRead" => crate::data::bench::bench_read(opts(name, options)?),
+        "fid.eval" => crate::eval::fid::eval::eval(opts(name, options)?, ctx),
+        "fid.convertWeights" => crate::eval::fid::eval::convert_weights(opts(name, options)?, ctx),
+        "fid.formulaWeights" => crate::eval::fid::eval::formula_weights(opts(name, options)?, ctx),
+        "train" => crate::jobs::train::train_job(options, ctx),
+        "distill" => crate::jobs::distill::distill_job(options, ctx),
+        "eval-reverse" => crate::eval::reverse::eval_reverse(opts(name, options)?, ctx),
+        "edit" => crate::jobs::edit::edit(opts(name, options)?, ctx),
+        "import-tarflow" => crate::jobs::import::import_tarflow(opts(name, options)?, ctx),
+        "sample" => crate::jobs::sample::sample(opts(name, options)?, ctx),
+        "judge.train" => crate::eval::judge::train::judge_train(opts(name, options)?, ctx),
+        "eval-quality" => crate::eval::judge::quality::eval_quality(opts(name, options)?, ctx),
+        "eval-bpd" => crate::eval::bpd::eval_bpd(opts(name, options)?, ctx),
+        "runs" => crate::jobs::runs::runs(opts(name, options)?),
+        "doctor" => Ok(crate::device::doctor()),
+        "demo" => crate::jobs::demo::demo(opts(name, options)?, ctx),
+        "report" => crate::jobs::report::report(opts(name, options)?, ctx),
+        "bundle.stage" => crate::jobs::bundle::stage(opts(name, options)?, ctx),
+        "bundle.verify" => crate::jobs::bundle::verify(opts(name, options)?, ctx),
+        _ => bail!("unknown job '{name}'"),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct EchoOptions {
+    steps: u64,
+    #[serde(default)]
+    panic: bool,
+    #[serde(default)]
+    fail: Option<String>,
+    #[serde(default)]
+    sleep_ms: u64,
+}
+
+/// A self-test of the bridge: counts to `steps` with progress, can fail, panic or be cancelled.
+fn echo(o: EchoOptions, ctx: &JobCtx) -> Result<Value> {
+    ctx.start("echo", Some(o.steps));
+    for i in 1..=o.steps {
+        ctx.check_cancelled()?;
+        std::thread::sleep(std::time::Duration::from_millis(o.sleep_ms));
+        ctx.progress(i, Some(o.steps), crate::metrics!["i" => i]);
+    }
+    ctx.end();
+    if o.panic {
+        panic!("echo job asked to panic");
+    }
+    if let Some(msg) = o.fail {
+        bail!(msg);
+    }
+    Ok(serde_json::json!({ "steps": o.steps }))
+}

@@ -1,0 +1,557 @@
+//! `biflow train`: maximum-likelihood training of the forward flow (TARFlow) with exact resume.
+//!
+//! The objective: Gaussian noise (`noiseStd`) or uniform dequantisation, label dropout, then
+//! `loss = 0.5 mean(z^2) - mean(logdet)`. The loop, checkpoints and resume are the trainer's
+//! (trainer/), shared with `distill`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::Tensor;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::models::flow::{bits_per_dim, nll_loss, FlowConfig, FlowOutput, TarFlow};
+use crate::job::JobCtx;
+use crate::device::DeviceArgs;
+use crate::engines::NllGrad;
+use crate::run::{Run, RunConfig};
+use crate::train::{self, load_checkpoint, open_data, Fit, Limited, Objective, RunLock, Schedule, Slot, StepOutput, TrainData};
+
+// ---------------------------------------------------------------------------------------------
+// Options
+
+/// Every training knob, as given on the command line or in a `--config` file (all optional).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrainSettings {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_lr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_clip: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ema_decay: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub noise_std: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dequantize: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop_label: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patch_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channels: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers_per_block: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_scale: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub save_every: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep: Option<usize>,
+    /// Train on the first N training images only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_every: Option<u64>,
+}
+
+impl TrainSettings {
+    /// `self` where set, else `other`.
+    fn or(self, other: TrainSettings) -> TrainSettings {
+        let a = serde_json::to_value(&self).unwrap();
+        let mut b = serde_json::to_value(&other).unwrap();
+        if let (Value::Object(a), Value::Object(b)) = (a, &mut b) {
+            for (k, v) in a {
+                b.insert(k, v);
+            }
+        }
+        serde_json::from_value(b).unwrap()
+    }
+}
+
+/// The `train` job's options: where, whether to resume, a config file, and the settings.
+#[derive(Clone, Debug)]
+pub struct TrainArgs {
+    pub out: PathBuf,
+    pub resume: bool,
+    pub config: Option<PathBuf>,
+    pub settings: TrainSettings,
+    /// Testing hook: pretend the loss is NaN at this step.
+    pub debug_nan_at_step: Option<u64>,
+    /// The command line, recorded in RUN/history.jsonl.
+    pub command: Option<String>,
+    /// `--device` and `--precision`: where this session runs (not part of the run's config).
+    pub on: DeviceArgs,
+}
+
+impl TrainArgs {
+    /// From the job's JSON options (camelCase, unknown keys refused).
+    pub fn from_json(options: Value) -> Result<TrainArgs> {
+        let mut map = match options {
+            Value::Object(m) => m,
+            _ => bail!("train options must be an object"),
+        };
+        let out = match map.remove("out") {
+            Some(Value::String(s)) => PathBuf::from(s),
+            _ => bail!("train needs --out RUN (the run folder)"),
+        };
+        let resume = match map.remove("resume") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => b,
+            Some(v) => bail!("resume must be true or false, got {v}"),
+        };
+        let config = match map.remove("config") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(PathBuf::from(s)),
+            Some(v) => bail!("config must be a file path, got {v}"),
+        };
+        let debug_nan_at_step = map.remove("debugNanAtStep").and_then(|v| v.as_u64());
+        let command = map.remove("commandLine").and_then(|v| v.as_str().map(str::to_string));
+        let on = DeviceArgs::take(&mut map)?;
+        map.retain(|_, v| !v.is_null());
+        let settings: TrainSettings = serde_json::from_value(Value::Object(map)).context("invalid train options")?;
+        Ok(TrainArgs { out, resume, config, settings, debug_nan_at_step, command, on })
+    }
+}
+
+/// The resolved training options, stored in RUN/config.json under "train".
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainOptions {
+    pub data: String,
+    #[serde(flatten)]
+    pub schedule: Schedule,
+    pub epochs: Option<f64>,
+    pub noise_std: Option<f64>,
+    pub dequantize: bool,
+    pub drop_label: f64,
+    pub limit: Option<usize>,
+}
+
+/// Options that may change when resuming (the rest must match the run).
+const RESUMABLE: &[&str] = &["data", "steps", "epochs", "saveEvery", "keep", "sampleEvery"];
+
+fn read_config_file(path: &Path) -> Result<TrainSettings> {
+    let text = fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    // A run's own config.json can be given too: take its "train" and "model" parts.
+    let v = if v.get("kind").is_some() && v.get("model").is_some() {
+        let mut m = Map::new();
+        if let Some(Value::Object(t)) = v.get("train") {
+            for (k, val) in t {
+                if !["beta1", "beta2"].contains(&k.as_str()) {
+                    m.insert(k.clone(), val.clone());
+                }
+            }
+        }
+        let model = &v["model"];
+        for (from, to) in [("patchSize", "patchSize"), ("channels", "channels"), ("numBlocks", "blocks"), ("layersPerBlock", "layersPerBlock"), ("clipScale", "clipScale")] {
+            if let Some(x) = model.get(from) {
+                m.insert(to.into(), x.clone());
+            }
+        }
+        m.retain(|_, v| !v.is_null());
+        Value::Object(m)
+    } else {
+        v
+    };
+    serde_json::from_value(v).with_context(|| format!("{} has invalid training settings", path.display()))
+}
+
+fn resolve(s: &TrainSettings, data: &dyn TrainData, data_dir: &str) -> Result<(TrainOptions, FlowConfig)> {
+    let (c, h, w) = data.shape();
+    if h != w {
+        bail!("the dataset's images are {w}x{h}; TARFlow needs square images (prepare the data with a square --size)");
+    }
+    let n = data.len();
+    let batch_size = s.batch_size.unwrap_or(64);
+    if batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    if n < batch_size {
+        bail!("the training split has {n} images, fewer than --batch-size {batch_size}");
+    }
+    let per_epoch = (n / batch_size) as f64;
+    let steps = match (s.steps, s.epochs) {
+        (Some(_), Some(_)) => bail!("give --steps or --epochs, not both"),
+        (Some(st), None) => st,
+        (None, Some(e)) => {
+            if !(e > 0.0) {
+                bail!("--epochs must be positive");
+            }
+            (e * per_epoch).ceil().max(1.0) as u64
+        }
+        (None, None) => 10_000,
+    };
+    if steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let lr = s.lr.unwrap_or(3e-4);
+    if !(lr > 0.0 && lr.is_finite()) {
+        bail!("--lr must be a positive number");
+    }
+    let dequantize = s.dequantize.unwrap_or(false);
+    let noise_std = match (dequantize, s.noise_std) {
+        (true, Some(x)) if x > 0.0 => bail!("give --noise-std or --dequantize, not both"),
+        (true, _) => None,
+        (false, Some(x)) if x < 0.0 => bail!("--noise-std must not be negative"),
+        (false, Some(x)) if x == 0.0 => None,
+        (false, Some(x)) => Some(x),
+        (false, None) => Some(0.05),
+    };
+    let classes = data.num_classes();
+    let drop_label = s.drop_label.unwrap_or(if classes > 0 { 0.1 } else { 0.0 });
+    if !(0.0..=1.0).contains(&drop_label) {
+        bail!("--drop-label must be between 0 and 1");
+    }
+    let patch_size = s.patch_size.unwrap_or(if h >= 32 && h % 4 == 0 { 4 } else { 2 });
+    if patch_size == 0 || h % patch_size != 0 {
+        bail!("--patch-size {patch_size} does not divide the image size {h}");
+    }
+    let channels = s.channels.unwrap_or(256);
+    if channels == 0 || channels % 64 != 0 {
+        bail!("--channels must be a positive multiple of 64 (attention heads have size 64), got {channels}");
+    }
+    let model = FlowConfig {
+        img_size: h,
+        in_channels: c,
+        patch_size,
+        channels,
+        num_blocks: s.blocks.unwrap_or(4).max(1),
+        layers_per_block: s.layers_per_block.unwrap_or(2).max(1),
+        num_classes: classes,
+        clip_scale: match s.clip_scale {
+            Some(x) if x > 0.0 => Some(x),
+            Some(_) => None,
+            None => None,
+        },
+    };
+    let opts = TrainOptions {
+        data: data_dir.to_string(),
+        schedule: Schedule {
+            batch_size,
+            steps,
+            lr,
+            min_lr: s.min_lr.unwrap_or(1e-6).min(lr),
+            warmup: s.warmup.unwrap_or((steps / 20).min(1000)),
+            weight_decay: s.weight_decay.unwrap_or(1e-4),
+            beta1: 0.9,
+            beta2: 0.95,
+            grad_clip: s.grad_clip.unwrap_or(1.0),
+            ema_decay: s.ema_decay.unwrap_or(0.999),
+            seed: s.seed.unwrap_or(0),
+            save_every: s.save_every.unwrap_or(1000).max(1),
+            keep: s.keep.unwrap_or(3).max(1),
+            sample_every: s.sample_every.unwrap_or(0),
+        },
+        epochs: s.epochs,
+        noise_std,
+        dequantize,
+        drop_label,
+        limit: s.limit,
+    };
+    Ok((opts, model))
+}
+
+/// The settings that reproduce a run's resolved options and model.
+fn settings_of(t: &TrainOptions, m: &FlowConfig) -> TrainSettings {
+    TrainSettings {
+        data: Some(t.data.clone()),
+        batch_size: Some(t.schedule.batch_size),
+        steps: Some(t.schedule.steps),
+        epochs: None,
+        lr: Some(t.schedule.lr),
+        min_lr: Some(t.schedule.min_lr),
+        warmup: Some(t.schedule.warmup),
+        weight_decay: Some(t.schedule.weight_decay),
+        grad_clip: Some(t.schedule.grad_clip),
+        ema_decay: Some(t.schedule.ema_decay),
+        noise_std: Some(t.noise_std.unwrap_or(0.0)),
+        dequantize: Some(t.dequantize),
+        drop_label: Some(t.drop_label),
+        seed: Some(t.schedule.seed),
+        patch_size: Some(m.patch_size),
+        channels: Some(m.channels),
+        blocks: Some(m.num_blocks),
+        layers_per_block: Some(m.layers_per_block),
+        clip_scale: Some(m.clip_scale.unwrap_or(0.0)),
+        save_every: Some(t.schedule.save_every),
+        keep: Some(t.schedule.keep),
+        limit: t.limit,
+        sample_every: Some(t.schedule.sample_every),
+    }
+}
+
+/// On resume: every option the user gave must agree with the run, except the resumable ones.
+fn check_resume_settings(given: &TrainSettings, run: &RunConfig, saved: &TrainOptions) -> Result<()> {
+    let given = serde_json::to_value(given)?;
+    let mut saved_flat = serde_json::to_value(saved)?;
+    let m = &run.model;
+    let flat = saved_flat.as_object_mut().unwrap();
+    flat.insert("patchSize".into(), json!(m.patch_size));
+    flat.insert("channels".into(), json!(m.channels));
+    flat.insert("blocks".into(), json!(m.num_blocks));
+    flat.insert("layersPerBlock".into(), json!(m.layers_per_block));
+    flat.insert("clipScale".into(), json!(m.clip_scale));
+    train::check_resume_options(given.as_object().unwrap(), flat, RESUMABLE, &["noiseStd", "clipScale"])
+}
+
+// ---------------------------------------------------------------------------------------------
+// The objective: maximum likelihood
+
+/// F's negative log-likelihood on noisy (or dequantised) images with label dropout. On the CPU the
+/// gradient is computed by hand (grad::NllGrad), elsewhere by candle's autograd.
+struct Likelihood {
+    model: TarFlow,
+    engine: Option<NllGrad>,
+    opts: TrainOptions,
+}
+
+impl Objective for Likelihood {
+    fn step(&mut self, slots: &[Slot], mut xs: Vec<f32>, mut ys: Vec<i64>, rng: &mut ChaCha8Rng) -> Result<StepOutput> {
+        let cfg = self.model.config();
+        let device = self.model.device().clone();
+        let n = ys.len();
+        if self.opts.dequantize {
+            for v in xs.iter_mut() {
+                let k = ((*v + 1.0) * 127.5).round().clamp(0.0, 255.0);
+                *v = (k + rng.gen::<f32>()) / 128.0 - 1.0;
+            }
+        } else if let Some(sd) = self.opts.noise_std {
+            let sd = sd as f32;
+            for v in xs.iter_mut() {
+                *v += sd * rng.sample::<f32, _>(rand_distr::StandardNormal);
+            }
+        }
+        let labels = if cfg.num_classes > 0 {
+            for y in ys.iter_mut() {
+                if self.opts.drop_label > 0.0 && rng.gen::<f64>() < self.opts.drop_label {
+                    *y = -1;
+                }
+            }
+            Some(Tensor::from_vec(ys, n, &device)?)
+        } else {
+            None
+        };
+        let x = Tensor::from_vec(xs, (n, cfg.in_channels, cfg.img_size, cfg.img_size), &device)?;
+        let (out, grads) = match &mut self.engine {
+            Some(engine) => {
+                let tokens: Vec<f32> = self.model.patchify(&x)?.flatten_all()?.to_vec1()?;
+                let labels: Option<Vec<i64>> = labels.map(|y| y.to_vec1()).transpose()?;
+                let params: Vec<&[f32]> = slots.iter().map(|s| s.value.as_slice()).collect();
+                let mut grads: Vec<Vec<f32>> = slots.iter().map(|s| vec![0f32; s.value.len()]).collect();
+                let r = engine.run(&params, &tokens, labels.as_deref(), &mut grads)?;
+                let out = FlowOutput {
+                    z: Tensor::from_vec(r.z, (n, cfg.num_tokens(), cfg.token_dim()), &device)?,
+                    logdets: Tensor::from_vec(r.logdets, n, &device)?,
+                    trajectory: Vec::new(),
+                };
+                (out, Some(grads))
+            }
+            None => (self.model.forward(&x, labels.as_ref())?, None),
+        };
+        let loss = nll_loss(&out)?;
+        let loss_v = loss.to_scalar::<f32>()? as f64;
+        let bpd = bits_per_dim(&out, cfg)?.mean_all()?.to_scalar::<f32>()? as f64;
+        let grads = match grads {
+            Some(g) => g,
+            None => host_gradients(&loss, slots)?,
+        };
+        Ok(StepOutput { loss: loss_v, metrics: crate::metrics!["bpd" => bpd], grads })
+    }
+
+    fn reads_vars(&self) -> bool {
+        self.engine.is_none()
+    }
+
+    /// Exact samples (causal decoding, then the score-based denoising step) with the EMA weights.
+    fn preview(&self, slots: &[Slot]) -> Result<Option<Tensor>> {
+        let cfg = self.model.config();
+        let device = self.model.device().clone();
+        let ema = TarFlow::new(train::ema_varbuilder(slots, &device)?, cfg)?;
+        let (z, y) = train::preview_noise(train::PREVIEW_COUNT, cfg.num_tokens(), cfg.token_dim(), cfg.num_classes, &device)?;
+        let opts = crate::models::flow::ReverseOptions { guidance: 0.0, annealed: false, attn_temp: 1.0 };
+        let mut x = ema.reverse(&z, y.as_ref(), &opts, |_, _| Ok(()))?;
+        if let Some(sigma) = self.opts.noise_std {
+            x = crate::jobs::sample::denoise(&ema, &x, y.as_ref(), sigma)?;
+        }
+        Ok(Some(x))
+    }
+}
+
+/// The gradient of `loss` for every slot (zeros where it does not reach), on the host.
+/// Off the CPU (and on the composed path, which tests it there) the gradients come back in one
+/// device-to-host copy: one synchronisation, not one per tensor.
+pub(crate) fn host_gradients(loss: &Tensor, slots: &[Slot]) -> Result<Vec<Vec<f32>>> {
+    let store = loss.backward()?;
+    let device = loss.device();
+    let flat = |s: &Slot| -> Result<Tensor> {
+        Ok(match store.get(s.var.as_tensor()) {
+            Some(g) => g.flatten_all()?.to_dtype(candle_core::DType::F32)?,
+            None => Tensor::zeros(s.value.len(), candle_core::DType::F32, device)?,
+        })
+    };
+    if device.is_cpu() && crate::device::mode::current().fused {
+        return slots.iter().map(|s| Ok(flat(s)?.to_vec1::<f32>()?)).collect();
+    }
+    let all = Tensor::cat(&slots.iter().map(flat).collect::<Result<Vec<_>>>()?, 0)?.to_vec1::<f32>()?;
+    let mut offset = 0;
+    Ok(slots
+        .iter()
+        .map(|s| {
+            offset += s.value.len();
+            all[offset - s.value.len()..offset].to_vec()
+        })
+        .collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The job
+
+/// The `train` job: open the data named in the options, then [`train_with`].
+pub fn train_job(options: Value, ctx: &JobCtx) -> Result<Value> {
+    let args = TrainArgs::from_json(options)?;
+    let file = match &args.config {
+        Some(p) => read_config_file(p)?,
+        None => TrainSettings::default(),
+    };
+    let settings = args.settings.clone().or(file);
+    let data_dir = match (&settings.data, args.resume) {
+        (Some(d), _) => d.clone(),
+        (None, true) => {
+            let run = Run::open(&args.out)?;
+            serde_json::from_value::<TrainOptions>(run.config.train.clone())
+                .map(|t| t.data)
+                .map_err(|_| anyhow!("{} was not made by biflow train; it cannot be resumed", args.out.display()))?
+        }
+        (None, false) => bail!("train needs --data DIR (a dataset made by `biflow data prepare`)"),
+    };
+    let data = open_data(Path::new(&data_dir))?;
+    train_with(&args, &settings, &data_dir, data.as_ref(), ctx)
+}
+
+/// Train on `data`: a new run in `args.out`, or continue it with `args.resume`.
+pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, data: &dyn TrainData, ctx: &JobCtx) -> Result<Value> {
+    let on = args.on.place()?;
+    let device = on.device.clone();
+    if args.resume {
+        Run::open(&args.out).context("--resume needs an existing run folder as --out")?;
+    }
+    // One writer per run: taken before anything in the folder is created or changed.
+    let lock = RunLock::acquire(&args.out, ctx)?;
+    // On resume, the run's own options are the base; the user's must agree with them (except the
+    // resumable ones, see RESUMABLE).
+    let prior = if args.resume {
+        let run = Run::open(&args.out).context("--resume needs an existing run folder as --out")?;
+        let saved: TrainOptions = serde_json::from_value(run.config.train.clone())
+            .map_err(|_| anyhow!("{} was not made by biflow train; it cannot be resumed", args.out.display()))?;
+        check_resume_settings(settings, &run.config, &saved)?;
+        Some((run, saved))
+    } else {
+        None
+    };
+    let effective = match &prior {
+        Some((run, saved)) => {
+            let mut base = settings_of(saved, &run.config.model);
+            if settings.steps.is_some() || settings.epochs.is_some() {
+                base.steps = None;
+            }
+            settings.clone().or(base)
+        }
+        None => settings.clone(),
+    };
+    let limited;
+    let data: &dyn TrainData = match effective.limit {
+        Some(l) if l > 0 && l < data.len() => {
+            limited = Limited { inner: data, limit: l };
+            &limited
+        }
+        _ => data,
+    };
+    let (mut opts, model_cfg) = resolve(&effective, data, data_dir)?;
+    if let Some((_, saved)) = &prior {
+        if settings.steps.is_none() && settings.epochs.is_none() {
+            opts.epochs = saved.epochs;
+        }
+    }
+
+    // The run folder: new, or the one being resumed with its checkpoint.
+    let (run, resume) = if let Some((mut run, saved)) = prior {
+        if run.config.model != model_cfg {
+            bail!(
+                "--resume: the data ({}x{}x{}, {} classes) does not fit the run's model ({}x{}x{}, {} classes)",
+                model_cfg.in_channels, model_cfg.img_size, model_cfg.img_size, model_cfg.num_classes,
+                run.config.model.in_channels, run.config.model.img_size, run.config.model.img_size, run.config.model.num_classes
+            );
+        }
+        run.sweep_temporaries()?;
+        let Some(ck) = run.latest_checkpoint()? else {
+            bail!("--resume: {} has no checkpoint to resume from", run.dir.display());
+        };
+        let loaded = load_checkpoint(&ck)?;
+        if loaded.state.model != serde_json::to_value(&model_cfg)? {
+            bail!("checkpoint {} was written for another model than the run's config.json", ck.dir.display());
+        }
+        if opts != saved {
+            run.config.train = serde_json::to_value(&opts)?;
+            run.write_config()?;
+        }
+        (run, Some((ck, loaded)))
+    } else {
+        let mut cfg = RunConfig::tarflow(model_cfg.clone());
+        cfg.noise_std = opts.noise_std;
+        cfg.dequantize = opts.dequantize;
+        cfg.train = serde_json::to_value(&opts)?;
+        cfg.source = json!({"kind": "train", "data": data_dir});
+        (Run::create(&args.out, cfg)?, None)
+    };
+
+    let (map, model) = crate::models::flow::new_trainable(&model_cfg, opts.schedule.seed, &device).context("cannot build the model")?;
+    let slots = train::slots_of(&map)?;
+    // The hand-written gradient is the CPU's fused path; the composed path (other devices, or
+    // ops::mode::composed) differentiates with candle's autograd.
+    let engine = if device.is_cpu() && crate::device::mode::current().fused {
+        let (names, sizes) = train::slot_layout(&slots);
+        Some(NllGrad::new(&model_cfg, &names, &sizes)?)
+    } else {
+        None
+    };
+    let fit = Fit {
+        run: &run,
+        lock: &lock,
+        data,
+        schedule: opts.schedule.clone(),
+        options: serde_json::to_value(&opts)?,
+        model: serde_json::to_value(&model_cfg)?,
+        slots,
+        resume,
+        phase: "train",
+        debug_nan_at_step: args.debug_nan_at_step,
+        command: args.command.clone(),
+    };
+    let mut objective = Likelihood { model, engine, opts };
+    let fitted = train::fit(fit, &mut objective, ctx)?;
+    Ok(Value::Object(fitted.result))
+}
