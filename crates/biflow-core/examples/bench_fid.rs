@@ -6,7 +6,9 @@
 use std::time::Instant;
 
 use biflow_core::eval::fid::frechet::{frechet_distance, Gaussian};
-use biflow_core::eval::fid::inception::{formula_tensors, preprocess_image, FidInception, Image};
+use biflow_core::eval::fid::inception::FidInception;
+use biflow_core::eval::fid::preprocess::{preprocess_image, Image};
+use biflow_core::eval::fid::weights::formula_tensors;
 use rand::{Rng, SeedableRng};
 
 fn arg(name: &str, default: usize) -> usize {

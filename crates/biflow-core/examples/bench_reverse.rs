@@ -15,14 +15,15 @@
 use std::time::Instant;
 
 use biflow_core::models::flow::{initial_parameters, FlowConfig, ReverseOptions, TarFlow};
-use biflow_core::jobs::distill::{distill_with, DistillArgs, DistillSettings};
+use biflow_core::jobs::distill::{distill_with, DistillSettings};
+use biflow_core::jobs::training::SessionArgs;
 use biflow_core::job::JobCtx;
 use biflow_core::run::{write_safetensors, HostTensor, Run, RunConfig};
 use biflow_core::train::MemData;
 use biflow_core::models::reverse::loss::{implied_conditional, LossConfig, LossKind, Targets};
 use biflow_core::engines::ReverseGrad;
 use biflow_core::models::reverse::{self, ReverseConfig, ReverseModel, ReverseOutput};
-use biflow_core::jobs::sample::denoise;
+use biflow_core::models::flow::denoise;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use rand::SeedableRng;
@@ -139,8 +140,8 @@ fn distill_steps_per_second(cfg: &FlowConfig, batch: usize, steps: usize) -> any
         save_every: Some(1_000_000),
         ..Default::default()
     };
-    let args = DistillArgs { out: dir.path().join("g"), resume: false, settings, debug_nan_at_step: None, command: None, on: Default::default() };
-    distill_with(&args, "synthetic", &data, &JobCtx::silent())?;
+    let args = SessionArgs { out: dir.path().join("g"), ..Default::default() };
+    distill_with(&args, &settings, "synthetic", &data, &JobCtx::silent())?;
     // From the end of the first step (warm-up: buffers are made) to the end of the last, as the
     // PyTorch script times after its warm-up; metrics.jsonl stamps each step before any checkpoint.
     let log = std::fs::read_to_string(dir.path().join("g").join("metrics.jsonl"))?;

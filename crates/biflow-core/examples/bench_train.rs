@@ -6,7 +6,8 @@
 //! the steps after WARMUP from the trainer's own per-step timestamps; peak memory is VmHWM.
 
 use biflow_core::job::JobCtx;
-use biflow_core::jobs::train::{train_with, TrainArgs, TrainSettings};
+use biflow_core::jobs::train::{train_with, TrainSettings};
+use biflow_core::jobs::training::SessionArgs;
 use biflow_core::train::MemData;
 use rand::{Rng, SeedableRng};
 
@@ -60,7 +61,7 @@ fn main() -> anyhow::Result<()> {
     };
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("run");
-    let a = TrainArgs { out: out.clone(), resume: false, config: None, settings: s.clone(), debug_nan_at_step: None, command: None, on: Default::default() };
+    let a = SessionArgs { out: out.clone(), ..Default::default() };
     let cpu0 = cpu_seconds();
     let r = train_with(&a, &s, "random", &data, &JobCtx::silent())?;
     let cpu = cpu_seconds().zip(cpu0).map(|(b, a)| b - a);

@@ -20,13 +20,14 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use biflow_core::device::{self, DeviceArgs};
-use biflow_core::jobs::distill::{distill_with, DistillArgs, DistillSettings};
+use biflow_core::jobs::distill::{distill_with, DistillSettings};
+use biflow_core::jobs::training::SessionArgs;
 use biflow_core::models::flow::{FlowConfig, ReverseOptions, TarFlow};
 use biflow_core::job::JobCtx;
 use biflow_core::device::mode;
 use biflow_core::models::reverse::{self, ReverseConfig};
-use biflow_core::jobs::sample::denoise;
-use biflow_core::jobs::train::{train_with, TrainArgs, TrainSettings};
+use biflow_core::models::flow::denoise;
+use biflow_core::jobs::train::{train_with, TrainSettings};
 use biflow_core::train::MemData;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -336,7 +337,7 @@ fn train_once(c: &Check, cfg: &FlowConfig, batch: usize, steps: u64, lr: f64, pr
     let data = synthetic(cfg, batch * 8, 1);
     let s = settings(cfg, batch, steps, lr);
     let on = DeviceArgs { device: Some(c.name.clone()), precision: Some(precision.into()) };
-    let args = TrainArgs { out: out.to_path_buf(), resume: false, config: None, settings: s.clone(), debug_nan_at_step: None, command: None, on };
+    let args = SessionArgs { out: out.to_path_buf(), on, ..Default::default() };
     let r = train_with(&args, &s, "synthetic", &data, &JobCtx::silent())?;
     let l = losses(out)?;
     let head = l.iter().take(5).sum::<f64>() / l.len().clamp(1, 5) as f64;
@@ -383,8 +384,8 @@ fn distill(c: &mut Check) -> Result<Value> {
     let settings = DistillSettings { forward: Some(f_dir.display().to_string()), batch_size: Some(64), steps: Some(steps), save_every: Some(1_000_000), lr: Some(1e-3), ..Default::default() };
     let out = dir.path().join("g");
     let on = DeviceArgs { device: Some(c.name.clone()), precision: None };
-    let args = DistillArgs { out: out.clone(), resume: false, settings, debug_nan_at_step: None, command: None, on };
-    let r = distill_with(&args, "synthetic", &data, &JobCtx::silent())?;
+    let args = SessionArgs { out: out.clone(), on, ..Default::default() };
+    let r = distill_with(&args, &settings, "synthetic", &data, &JobCtx::silent())?;
     let l = losses(&out)?;
     let (first, last) = (l.first().copied().unwrap_or(f64::NAN), l.last().copied().unwrap_or(f64::NAN));
     Ok(json!({"pass": last.is_finite() && last < first, "steps": r["steps"], "firstLoss": first, "lastLoss": last,
@@ -423,7 +424,9 @@ fn speed(c: &mut Check) -> Result<Value> {
 // Inception
 
 fn inception(c: &mut Check) -> Result<Value> {
-    use biflow_core::eval::fid::inception::{formula_tensors, preprocess, FidInception};
+    use biflow_core::eval::fid::inception::FidInception;
+    use biflow_core::eval::fid::preprocess::preprocess;
+    use biflow_core::eval::fid::weights::formula_tensors;
     use biflow_core::eval::fid::net::DeviceInception;
     // Formula weights (no download); two smooth synthetic images, resized as pytorch-fid does.
     let cpu = FidInception::from_tensors(formula_tensors())?;

@@ -6,12 +6,13 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use biflow_core::jobs::distill::{distill_with, DistillArgs, DistillSettings};
+use biflow_core::jobs::distill::{distill_with, DistillSettings};
+use biflow_core::jobs::training::SessionArgs;
 use biflow_core::eval::reverse::Pair;
 use biflow_core::job::JobCtx;
 use biflow_core::models::reverse::{self, ReverseConfig};
 use biflow_core::run::Run;
-use biflow_core::jobs::train::{train_with, TrainArgs, TrainSettings};
+use biflow_core::jobs::train::{train_with, TrainSettings};
 use candle_core::{Device, Tensor};
 use common::{cancelling_ctx, toy_data};
 use rand::SeedableRng;
@@ -35,7 +36,7 @@ fn forward_run() -> &'static Path {
             seed: Some(1),
             ..Default::default()
         };
-        let args = TrainArgs { out: out.clone(), resume: false, config: None, settings: s.clone(), debug_nan_at_step: None, command: None, on: Default::default() };
+        let args = SessionArgs { out: out.clone(), ..Default::default() };
         train_with(&args, &s, "toy", &toy_data(256, 3), &JobCtx::silent()).unwrap();
         (dir, out)
     })
@@ -58,8 +59,8 @@ fn settings(forward: &Path, steps: u64) -> DistillSettings {
 }
 
 fn distill(out: &Path, resume: bool, s: DistillSettings, ctx: &JobCtx) -> anyhow::Result<serde_json::Value> {
-    let args = DistillArgs { out: out.to_path_buf(), resume, settings: s, debug_nan_at_step: None, command: None, on: Default::default() };
-    distill_with(&args, "toy", &toy_data(256, 3), ctx)
+    let args = SessionArgs { out: out.to_path_buf(), resume, ..Default::default() };
+    distill_with(&args, &s, "toy", &toy_data(256, 3), ctx)
 }
 
 /// Mean reconstruction MSE of G(F(x~)) against x on held-out toy images.
@@ -121,11 +122,12 @@ fn bad_forward_runs_and_data_are_clear_errors() {
     let e = err(settings(dir.path(), 5), "x1");
     assert!(e.contains("not a biflow run"), "{e}");
     // Data of another shape than F's.
-    let args = DistillArgs { out: dir.path().join("x2"), resume: false, settings: settings(forward_run(), 5), debug_nan_at_step: None, command: None, on: Default::default() };
+    let s5 = settings(forward_run(), 5);
+    let args = SessionArgs { out: dir.path().join("x2"), ..Default::default() };
     let mut small = toy_data(64, 1);
     small.size = 4;
     small.images.truncate(64 * 16);
-    let e = format!("{:#}", distill_with(&args, "small", &small, &JobCtx::silent()).unwrap_err());
+    let e = format!("{:#}", distill_with(&args, &s5, "small", &small, &JobCtx::silent()).unwrap_err());
     assert!(e.contains("does not match the forward model"), "{e}");
     assert!(!dir.path().join("x2").exists(), "a refused distill leaves nothing on disk");
     // Guidance range on... and a distilled run given as F.
@@ -169,8 +171,9 @@ fn copy_dir(from: &Path, to: &Path) {
 fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("g");
-    let args = DistillArgs { out: out.clone(), resume: false, settings: settings(forward_run(), 30), debug_nan_at_step: Some(15), command: None, on: Default::default() };
-    let e = format!("{:#}", distill_with(&args, "toy", &toy_data(256, 3), &JobCtx::silent()).unwrap_err());
+    let s30 = settings(forward_run(), 30);
+    let args = SessionArgs { out: out.clone(), debug_nan_at_step: Some(15), ..Default::default() };
+    let e = format!("{:#}", distill_with(&args, &s30, "toy", &toy_data(256, 3), &JobCtx::silent()).unwrap_err());
     assert!(e.contains("loss became NaN at step 15") && e.contains("step-00000010"), "{e}");
     assert_eq!(Run::open(&out).unwrap().latest_checkpoint().unwrap().unwrap().step, 10);
 }

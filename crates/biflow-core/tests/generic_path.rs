@@ -226,7 +226,8 @@ fn bf16_products_stay_close_to_f32_and_keep_gradients() {
 #[test]
 fn training_on_the_generic_path_follows_the_fused_path() {
     use biflow_core::job::JobCtx;
-    use biflow_core::jobs::train::{train_with, TrainArgs, TrainSettings};
+    use biflow_core::jobs::train::{train_with, TrainSettings};
+use biflow_core::jobs::training::SessionArgs;
     let data = common::toy_data(256, 1);
     let s = TrainSettings {
         batch_size: Some(32),
@@ -242,7 +243,7 @@ fn training_on_the_generic_path_follows_the_fused_path() {
     let dir = tempfile::tempdir().unwrap();
     let losses = |name: &str| -> Vec<f64> {
         let out = dir.path().join(name);
-        let args = TrainArgs { out: out.clone(), resume: false, config: None, settings: s.clone(), debug_nan_at_step: None, command: None, on: Default::default() };
+        let args = SessionArgs { out: out.clone(), ..Default::default() };
         train_with(&args, &s, "toy", &data, &JobCtx::silent()).unwrap();
         std::fs::read_to_string(out.join("metrics.jsonl"))
             .unwrap()

@@ -7,7 +7,8 @@ use std::path::Path;
 
 use biflow_core::job::JobCtx;
 use biflow_core::run::Run;
-use biflow_core::jobs::train::{train_with, TrainArgs, TrainSettings};
+use biflow_core::jobs::train::{train_with, TrainSettings};
+use biflow_core::jobs::training::SessionArgs;
 use biflow_core::train::load_checkpoint;
 use common::{cancelling_ctx, toy_data};
 
@@ -28,8 +29,8 @@ fn settings(steps: u64) -> TrainSettings {
     }
 }
 
-fn args(out: &Path, resume: bool, s: &TrainSettings) -> TrainArgs {
-    TrainArgs { out: out.to_path_buf(), resume, config: None, settings: s.clone(), debug_nan_at_step: None, command: None, on: Default::default() }
+fn args(out: &Path, resume: bool) -> SessionArgs {
+    SessionArgs { out: out.to_path_buf(), resume, ..Default::default() }
 }
 
 #[test]
@@ -38,7 +39,7 @@ fn loss_falls_and_run_folder_is_complete() {
     let out = dir.path().join("run");
     let data = toy_data(256, 3);
     let s = settings(60);
-    let r = train_with(&args(&out, false, &s), &s, "toy", &data, &JobCtx::silent()).unwrap();
+    let r = train_with(&args(&out, false), &s, "toy", &data, &JobCtx::silent()).unwrap();
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -64,10 +65,10 @@ fn resume_after_interrupt_is_bit_exact() {
     let data = toy_data(100, 3); // 6 batches per epoch: the run crosses epochs
     let s = settings(25);
     let a = dir.path().join("a");
-    train_with(&args(&a, false, &s), &s, "toy", &data, &JobCtx::silent()).unwrap();
+    train_with(&args(&a, false), &s, "toy", &data, &JobCtx::silent()).unwrap();
 
     let b = dir.path().join("b");
-    let err = train_with(&args(&b, false, &s), &s, "toy", &data, &cancelling_ctx(13)).unwrap_err();
+    let err = train_with(&args(&b, false), &s, "toy", &data, &cancelling_ctx(13)).unwrap_err();
     assert!(err.downcast_ref::<biflow_core::Cancelled>().is_some(), "{err:#}");
     let run_b = Run::open(&b).unwrap();
     let stopped = run_b.latest_checkpoint().unwrap().unwrap().step;
@@ -76,7 +77,7 @@ fn resume_after_interrupt_is_bit_exact() {
     std::fs::create_dir_all(b.join("checkpoints/.step-00000099.tmp-1")).unwrap();
     std::fs::write(b.join("checkpoints/.step-00000099.tmp-1/model.safetensors"), b"partial").unwrap();
     let resumed = TrainSettings { data: None, ..Default::default() };
-    let r = train_with(&args(&b, true, &resumed), &resumed, "toy", &data, &JobCtx::silent()).unwrap();
+    let r = train_with(&args(&b, true), &resumed, "toy", &data, &JobCtx::silent()).unwrap();
     assert_eq!(r["resumedFrom"].as_u64(), Some(stopped));
     for f in ["weights.safetensors", "checkpoints/step-00000025/model.safetensors", "checkpoints/step-00000025/optimizer.safetensors"] {
         assert!(std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(), "{f} differs after resume");
@@ -94,12 +95,12 @@ fn damaged_checkpoints_and_mismatched_resume_are_refused() {
     let data = toy_data(64, 3);
     let s = settings(10);
     let out = dir.path().join("r");
-    train_with(&args(&out, false, &s), &s, "toy", &data, &JobCtx::silent()).unwrap();
+    train_with(&args(&out, false), &s, "toy", &data, &JobCtx::silent()).unwrap();
     let more = TrainSettings { steps: Some(12), ..Default::default() };
 
     // A different model asked for on resume.
     let bad = TrainSettings { channels: Some(128), steps: Some(12), ..Default::default() };
-    let e = format!("{:#}", train_with(&args(&out, true, &bad), &bad, "toy", &data, &JobCtx::silent()).unwrap_err());
+    let e = format!("{:#}", train_with(&args(&out, true), &bad, "toy", &data, &JobCtx::silent()).unwrap_err());
     assert!(e.contains("do not match") && e.contains("channels"), "{e}");
 
     let ck = Run::open(&out).unwrap().latest_checkpoint().unwrap().unwrap();
@@ -110,7 +111,7 @@ fn damaged_checkpoints_and_mismatched_resume_are_refused() {
     let k = bytes.len() - 5;
     bytes[k] ^= 0x40;
     std::fs::write(&p, &bytes).unwrap();
-    let e = format!("{:#}", train_with(&args(&out, true, &more), &more, "toy", &data, &JobCtx::silent()).unwrap_err());
+    let e = format!("{:#}", train_with(&args(&out, true), &more, "toy", &data, &JobCtx::silent()).unwrap_err());
     assert!(e.contains("corrupted") && e.contains("model.safetensors"), "{e}");
     bytes[k] ^= 0x40;
     std::fs::write(&p, &bytes).unwrap();
@@ -126,10 +127,10 @@ fn damaged_checkpoints_and_mismatched_resume_are_refused() {
     let e = format!("{:#}", load_checkpoint(&ck).err().unwrap());
     assert!(e.contains("corrupted") && e.contains("state.json"), "{e}");
     // Not a run at all.
-    let e = format!("{:#}", train_with(&args(dir.path(), true, &more), &more, "toy", &data, &JobCtx::silent()).unwrap_err());
+    let e = format!("{:#}", train_with(&args(dir.path(), true), &more, "toy", &data, &JobCtx::silent()).unwrap_err());
     assert!(e.contains("not a biflow run"), "{e}");
     // A new run into an existing one.
-    let e = format!("{:#}", train_with(&args(&out, false, &s), &s, "toy", &data, &JobCtx::silent()).unwrap_err());
+    let e = format!("{:#}", train_with(&args(&out, false), &s, "toy", &data, &JobCtx::silent()).unwrap_err());
     assert!(e.contains("already holds"), "{e}");
 }
 
@@ -139,7 +140,7 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     let data = toy_data(64, 3);
     let s = settings(30);
     let out = dir.path().join("nan");
-    let mut a = args(&out, false, &s);
+    let mut a = args(&out, false);
     a.debug_nan_at_step = Some(14);
     let e = format!("{:#}", train_with(&a, &s, "toy", &data, &JobCtx::silent()).unwrap_err());
     assert!(e.contains("loss became NaN at step 14") && e.contains("step-00000010"), "{e}");
@@ -149,7 +150,7 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     load_checkpoint(&ck).unwrap();
     // And the run continues from there.
     let more = TrainSettings::default();
-    let r = train_with(&args(&out, true, &more), &more, "toy", &data, &JobCtx::silent()).unwrap();
+    let r = train_with(&args(&out, true), &more, "toy", &data, &JobCtx::silent()).unwrap();
     assert_eq!(r["steps"].as_u64(), Some(30));
 }
 
@@ -202,7 +203,7 @@ fn a_failing_disk_keeps_the_last_checkpoint_and_leaves_no_temp_folder() {
         },
         std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
     );
-    let e = format!("{:#}", train_with(&args(&out, false, &s), &s, "toy", &toy_data(64, 3), &ctx).unwrap_err());
+    let e = format!("{:#}", train_with(&args(&out, false), &s, "toy", &toy_data(64, 3), &ctx).unwrap_err());
     biflow_core::io::atomic::fail_writes_after(None);
     assert!(e.contains("checkpoint 20 was not written") && e.contains("no space left") && e.contains("step-00000020"), "{e}");
     let run = Run::open(&out).unwrap();

@@ -676,7 +676,7 @@ pub fn synth_pngs(out: &Path, count: usize, size: u32, classes: usize, seed: u64
         .map(|i| {
             let mut s = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             let img = image::RgbImage::from_fn(size, size, |x, y| {
-                s = splitmix64(s);
+                s = super::rng::splitmix64(s);
                 // smooth-ish content with some noise so PNG compression is realistic
                 let n = (s >> 59) as u8;
                 image::Rgb([(x * 255 / size) as u8 ^ n, (y * 255 / size) as u8 ^ n, ((i * 37) % 256) as u8 ^ n])
@@ -689,13 +689,4 @@ pub fn synth_pngs(out: &Path, count: usize, size: u32, classes: usize, seed: u64
         })
         .collect();
     Ok(bytes?.iter().sum())
-}
-
-/// A small, fast, portable PRNG step (the split must not change with a library version).
-pub(crate) fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }

@@ -19,6 +19,7 @@ mod decode;
 mod inspect;
 mod prepare;
 mod resize;
+mod rng;
 mod shard;
 
 pub use decode::decode_file;

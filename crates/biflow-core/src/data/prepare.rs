@@ -12,7 +12,8 @@ use rayon::prelude::*;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::decode::{self, splitmix64, Item, Label, Source};
+use super::decode::{self, Item, Label, Source};
+use super::rng::splitmix64;
 use super::resize;
 use super::shard::{default_records_per_shard, ShardWriter};
 use super::{

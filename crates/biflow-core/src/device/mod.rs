@@ -132,7 +132,7 @@ pub fn check_precision(precision: Precision, device: &Device) -> Result<()> {
 }
 
 /// Where a job runs: its device and precision. Holding it keeps this thread's ops in the precision
-/// (see ops::mode); a job takes it first, so a request that cannot be met fails before any work.
+/// (see device::mode); a job takes it first, so a request that cannot be met fails before any work.
 pub struct Placement {
     pub device: Device,
     _mode: ModeGuard,

@@ -61,3 +61,22 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         _ => Ok(a.matmul(b)?),
     }
 }
+
+/// How a job's models run, chosen once per job: the CPU's fused kernels and hand-written passes, or
+/// the composed candle ops with autograd (other devices, and the composed mode the tests use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Fused,
+    Composed,
+}
+
+impl Backend {
+    /// The backend for models on `device`, in this thread's mode.
+    pub fn of(device: &candle_core::Device) -> Backend {
+        if device.is_cpu() && current().fused {
+            Backend::Fused
+        } else {
+            Backend::Composed
+        }
+    }
+}

@@ -7,7 +7,7 @@
 //! LayerNorm, linear and GELU kernels as the training path, and the attention over the cache as
 //! direct loops. The batch is cut into one slice of samples per worker thread, and each worker runs
 //! the whole step for its samples (its own cache rows and buffers), so a step costs one fork-join
-//! instead of one per op. The composed candle path in `flow.rs` stays for other devices and dtypes.
+//! instead of one per op. The composed candle path in `models/flow/inverse.rs` stays for other devices and dtypes.
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};

@@ -5,7 +5,7 @@
 use anyhow::{ensure, Context, Result};
 
 use super::layer::{check_labels, check_sizes, GROUP_TOKENS, add_assign, class_table_bwd, layer_backward, layer_forward, linear, linear_bwd, mean_row, pair_mut, Index, LayerActs, LayerParams, LayerScratch, LayerShape, Pair};
-use crate::models::flow::{FlowConfig, HEAD_DIM, LN_EPS};
+use crate::models::flow::config::{FlowConfig, HEAD_DIM, LN_EPS};
 use crate::engines::ops::{self, AttentionDims};
 
 struct BlockParams {

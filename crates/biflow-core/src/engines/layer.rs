@@ -3,7 +3,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::models::flow::MLP_EXPANSION;
+use crate::models::flow::config::MLP_EXPANSION;
 use crate::engines::ops::{self, AttentionDims};
 
 /// Tokens per group in a pass that keeps nothing: samples go through such passes a group at a

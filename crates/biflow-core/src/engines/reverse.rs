@@ -1,13 +1,13 @@
 //! G's forward pass and its backward on the CPU, by hand: the same network as
 //! [`ReverseModel::forward`](crate::models::reverse::ReverseModel::forward). The distillation losses stay in
-//! reverse/loss.rs: the objective takes their gradient with respect to G's outputs (token-sized)
+//! models/reverse/loss.rs: the objective takes their gradient with respect to G's outputs (token-sized)
 //! from candle's autograd over that small graph, and [`ReverseGrad::backward`] carries it through
 //! the network. The tests check the outputs and every parameter's gradient against autograd.
 
 use anyhow::{ensure, Context, Result};
 
 use super::layer::{check_labels, check_sizes, GROUP_TOKENS, add_assign, class_table_bwd, layer_backward, layer_forward, layer_norm_bwd, linear, linear_bwd, mean_row, Index, LayerActs, LayerParams, LayerScratch, LayerShape, Pair};
-use crate::models::flow::{HEAD_DIM, LN_EPS};
+use crate::models::flow::config::{HEAD_DIM, LN_EPS};
 use crate::engines::ops::{self, AttentionDims};
 use crate::models::reverse::{guidance_features, ReverseConfig, CFG_FEATURES};
 

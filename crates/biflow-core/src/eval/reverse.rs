@@ -18,7 +18,7 @@ use crate::models::flow::{ReverseOptions, TarFlow};
 use crate::job::JobCtx;
 use crate::models::reverse::ReverseModel;
 use crate::run::Run;
-use crate::jobs::sample::denoise;
+use crate::models::flow::denoise;
 
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

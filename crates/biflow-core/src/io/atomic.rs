@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 
 /// The fault switch: with `BIFLOW_FAULT_WRITE_AFTER_BYTES=N` in the environment, writes through [`Output`]
 /// fail as a full disk does once this process has written N bytes through them. For tests of what a failing
@@ -139,6 +139,18 @@ pub fn write_png(path: &Path, img: &image::DynamicImage) -> Result<()> {
 /// Write `bytes` to `path` atomically.
 pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     write_with(path, |f| Ok(f.write_all(bytes)?))
+}
+
+/// Refuse to write into a folder that already holds files, unless `force`.
+pub(crate) fn ensure_empty_out(out: &Path, force: bool) -> Result<()> {
+    if let Ok(mut entries) = std::fs::read_dir(out) {
+        ensure!(
+            force || entries.next().is_none(),
+            "{} exists and is not empty: choose another --out, or add --force to write into it",
+            out.display()
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -94,7 +94,7 @@ pub fn stage(o: StageOptions, ctx: &JobCtx) -> Result<Value> {
         let c = s.config().clone();
         if let Some(x) = s.next_batch(o.preview, |_| ctx.check_cancelled())? {
             let v = x.flatten_all()?.to_vec1::<f32>()?;
-            if let Ok(img) = crate::jobs::sample::grid(&v, o.preview, c.in_channels, c.img_size, c.img_size) {
+            if let Ok(img) = crate::io::image::grid(&v, o.preview, c.in_channels, c.img_size, c.img_size) {
                 crate::io::atomic::write_png(&staging.join("preview.png"), &img)?;
                 files.push("preview.png".into());
             }

@@ -2,18 +2,19 @@
 //!
 //! Training pairs come from real data: `x~ = x + sigma eps`, one parallel pass of F (no gradient
 //! graph, no causal decoding) gives the trajectory x^1..x^B = z, and G(z) is held to it by the
-//! losses of reverse/loss.rs. The loop, checkpoints and resume are the trainer's, shared with `train`.
+//! losses of models/reverse/loss.rs. The session (lock, resume, the run) is jobs/training.rs and the loop the
+//! trainer's (train/), both shared with `train`.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use candle_core::{Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::device::DeviceArgs;
+use crate::device::mode::Backend;
 use crate::models::flow::TarFlow;
 use crate::job::JobCtx;
 use crate::engines::ReverseGrad;
@@ -21,7 +22,8 @@ use crate::models::reverse::loss::{implied_conditional, LossConfig, LossKind, Lo
 use crate::models::reverse::{self, ReverseConfig, ReverseModel, ReverseOutput};
 use crate::run::{ForwardRef, Run, RunConfig};
 use crate::jobs::train::host_gradients;
-use crate::train::{self, load_checkpoint, open_data, Fit, Limited, Objective, RunLock, Schedule, Slot, StepOutput, TrainData};
+use crate::jobs::training::{self, SessionArgs, TrainingJob};
+use crate::train::{self, open_data, Objective, Schedule, Slot, StepOutput, TrainData};
 
 /// Every distillation knob as given on the command line (all optional).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -216,7 +218,7 @@ fn resolve(s: &DistillSettings, f_run: &Run, forward_dir: &str, data: &dyn Train
 // The objective
 
 /// G's BiFlow loss on pairs (F's trajectory of x~, x) made on the fly from clean images. On the
-/// CPU G's passes are the hand-written ones (grad::ReverseGrad), elsewhere candle's with autograd.
+/// CPU G's passes are the hand-written ones (engines::ReverseGrad), elsewhere candle's with autograd.
 struct Distillation {
     flow: TarFlow,
     g: ReverseModel,
@@ -288,7 +290,7 @@ impl Objective for Distillation {
         let w = g.config().guided().then(|| vec![0f32; train::PREVIEW_COUNT]);
         let mut x = self.flow.unpatchify(&g.sample(&z, y.as_ref(), w.as_deref())?)?;
         if !self.opts.loss.learned_denoise {
-            x = crate::jobs::sample::denoise(&self.flow, &x, y.as_ref(), self.opts.noise_std)?;
+            x = crate::models::flow::denoise(&self.flow, &x, y.as_ref(), self.opts.noise_std)?;
         }
         Ok(Some(x))
     }
@@ -367,40 +369,11 @@ fn step_by_hand(
 // ---------------------------------------------------------------------------------------------
 // The job
 
-/// The `distill` job's options: where, whether to resume, and the settings.
-pub struct DistillArgs {
-    pub out: PathBuf,
-    pub resume: bool,
-    pub settings: DistillSettings,
-    /// Testing hook: pretend the loss is NaN at this step.
-    pub debug_nan_at_step: Option<u64>,
-    /// The command line, recorded in RUN/history.jsonl.
-    pub command: Option<String>,
-    /// `--device` and `--precision`: where this session runs (not part of the run's config).
-    pub on: DeviceArgs,
-}
-
-impl DistillArgs {
-    pub fn from_json(options: Value) -> Result<DistillArgs> {
-        let Value::Object(mut map) = options else { bail!("distill options must be an object") };
-        let out = match map.remove("out") {
-            Some(Value::String(s)) => PathBuf::from(s),
-            _ => bail!("distill needs --out RUN2 (the folder of the distilled run)"),
-        };
-        let resume = map.remove("resume").and_then(|v| v.as_bool()).unwrap_or(false);
-        let debug_nan_at_step = map.remove("debugNanAtStep").and_then(|v| v.as_u64());
-        let command = map.remove("commandLine").and_then(|v| v.as_str().map(str::to_string));
-        let on = DeviceArgs::take(&mut map)?;
-        map.retain(|_, v| !v.is_null());
-        let settings = serde_json::from_value(Value::Object(map)).context("invalid distill options")?;
-        Ok(DistillArgs { out, resume, settings, debug_nan_at_step, command, on })
-    }
-}
-
 /// The `distill` job: open the data named in the options (or the resumed run's), then [`distill_with`].
 pub fn distill_job(options: Value, ctx: &JobCtx) -> Result<Value> {
-    let args = DistillArgs::from_json(options)?;
-    let data_dir = match (&args.settings.data, args.resume) {
+    let (args, map) = SessionArgs::split("distill", options, "--out RUN2 (the folder of the distilled run)")?;
+    let settings: DistillSettings = serde_json::from_value(Value::Object(map)).context("invalid distill options")?;
+    let data_dir = match (&settings.data, args.resume) {
         (Some(d), _) => d.clone(),
         (None, true) => serde_json::from_value::<DistillOptions>(Run::open(&args.out)?.config.train)
             .map(|o| o.data)
@@ -408,122 +381,112 @@ pub fn distill_job(options: Value, ctx: &JobCtx) -> Result<Value> {
         (None, false) => bail!("distill needs --data DIR (a dataset made by `biflow data prepare`)"),
     };
     let data = open_data(Path::new(&data_dir))?;
-    distill_with(&args, &data_dir, data.as_ref(), ctx)
+    distill_with(&args, &settings, &data_dir, data.as_ref(), ctx)
 }
 
 /// Distill on `data` (found at `data_dir`): a new run in `args.out`, or continue it with `args.resume`.
-pub fn distill_with(args: &DistillArgs, data_dir: &str, data: &dyn TrainData, ctx: &JobCtx) -> Result<Value> {
-    let on = args.on.place()?;
-    let device = on.device.clone();
-    let s = &args.settings;
-    if args.resume {
-        Run::open(&args.out).context("--resume needs an existing distilled run as --out")?;
-    }
-    // One writer per run: taken before anything in the folder is created or changed.
-    let lock = RunLock::acquire(&args.out, ctx)?;
-    // On resume the run's own options are the base; what the user gives must agree with them.
-    let prior = if args.resume {
-        let run = Run::open(&args.out).context("--resume needs an existing distilled run as --out")?;
-        let (Some(g), Ok(saved)) = (&run.config.reverse, serde_json::from_value::<DistillOptions>(run.config.train.clone())) else {
-            bail!("{} was not made by biflow distill; it cannot be resumed", args.out.display())
-        };
-        if let Some(f) = &s.forward {
-            let same = std::fs::canonicalize(f).ok().is_some_and(|p| p == Path::new(&saved.forward));
-            ensure!(same, "--resume: {} was distilled from {}, not from {f}", args.out.display(), saved.forward);
-        }
-        let mut given = serde_json::to_value(s)?;
-        given.as_object_mut().unwrap().remove("forward");
-        let flat = serde_json::to_value(saved.as_settings(g))?;
-        train::check_resume_options(given.as_object().unwrap(), flat.as_object().unwrap(), RESUMABLE, &[])?;
-        Some((run, saved))
-    } else {
-        None
-    };
-    let mut effective = s.clone();
-    if let Some((run, saved)) = &prior {
-        let base = serde_json::to_value(saved.as_settings(run.config.reverse.as_ref().unwrap()))?;
-        let mut merged = base.as_object().unwrap().clone();
-        merged.extend(serde_json::to_value(s)?.as_object().unwrap().clone().into_iter().filter(|(_, v)| !v.is_null()));
-        effective = serde_json::from_value(Value::Object(merged))?;
-    }
-    let forward_dir = effective.forward.clone().context("distill needs --forward RUN (a forward run from `biflow train` or `biflow import`)")?;
+pub fn distill_with(args: &SessionArgs, settings: &DistillSettings, data_dir: &str, data: &dyn TrainData, ctx: &JobCtx) -> Result<Value> {
+    let job = Distilling { given: settings.clone(), effective: settings.clone(), data_dir: data_dir.to_string(), forward: None, flow: None };
+    training::drive(job, args, data, ctx)
+}
 
-    let f_run = match &prior {
-        Some((run, _)) => run.forward_run()?,
-        None => {
-            let f = Run::open(Path::new(&forward_dir)).with_context(|| format!("--forward {forward_dir} is not a usable forward run"))?;
-            ensure!(!f.is_distilled(), "--forward {forward_dir} is a distilled run; give the forward run it was made from");
-            f
-        }
-    };
-    let forward_abs = std::fs::canonicalize(&f_run.dir).with_context(|| format!("cannot resolve {}", f_run.dir.display()))?;
-    let limited;
-    let data: &dyn TrainData = match effective.limit {
-        Some(l) if l > 0 && l < data.len() => {
-            limited = Limited { inner: data, limit: l };
-            &limited
-        }
-        _ => data,
-    };
-    let (opts, g_cfg) = resolve(&effective, &f_run, &forward_abs.display().to_string(), data, data_dir)?;
-    let flow = f_run.load_flow(&device)?;
+/// Distillation as a [`TrainingJob`].
+struct Distilling {
+    given: DistillSettings,
+    effective: DistillSettings,
+    data_dir: String,
+    /// F's run and its canonical path, once settled.
+    forward: Option<(Run, PathBuf)>,
+    /// F, loaded on the job's device.
+    flow: Option<TarFlow>,
+}
 
-    let (run, resume) = match prior {
-        Some((mut run, saved)) => {
-            ensure!(run.config.reverse.as_ref() == Some(&g_cfg), "--resume: the options describe another reverse model than the run's");
-            run.sweep_temporaries()?;
-            let ck = run.latest_checkpoint()?.ok_or_else(|| anyhow!("--resume: {} has no checkpoint to resume from", run.dir.display()))?;
-            let loaded = load_checkpoint(&ck)?;
-            ensure!(
-                loaded.state.model == serde_json::to_value(&g_cfg)?,
-                "checkpoint {} was written for another model than the run's config.json",
-                ck.dir.display()
-            );
-            if opts != saved {
-                run.config.train = serde_json::to_value(&opts)?;
-                run.write_config()?;
+impl TrainingJob for Distilling {
+    type Options = DistillOptions;
+    type Model = ReverseConfig;
+    const NAME: &'static str = "distill";
+    const RESUMES: &'static str = "an existing distilled run";
+
+    fn settle(&mut self, resumed: Option<&Run>) -> Result<Option<usize>> {
+        let s = &self.given;
+        if let Some(run) = resumed {
+            let (Some(g), Ok(saved)) = (&run.config.reverse, serde_json::from_value::<DistillOptions>(run.config.train.clone())) else {
+                bail!("{} was not made by biflow distill; it cannot be resumed", run.dir.display())
+            };
+            if let Some(f) = &s.forward {
+                let same = std::fs::canonicalize(f).ok().is_some_and(|p| p == Path::new(&saved.forward));
+                ensure!(same, "--resume: {} was distilled from {}, not from {f}", run.dir.display(), saved.forward);
             }
-            (run, Some((ck, loaded)))
+            let mut given = serde_json::to_value(s)?;
+            given.as_object_mut().unwrap().remove("forward");
+            let flat = serde_json::to_value(saved.as_settings(g))?;
+            train::check_resume_options(given.as_object().unwrap(), flat.as_object().unwrap(), RESUMABLE, &[])?;
+            let mut merged = flat.as_object().unwrap().clone();
+            merged.extend(serde_json::to_value(s)?.as_object().unwrap().clone().into_iter().filter(|(_, v)| !v.is_null()));
+            self.effective = serde_json::from_value(Value::Object(merged))?;
         }
-        None => {
-            let weights = f_run.sampling_weights_path()?;
-            let bytes = std::fs::read(&weights).with_context(|| format!("cannot read {}", weights.display()))?;
-            let fref = ForwardRef { dir: forward_abs.display().to_string(), weights_sha256: crate::io::sha256_hex(&bytes) };
-            let mut cfg = RunConfig::biflow(f_run.config.model.clone(), g_cfg.clone(), fref);
-            cfg.noise_std = Some(opts.noise_std);
-            cfg.train = serde_json::to_value(&opts)?;
-            cfg.source = json!({"kind": "distill", "data": data_dir, "forward": forward_abs});
-            (Run::create(&args.out, cfg)?, None)
-        }
-    };
+        let forward_dir = self.effective.forward.clone().context("distill needs --forward RUN (a forward run from `biflow train` or `biflow import`)")?;
+        let f_run = match resumed {
+            Some(run) => run.forward_run()?,
+            None => {
+                let f = Run::open(Path::new(&forward_dir)).with_context(|| format!("--forward {forward_dir} is not a usable forward run"))?;
+                ensure!(!f.is_distilled(), "--forward {forward_dir} is a distilled run; give the forward run it was made from");
+                f
+            }
+        };
+        let forward_abs = std::fs::canonicalize(&f_run.dir).with_context(|| format!("cannot resolve {}", f_run.dir.display()))?;
+        self.forward = Some((f_run, forward_abs));
+        Ok(self.effective.limit)
+    }
 
-    let (map, g) = reverse::new_trainable(&g_cfg, opts.schedule.seed, &device)?;
-    let slots = train::slots_of(&map)?;
-    // The hand-written passes are the CPU's fused path; the composed path (other devices, or
-    // ops::mode::composed) differentiates with candle's autograd.
-    let engine = if device.is_cpu() && crate::device::mode::current().fused {
-        let (names, sizes) = train::slot_layout(&slots);
-        Some(ReverseGrad::new(&g_cfg, &names, &sizes)?)
-    } else {
-        None
-    };
-    let fit = Fit {
-        run: &run,
-        lock: &lock,
-        data,
-        schedule: opts.schedule.clone(),
-        options: serde_json::to_value(&opts)?,
-        model: serde_json::to_value(&g_cfg)?,
-        slots,
-        resume,
-        phase: "distill",
-        debug_nan_at_step: args.debug_nan_at_step,
-        command: args.command.clone(),
-    };
-    let mut objective = Distillation { flow, g, engine, opts, perceptual: Vec::new() };
-    let mut fitted = train::fit(fit, &mut objective, ctx)?;
-    fitted.result.insert("forward".into(), json!(forward_abs));
-    Ok(Value::Object(fitted.result))
+    fn resolve(&mut self, data: &dyn TrainData, device: &Device) -> Result<(DistillOptions, ReverseConfig)> {
+        let (f_run, forward_abs) = self.forward.as_ref().expect("settled");
+        let resolved = resolve(&self.effective, f_run, &forward_abs.display().to_string(), data, &self.data_dir)?;
+        self.flow = Some(f_run.load_flow(device)?);
+        Ok(resolved)
+    }
+
+    fn schedule(opts: &DistillOptions) -> &Schedule {
+        &opts.schedule
+    }
+
+    fn check_model(run: &Run, g: &ReverseConfig) -> Result<()> {
+        ensure!(run.config.reverse.as_ref() == Some(g), "--resume: the options describe another reverse model than the run's");
+        Ok(())
+    }
+
+    fn new_run(&self, opts: &DistillOptions, g: &ReverseConfig) -> Result<RunConfig> {
+        let (f_run, forward_abs) = self.forward.as_ref().expect("settled");
+        let weights = f_run.sampling_weights_path()?;
+        let bytes = std::fs::read(&weights).with_context(|| format!("cannot read {}", weights.display()))?;
+        let fref = ForwardRef { dir: forward_abs.display().to_string(), weights_sha256: crate::io::sha256_hex(&bytes) };
+        let mut cfg = RunConfig::biflow(f_run.config.model.clone(), g.clone(), fref);
+        cfg.noise_std = Some(opts.noise_std);
+        cfg.train = serde_json::to_value(opts)?;
+        cfg.source = json!({"kind": "distill", "data": self.data_dir, "forward": forward_abs});
+        Ok(cfg)
+    }
+
+    fn objective(&mut self, opts: DistillOptions, g_cfg: &ReverseConfig, device: &Device, backend: Backend) -> Result<(Vec<Slot>, Box<dyn Objective>)> {
+        let (map, g) = reverse::new_trainable(g_cfg, opts.schedule.seed, device)?;
+        let slots = train::slots_of(&map)?;
+        // The fused backend runs G's hand-written passes; the composed one candle's with autograd.
+        let engine = match backend {
+            Backend::Fused => {
+                let (names, sizes) = train::slot_layout(&slots);
+                Some(ReverseGrad::new(g_cfg, &names, &sizes)?)
+            }
+            Backend::Composed => None,
+        };
+        let flow = self.flow.take().expect("resolved");
+        Ok((slots, Box::new(Distillation { flow, g, engine, opts, perceptual: Vec::new() })))
+    }
+
+    fn finish(&self, result: &mut Map<String, Value>) {
+        if let Some((_, forward_abs)) = &self.forward {
+            result.insert("forward".into(), json!(forward_abs));
+        }
+    }
 }
 
 #[cfg(test)]

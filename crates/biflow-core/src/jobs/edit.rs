@@ -17,7 +17,8 @@ use crate::eval::reverse::Pair;
 use crate::models::flow::FlowConfig;
 use crate::job::JobCtx;
 use crate::run::Run;
-use crate::jobs::sample::{ensure_empty_out, grid, image_buffer};
+use crate::io::atomic::ensure_empty_out;
+use crate::io::image::{grid, image_buffer};
 
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -9,6 +9,7 @@ pub mod import;
 pub mod report;
 pub mod runs;
 pub mod sample;
+pub mod training;
 pub mod train;
 
 use anyhow::{bail, Context, Result};

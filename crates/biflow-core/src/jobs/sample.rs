@@ -7,16 +7,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::models::flow::{nll_loss, ReverseOptions, TarFlow};
+use crate::models::flow::{ReverseOptions, TarFlow};
 use crate::models::reverse::ReverseModel;
 use crate::io::npy::{read_npy, write_npy, write_npz, Array};
+use crate::io::atomic::ensure_empty_out;
+use crate::io::image::{grid, image_buffer, to_u8};
 use crate::job::JobCtx;
+use crate::models::flow::denoise;
 
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -271,63 +274,6 @@ fn one() -> f64 {
     1.0
 }
 
-/// One score-based denoising step: `x <- x - sigma^2 * d/dx [sum over the batch of the per-sample
-/// NLL]`, i.e. the gradient of the mean-reduced loss times N*C*H*W*sigma^2 (Tweedie's formula).
-pub fn denoise(model: &TarFlow, x: &Tensor, labels: Option<&Tensor>, sigma: f64) -> Result<Tensor> {
-    let xv = Var::from_tensor(&x.detach())?;
-    let out = model.forward(xv.as_tensor(), labels)?;
-    let loss = nll_loss(&out)?;
-    let grads = loss.backward()?;
-    let g = grads.get(xv.as_tensor()).context("no gradient reached the input")?;
-    let lr = x.elem_count() as f64 * sigma * sigma;
-    Ok((x - (g * lr)?)?)
-}
-
-/// Images in [-1, 1] -> u8 like torchvision's save_image: round((x+1)/2 * 255), clamped.
-pub fn to_u8(v: f32) -> u8 {
-    (((v + 1.0) * 0.5).clamp(0.0, 1.0) * 255.0 + 0.5).floor() as u8
-}
-
-/// One (C, H, W) image in [-1, 1] as an 8-bit PNG-ready image (C = 1 or 3).
-pub(crate) fn image_buffer(chw: &[f32], c: usize, h: usize, w: usize) -> Result<image::DynamicImage> {
-    Ok(match c {
-        1 => image::DynamicImage::ImageLuma8(
-            image::GrayImage::from_raw(w as u32, h as u32, chw.iter().map(|&v| to_u8(v)).collect()).unwrap(),
-        ),
-        3 => {
-            let mut buf = Vec::with_capacity(h * w * 3);
-            for p in 0..h * w {
-                for ch in 0..3 {
-                    buf.push(to_u8(chw[ch * h * w + p]));
-                }
-            }
-            image::DynamicImage::ImageRgb8(image::RgbImage::from_raw(w as u32, h as u32, buf).unwrap())
-        }
-        _ => bail!("PNG output needs 1 or 3 channels, the model makes {c}: use --format npy or npz"),
-    })
-}
-
-/// A grid like torchvision's make_grid (nrow = ceil(sqrt(N)), 2-pixel black padding).
-pub fn grid(images: &[f32], n: usize, c: usize, h: usize, w: usize) -> Result<image::DynamicImage> {
-    let cols = (n as f64).sqrt().ceil() as usize;
-    let rows = n.div_ceil(cols);
-    let pad = 2;
-    let (gh, gw) = (rows * (h + pad) + pad, cols * (w + pad) + pad);
-    let mut g = vec![-1.0f32; c * gh * gw];
-    for i in 0..n {
-        let (r, col) = (i / cols, i % cols);
-        for ch in 0..c {
-            for y in 0..h {
-                for x in 0..w {
-                    g[ch * gh * gw + (pad + r * (h + pad) + y) * gw + pad + col * (w + pad) + x] =
-                        images[((i * c + ch) * h + y) * w + x];
-                }
-            }
-        }
-    }
-    image_buffer(&g, c, gh, gw)
-}
-
 /// Labels for N samples: the given list (cycled when shorter), else classes 0..K cycled.
 fn make_labels(given: &Option<Vec<i64>>, n: usize, classes: usize) -> Result<Option<Vec<i64>>> {
     if classes == 0 {
@@ -345,18 +291,6 @@ fn make_labels(given: &Option<Vec<i64>>, n: usize, classes: usize) -> Result<Opt
         None => (0..classes as i64).collect(),
     };
     Ok(Some((0..n).map(|i| base[i % base.len()]).collect()))
-}
-
-/// Refuse to write into a folder that already holds files, unless `force`.
-pub(crate) fn ensure_empty_out(out: &Path, force: bool) -> Result<()> {
-    if let Ok(mut entries) = std::fs::read_dir(out) {
-        ensure!(
-            force || entries.next().is_none(),
-            "{} exists and is not empty: choose another --out, or add --force to write into it",
-            out.display()
-        );
-    }
-    Ok(())
 }
 
 pub fn sample(o: SampleOptions, ctx: &JobCtx) -> Result<Value> {

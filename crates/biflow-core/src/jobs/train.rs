@@ -1,14 +1,14 @@
 //! `biflow train`: maximum-likelihood training of the forward flow (TARFlow) with exact resume.
 //!
 //! The objective: Gaussian noise (`noiseStd`) or uniform dequantisation, label dropout, then
-//! `loss = 0.5 mean(z^2) - mean(logdet)`. The loop, checkpoints and resume are the trainer's
-//! (trainer/), shared with `distill`.
+//! `loss = 0.5 mean(z^2) - mean(logdet)`. The session (lock, resume, the run) is jobs/training.rs and the
+//! loop the trainer's (train/), both shared with `distill`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
-use candle_core::Tensor;
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use candle_core::{Device, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -16,10 +16,11 @@ use serde_json::{json, Map, Value};
 
 use crate::models::flow::{bits_per_dim, nll_loss, FlowConfig, FlowOutput, TarFlow};
 use crate::job::JobCtx;
-use crate::device::DeviceArgs;
+use crate::device::mode::Backend;
 use crate::engines::NllGrad;
 use crate::run::{Run, RunConfig};
-use crate::train::{self, load_checkpoint, open_data, Fit, Limited, Objective, RunLock, Schedule, Slot, StepOutput, TrainData};
+use crate::jobs::training::{self, SessionArgs, TrainingJob};
+use crate::train::{self, open_data, Objective, Schedule, Slot, StepOutput, TrainData};
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -88,51 +89,6 @@ impl TrainSettings {
             }
         }
         serde_json::from_value(b).unwrap()
-    }
-}
-
-/// The `train` job's options: where, whether to resume, a config file, and the settings.
-#[derive(Clone, Debug)]
-pub struct TrainArgs {
-    pub out: PathBuf,
-    pub resume: bool,
-    pub config: Option<PathBuf>,
-    pub settings: TrainSettings,
-    /// Testing hook: pretend the loss is NaN at this step.
-    pub debug_nan_at_step: Option<u64>,
-    /// The command line, recorded in RUN/history.jsonl.
-    pub command: Option<String>,
-    /// `--device` and `--precision`: where this session runs (not part of the run's config).
-    pub on: DeviceArgs,
-}
-
-impl TrainArgs {
-    /// From the job's JSON options (camelCase, unknown keys refused).
-    pub fn from_json(options: Value) -> Result<TrainArgs> {
-        let mut map = match options {
-            Value::Object(m) => m,
-            _ => bail!("train options must be an object"),
-        };
-        let out = match map.remove("out") {
-            Some(Value::String(s)) => PathBuf::from(s),
-            _ => bail!("train needs --out RUN (the run folder)"),
-        };
-        let resume = match map.remove("resume") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => b,
-            Some(v) => bail!("resume must be true or false, got {v}"),
-        };
-        let config = match map.remove("config") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(PathBuf::from(s)),
-            Some(v) => bail!("config must be a file path, got {v}"),
-        };
-        let debug_nan_at_step = map.remove("debugNanAtStep").and_then(|v| v.as_u64());
-        let command = map.remove("commandLine").and_then(|v| v.as_str().map(str::to_string));
-        let on = DeviceArgs::take(&mut map)?;
-        map.retain(|_, v| !v.is_null());
-        let settings: TrainSettings = serde_json::from_value(Value::Object(map)).context("invalid train options")?;
-        Ok(TrainArgs { out, resume, config, settings, debug_nan_at_step, command, on })
     }
 }
 
@@ -322,7 +278,7 @@ fn check_resume_settings(given: &TrainSettings, run: &RunConfig, saved: &TrainOp
 // The objective: maximum likelihood
 
 /// F's negative log-likelihood on noisy (or dequantised) images with label dropout. On the CPU the
-/// gradient is computed by hand (grad::NllGrad), elsewhere by candle's autograd.
+/// gradient is computed by hand (engines::NllGrad), elsewhere by candle's autograd.
 struct Likelihood {
     model: TarFlow,
     engine: Option<NllGrad>,
@@ -395,7 +351,7 @@ impl Objective for Likelihood {
         let opts = crate::models::flow::ReverseOptions { guidance: 0.0, annealed: false, attn_temp: 1.0 };
         let mut x = ema.reverse(&z, y.as_ref(), &opts, |_, _| Ok(()))?;
         if let Some(sigma) = self.opts.noise_std {
-            x = crate::jobs::sample::denoise(&ema, &x, y.as_ref(), sigma)?;
+            x = crate::models::flow::denoise(&ema, &x, y.as_ref(), sigma)?;
         }
         Ok(Some(x))
     }
@@ -413,7 +369,7 @@ pub(crate) fn host_gradients(loss: &Tensor, slots: &[Slot]) -> Result<Vec<Vec<f3
             None => Tensor::zeros(s.value.len(), candle_core::DType::F32, device)?,
         })
     };
-    if device.is_cpu() && crate::device::mode::current().fused {
+    if Backend::of(device) == Backend::Fused {
         return slots.iter().map(|s| Ok(flat(s)?.to_vec1::<f32>()?)).collect();
     }
     let all = Tensor::cat(&slots.iter().map(flat).collect::<Result<Vec<_>>>()?, 0)?.to_vec1::<f32>()?;
@@ -430,14 +386,21 @@ pub(crate) fn host_gradients(loss: &Tensor, slots: &[Slot]) -> Result<Vec<Vec<f3
 // ---------------------------------------------------------------------------------------------
 // The job
 
-/// The `train` job: open the data named in the options, then [`train_with`].
+/// The `train` job: its settings (a `--config` file under the command line's), the data named in
+/// them (or the resumed run's), then [`train_with`].
 pub fn train_job(options: Value, ctx: &JobCtx) -> Result<Value> {
-    let args = TrainArgs::from_json(options)?;
-    let file = match &args.config {
+    let (args, mut map) = SessionArgs::split("train", options, "--out RUN (the run folder)")?;
+    let config = match map.remove("config") {
+        None => None,
+        Some(Value::String(s)) => Some(PathBuf::from(s)),
+        Some(v) => bail!("config must be a file path, got {v}"),
+    };
+    let given: TrainSettings = serde_json::from_value(Value::Object(map)).context("invalid train options")?;
+    let file = match &config {
         Some(p) => read_config_file(p)?,
         None => TrainSettings::default(),
     };
-    let settings = args.settings.clone().or(file);
+    let settings = given.or(file);
     let data_dir = match (&settings.data, args.resume) {
         (Some(d), _) => d.clone(),
         (None, true) => {
@@ -452,106 +415,86 @@ pub fn train_job(options: Value, ctx: &JobCtx) -> Result<Value> {
     train_with(&args, &settings, &data_dir, data.as_ref(), ctx)
 }
 
-/// Train on `data`: a new run in `args.out`, or continue it with `args.resume`.
-pub fn train_with(args: &TrainArgs, settings: &TrainSettings, data_dir: &str, data: &dyn TrainData, ctx: &JobCtx) -> Result<Value> {
-    let on = args.on.place()?;
-    let device = on.device.clone();
-    if args.resume {
-        Run::open(&args.out).context("--resume needs an existing run folder as --out")?;
-    }
-    // One writer per run: taken before anything in the folder is created or changed.
-    let lock = RunLock::acquire(&args.out, ctx)?;
-    // On resume, the run's own options are the base; the user's must agree with them (except the
-    // resumable ones, see RESUMABLE).
-    let prior = if args.resume {
-        let run = Run::open(&args.out).context("--resume needs an existing run folder as --out")?;
-        let saved: TrainOptions = serde_json::from_value(run.config.train.clone())
-            .map_err(|_| anyhow!("{} was not made by biflow train; it cannot be resumed", args.out.display()))?;
-        check_resume_settings(settings, &run.config, &saved)?;
-        Some((run, saved))
-    } else {
-        None
-    };
-    let effective = match &prior {
-        Some((run, saved)) => {
-            let mut base = settings_of(saved, &run.config.model);
-            if settings.steps.is_some() || settings.epochs.is_some() {
+/// Train on `data` (found at `data_dir`): a new run in `args.out`, or continue it with `args.resume`.
+pub fn train_with(args: &SessionArgs, settings: &TrainSettings, data_dir: &str, data: &dyn TrainData, ctx: &JobCtx) -> Result<Value> {
+    let job = Training { given: settings.clone(), effective: settings.clone(), saved: None, data_dir: data_dir.to_string() };
+    training::drive(job, args, data, ctx)
+}
+
+/// Maximum-likelihood training as a [`TrainingJob`].
+struct Training {
+    given: TrainSettings,
+    effective: TrainSettings,
+    /// The resumed run's options.
+    saved: Option<TrainOptions>,
+    data_dir: String,
+}
+
+impl TrainingJob for Training {
+    type Options = TrainOptions;
+    type Model = FlowConfig;
+    const NAME: &'static str = "train";
+    const RESUMES: &'static str = "an existing run folder";
+
+    fn settle(&mut self, resumed: Option<&Run>) -> Result<Option<usize>> {
+        if let Some(run) = resumed {
+            let saved: TrainOptions = serde_json::from_value(run.config.train.clone())
+                .map_err(|_| anyhow!("{} was not made by biflow train; it cannot be resumed", run.dir.display()))?;
+            check_resume_settings(&self.given, &run.config, &saved)?;
+            let mut base = settings_of(&saved, &run.config.model);
+            if self.given.steps.is_some() || self.given.epochs.is_some() {
                 base.steps = None;
             }
-            settings.clone().or(base)
+            self.effective = self.given.clone().or(base);
+            self.saved = Some(saved);
         }
-        None => settings.clone(),
-    };
-    let limited;
-    let data: &dyn TrainData = match effective.limit {
-        Some(l) if l > 0 && l < data.len() => {
-            limited = Limited { inner: data, limit: l };
-            &limited
-        }
-        _ => data,
-    };
-    let (mut opts, model_cfg) = resolve(&effective, data, data_dir)?;
-    if let Some((_, saved)) = &prior {
-        if settings.steps.is_none() && settings.epochs.is_none() {
-            opts.epochs = saved.epochs;
-        }
+        Ok(self.effective.limit)
     }
 
-    // The run folder: new, or the one being resumed with its checkpoint.
-    let (run, resume) = if let Some((mut run, saved)) = prior {
-        if run.config.model != model_cfg {
-            bail!(
-                "--resume: the data ({}x{}x{}, {} classes) does not fit the run's model ({}x{}x{}, {} classes)",
-                model_cfg.in_channels, model_cfg.img_size, model_cfg.img_size, model_cfg.num_classes,
-                run.config.model.in_channels, run.config.model.img_size, run.config.model.img_size, run.config.model.num_classes
-            );
+    fn resolve(&mut self, data: &dyn TrainData, _device: &Device) -> Result<(TrainOptions, FlowConfig)> {
+        let (mut opts, model) = resolve(&self.effective, data, &self.data_dir)?;
+        if let Some(saved) = &self.saved {
+            if self.given.steps.is_none() && self.given.epochs.is_none() {
+                opts.epochs = saved.epochs;
+            }
         }
-        run.sweep_temporaries()?;
-        let Some(ck) = run.latest_checkpoint()? else {
-            bail!("--resume: {} has no checkpoint to resume from", run.dir.display());
-        };
-        let loaded = load_checkpoint(&ck)?;
-        if loaded.state.model != serde_json::to_value(&model_cfg)? {
-            bail!("checkpoint {} was written for another model than the run's config.json", ck.dir.display());
-        }
-        if opts != saved {
-            run.config.train = serde_json::to_value(&opts)?;
-            run.write_config()?;
-        }
-        (run, Some((ck, loaded)))
-    } else {
-        let mut cfg = RunConfig::tarflow(model_cfg.clone());
+        Ok((opts, model))
+    }
+
+    fn schedule(opts: &TrainOptions) -> &Schedule {
+        &opts.schedule
+    }
+
+    fn check_model(run: &Run, m: &FlowConfig) -> Result<()> {
+        let r = &run.config.model;
+        ensure!(
+            r == m,
+            "--resume: the data ({}x{}x{}, {} classes) does not fit the run's model ({}x{}x{}, {} classes)",
+            m.in_channels, m.img_size, m.img_size, m.num_classes, r.in_channels, r.img_size, r.img_size, r.num_classes
+        );
+        Ok(())
+    }
+
+    fn new_run(&self, opts: &TrainOptions, model: &FlowConfig) -> Result<RunConfig> {
+        let mut cfg = RunConfig::tarflow(model.clone());
         cfg.noise_std = opts.noise_std;
         cfg.dequantize = opts.dequantize;
-        cfg.train = serde_json::to_value(&opts)?;
-        cfg.source = json!({"kind": "train", "data": data_dir});
-        (Run::create(&args.out, cfg)?, None)
-    };
+        cfg.train = serde_json::to_value(opts)?;
+        cfg.source = json!({"kind": "train", "data": self.data_dir});
+        Ok(cfg)
+    }
 
-    let (map, model) = crate::models::flow::new_trainable(&model_cfg, opts.schedule.seed, &device).context("cannot build the model")?;
-    let slots = train::slots_of(&map)?;
-    // The hand-written gradient is the CPU's fused path; the composed path (other devices, or
-    // ops::mode::composed) differentiates with candle's autograd.
-    let engine = if device.is_cpu() && crate::device::mode::current().fused {
-        let (names, sizes) = train::slot_layout(&slots);
-        Some(NllGrad::new(&model_cfg, &names, &sizes)?)
-    } else {
-        None
-    };
-    let fit = Fit {
-        run: &run,
-        lock: &lock,
-        data,
-        schedule: opts.schedule.clone(),
-        options: serde_json::to_value(&opts)?,
-        model: serde_json::to_value(&model_cfg)?,
-        slots,
-        resume,
-        phase: "train",
-        debug_nan_at_step: args.debug_nan_at_step,
-        command: args.command.clone(),
-    };
-    let mut objective = Likelihood { model, engine, opts };
-    let fitted = train::fit(fit, &mut objective, ctx)?;
-    Ok(Value::Object(fitted.result))
+    fn objective(&mut self, opts: TrainOptions, cfg: &FlowConfig, device: &Device, backend: Backend) -> Result<(Vec<Slot>, Box<dyn Objective>)> {
+        let (map, model) = crate::models::flow::new_trainable(cfg, opts.schedule.seed, device).context("cannot build the model")?;
+        let slots = train::slots_of(&map)?;
+        // The fused backend differentiates by hand; the composed one with candle's autograd.
+        let engine = match backend {
+            Backend::Fused => {
+                let (names, sizes) = train::slot_layout(&slots);
+                Some(NllGrad::new(cfg, &names, &sizes)?)
+            }
+            Backend::Composed => None,
+        };
+        Ok((slots, Box::new(Likelihood { model, engine, opts })))
+    }
 }

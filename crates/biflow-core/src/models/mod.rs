@@ -4,4 +4,6 @@
 //! [`crate::engines`] and [`crate::engines::ops`].
 
 pub mod flow;
+pub mod init;
+pub mod layers;
 pub mod reverse;

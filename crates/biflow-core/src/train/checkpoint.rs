@@ -268,7 +268,7 @@ pub(super) fn restore_slots(slots: &mut [Slot], ck: &LoadedCheckpoint, device: &
 /// which tests it there) all values travel in one host-to-device copy: a GPU pays a synchronisation per
 /// transfer, and a model has hundreds of tensors.
 pub(crate) fn upload_slots(slots: &[Slot], device: &Device) -> Result<()> {
-    if device.is_cpu() && crate::device::mode::current().fused {
+    if crate::device::mode::Backend::of(device) == crate::device::mode::Backend::Fused {
         for s in slots {
             s.var.set(&Tensor::from_slice(&s.value, s.shape.as_slice(), device)?)?;
         }

@@ -123,6 +123,18 @@ pub fn write_status(run_dir: &Path, state: &str, step: u64, total: u64, error: O
     crate::io::atomic::write(&run_dir.join(STATUS_FILE), format!("{v}\n").as_bytes())
 }
 
+pub const HISTORY_FILE: &str = "history.jsonl";
+
+/// Append a line to RUN/history.jsonl: who wrote into the run, when, with which command line.
+pub fn record_history(run_dir: &Path, command: Option<&str>, from_step: u64) -> Result<()> {
+    use std::io::Write;
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let line = json!({"time": t, "command": command, "fromStep": from_step, "biflowVersion": env!("CARGO_PKG_VERSION"), "host": host_name()});
+    let mut f = fs::OpenOptions::new().create(true).append(true).open(run_dir.join(HISTORY_FILE))?;
+    writeln!(f, "{line}")?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,7 +29,7 @@ use serde_json::{json, Map, Value};
 
 pub use checkpoint::{load_checkpoint, slots_of, CheckpointState, LoadedCheckpoint, RngState, Slot};
 pub use data::{open_data, DataPos, Limited, MemData, TrainData};
-pub use lock::{host_name, lock_holder, pid_alive, write_status, RunLock, LOCK_FILE, STATUS_FILE};
+pub use lock::{host_name, lock_holder, pid_alive, record_history, write_status, RunLock, HISTORY_FILE, LOCK_FILE, STATUS_FILE};
 pub use preview::{ema_varbuilder, preview_noise, preview_path, PREVIEW_COUNT, SAMPLES_DIR};
 pub use plot::{chart_png, chart_svg, plot_loss, series, smooth, throughput};
 
@@ -70,7 +70,7 @@ pub struct StepOutput {
     pub grads: Vec<Vec<f32>>,
 }
 
-/// The slots' names and sizes: the parameter list a hand-written gradient (grad/) is built for.
+/// The slots' names and sizes: the parameter list a hand-written gradient (engines/) is built for.
 pub fn slot_layout(slots: &[Slot]) -> (Vec<String>, Vec<usize>) {
     slots.iter().map(|s| (s.name.clone(), s.value.len())).unzip()
 }
@@ -133,15 +133,7 @@ pub fn fit(f: Fit, objective: &mut dyn Objective, ctx: &JobCtx) -> Result<Fitted
         Err(e) if e.is::<Cancelled>() => write_status(&dir, "interrupted", step, total, None),
         Err(e) => write_status(&dir, "failed", step, total, Some(&format!("{e:#}"))),
     };
-    let mut fitted = outcome?;
-    // The run's report (no comparison sampling here; `biflow report` and `biflow demo` add it).
-    match crate::jobs::report::write_default(&dir) {
-        Ok(p) => {
-            fitted.result.insert("report".into(), json!(p));
-        }
-        Err(e) => ctx.message(format!("the report could not be written: {e:#}")),
-    }
-    Ok(fitted)
+    outcome
 }
 
 fn fit_inner(f: Fit, objective: &mut dyn Objective, ctx: &JobCtx, last_step: &std::cell::Cell<u64>) -> Result<Fitted> {
@@ -170,7 +162,7 @@ fn fit_inner(f: Fit, objective: &mut dyn Objective, ctx: &JobCtx, last_step: &st
     if step >= s.steps {
         bail!("the run is already at step {step} of {}; pass a larger --steps to train further", s.steps);
     }
-    crate::jobs::report::record_history(&run.dir, command.as_deref(), step)?;
+    record_history(&run.dir, command.as_deref(), step)?;
     let mut metrics_file = fs::OpenOptions::new()
         .create(true)
         .append(true)

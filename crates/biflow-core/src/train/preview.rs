@@ -46,7 +46,7 @@ pub fn preview_path(run_dir: &Path, step: u64) -> PathBuf {
 pub fn write_preview(run_dir: &Path, step: u64, images: &Tensor) -> Result<PathBuf> {
     let (n, c, h, w) = images.dims4()?;
     let v = images.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let img = crate::jobs::sample::grid(&v, n, c, h, w)?;
+    let img = crate::io::image::grid(&v, n, c, h, w)?;
     std::fs::create_dir_all(run_dir.join(SAMPLES_DIR))?;
     let path = preview_path(run_dir, step);
     crate::io::atomic::write_png(&path, &img)?;

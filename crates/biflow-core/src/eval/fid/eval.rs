@@ -9,7 +9,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::frechet::{frechet_distance, Gaussian};
-use super::inception::{preprocess_image, FeatureNet, FEATURES};
+use super::inception::{FeatureNet, FEATURES};
+use super::preprocess::preprocess_image;
 use super::source::{ArraySource, FolderSource, ImageSource, Limited, RunSource};
 use super::stats::{is_stats_npz, load_stats, save_stats, StatsAccumulator};
 use crate::job::JobCtx;
@@ -101,7 +102,7 @@ impl ImageSource for BoxedSource {
     fn len(&self) -> Option<usize> {
         self.0.len()
     }
-    fn next_batch(&mut self, max: usize) -> Result<Option<Vec<super::inception::Image>>> {
+    fn next_batch(&mut self, max: usize) -> Result<Option<Vec<super::preprocess::Image>>> {
         self.0.next_batch(max)
     }
 }
@@ -288,7 +289,7 @@ pub struct FormulaOptions {
 /// Write the deterministic formula weights of the parity fixture as `.safetensors` (tests, benchmarks).
 pub fn formula_weights(o: FormulaOptions, _ctx: &JobCtx) -> Result<Value> {
     use crate::io::tensors::{write_safetensors, HostTensor};
-    let kept: Vec<(String, HostTensor)> = super::inception::formula_tensors()
+    let kept: Vec<(String, HostTensor)> = super::weights::formula_tensors()
         .into_iter()
         .map(|(n, shape, data)| (n, HostTensor { shape, data }))
         .collect();

@@ -6,6 +6,7 @@ pub mod eval;
 pub mod frechet;
 pub mod inception;
 pub mod net;
+pub mod preprocess;
 pub mod source;
 pub mod stats;
 pub mod weights;
@@ -16,7 +17,7 @@ use anyhow::{ensure, Result};
 
 pub use frechet::{frechet_distance, Gaussian};
 pub use inception::FidInception;
-use inception::Image;
+use preprocess::Image;
 use source::ImageSource;
 
 use crate::data::{Dataset, Split};

@@ -187,7 +187,7 @@ impl DeviceInception {
         Ok((features, logits))
     }
 
-    /// The network on preprocessed images (NHWC, as [`super::inception::preprocess_image`] gives them), in
+    /// The network on preprocessed images (NHWC, as [`super::preprocess::preprocess_image`] gives them), in
     /// chunks of at most 32 images on the device.
     pub fn forward_acts(&self, xs: &[Act], logits: bool) -> Result<Vec<Output>> {
         check_inputs(xs)?;
@@ -214,7 +214,9 @@ impl FeatureNet for DeviceInception {
 
 #[cfg(test)]
 mod tests {
-    use super::super::inception::{formula_tensors, preprocess, FidInception};
+    use super::super::inception::FidInception;
+    use super::super::preprocess::preprocess;
+    use super::super::weights::formula_tensors;
     use super::*;
 
     /// max |a - b| / max |b|.

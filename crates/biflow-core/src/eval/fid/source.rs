@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 
-use super::inception::Image;
+use super::preprocess::Image;
 use crate::io::npy::{Array, DType, Npz};
 
 /// A stream of RGB images.
@@ -65,7 +65,7 @@ impl ImageSource for FolderSource {
         let batch = self.files[self.pos..end]
             .par_iter()
             .map(|p| {
-                let (rgb, h, w) = super::inception::load_rgb(p)?;
+                let (rgb, h, w) = super::preprocess::load_rgb(p)?;
                 Image::from_rgb8(&rgb, h, w)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -287,7 +287,7 @@ impl ImageSource for RunSource {
             .map(|i| {
                 let rgb: Vec<u8> = (0..h * w)
                     .flat_map(|p| (0..3).map(move |ch| (ch, p)))
-                    .map(|(ch, p)| crate::jobs::sample::to_u8(v[(i * c + ch.min(c - 1)) * h * w + p]))
+                    .map(|(ch, p)| crate::io::image::to_u8(v[(i * c + ch.min(c - 1)) * h * w + p]))
                     .collect();
                 Image::from_rgb8(&rgb, h, w)
             })

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Device;
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::inception::{tensor_specs, FeatureNet, FidInception};
@@ -143,4 +144,48 @@ pub fn convert(input: &Path, output: &Path) -> Result<usize> {
     }
     write_safetensors(output, &kept).with_context(|| format!("cannot write {}", output.display()))?;
     Ok(kept.len())
+}
+
+/// The formula weights of the parity fixture (../shared/fixtures/fid-reference/README.md): deterministic
+/// stand-ins for the published weights, used by the tests and the benchmark.
+pub fn formula_tensors() -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    tensor_specs()
+        .into_par_iter()
+        .map(|(name, shape)| {
+            let data = formula_values(&name, &shape);
+            (name, shape, data)
+        })
+        .collect()
+}
+
+/// The values of one formula tensor.
+pub fn formula_values(name: &str, shape: &[usize]) -> Vec<f32> {
+    let mut seed: u64 = 0xcbf29ce484222325;
+    for b in "biflow-fid-fixture/".bytes().chain(name.bytes()) {
+        seed = (seed ^ b as u64).wrapping_mul(0x100000001b3);
+    }
+    let numel: usize = shape.iter().product();
+    (0..numel)
+        .map(|i| {
+            let k = i as u64 + 1;
+            let mut z = seed.wrapping_add(k.wrapping_mul(0x9E3779B97F4A7C15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+            z ^= z >> 31;
+            let u = (z >> 11) as f64 * (2f64).powi(-53);
+            let v = if name.ends_with("conv.weight") {
+                let fan_in = (shape[1] * shape[2] * shape[3]) as f64;
+                (2.0 * u - 1.0) * (6.0 / fan_in).sqrt()
+            } else if name.ends_with("bn.weight") {
+                1.0 + 0.2 * (2.0 * u - 1.0)
+            } else if name.ends_with("bn.bias") || name.ends_with("bn.running_mean") {
+                0.02 * (2.0 * u - 1.0)
+            } else if name.ends_with("bn.running_var") {
+                1.0 + 0.5 * u
+            } else {
+                0.02 * (2.0 * u - 1.0)
+            };
+            v as f32
+        })
+        .collect()
 }

@@ -15,11 +15,12 @@ use serde_json::{json, Value};
 use super::metrics::{frechet, precision_recall, within_class_diversity, Features};
 use super::net::Judge;
 use crate::data::{Dataset, Split};
-use crate::eval::fid::inception::Image;
+use crate::eval::fid::preprocess::Image;
 use crate::eval::fid::source::{ArraySource, FolderSource, ImageSource};
 use crate::io::npy::Npz;
 use crate::job::JobCtx;
-use crate::jobs::sample::{to_u8, SampleOptions, Sampler};
+use crate::io::image::to_u8;
+use crate::jobs::sample::{SampleOptions, Sampler};
 
 /// k of the k-NN manifolds (Kynkaanniemi et al. use 3).
 pub const K_NEAREST: usize = 3;

@@ -60,7 +60,7 @@ pub fn judge_train(o: JudgeTrainOptions, ctx: &JobCtx) -> Result<Value> {
     ensure!(peak > 0.0 && peak.is_finite(), "--lr must be a positive number");
     ensure!((0.0..=1.0).contains(&floor), "--min-accuracy must be between 0 and 1");
     let out = PathBuf::from(&o.out);
-    crate::jobs::sample::ensure_empty_out(&out, o.force)?;
+    crate::io::atomic::ensure_empty_out(&out, o.force)?;
     let ds = labelled_dataset(&o.data)?;
     let (c, h, w) = ds.shape();
     let n_train = ds.len(Split::Train);
@@ -70,7 +70,7 @@ pub fn judge_train(o: JudgeTrainOptions, ctx: &JobCtx) -> Result<Value> {
 
     // Parameters live on the host (the project's AdamW); candle variables mirror them for autograd.
     let mut params: Vec<(String, HostTensor)> = config.init(o.seed);
-    let varmap = crate::models::flow::varmap_of(
+    let varmap = crate::models::init::varmap_of(
         params.iter().map(|(n, t)| Ok((n.clone(), Tensor::from_vec(t.data.clone(), t.shape.clone(), device)?))).collect::<Result<HashMap<_, _>>>()?,
     )?;
     let judge = Judge::new(&config, VarBuilder::from_varmap(&varmap, candle_core::DType::F32, device))?;

@@ -21,7 +21,6 @@ use crate::train::{chart_svg, series, throughput, SAMPLES_DIR};
 
 pub const REPORT_FILE: &str = "report.html";
 pub const EVALUATION_FILE: &str = "evaluation.json";
-pub const HISTORY_FILE: &str = "history.jsonl";
 const COMPARE_DIR: &str = "compare";
 
 #[derive(Deserialize, Default, Clone)]
@@ -70,16 +69,6 @@ pub fn write_default(run_dir: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// Append a line to RUN/history.jsonl: who wrote into the run, when, with which command line.
-pub fn record_history(run_dir: &Path, command: Option<&str>, from_step: u64) -> Result<()> {
-    use std::io::Write;
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let line = json!({"time": t, "command": command, "fromStep": from_step, "biflowVersion": env!("CARGO_PKG_VERSION"), "host": crate::train::host_name()});
-    let mut f = fs::OpenOptions::new().create(true).append(true).open(run_dir.join(HISTORY_FILE))?;
-    writeln!(f, "{line}")?;
-    Ok(())
-}
-
 /// The same noise and labels through every method the run has: RUN/compare/{reverse,exact}.png and
 /// compare.json with the sampling times.
 fn compare(run: &Run, n: usize, guidance: f64, temperature: f64, ctx: &JobCtx) -> Result<Value> {
@@ -105,7 +94,7 @@ fn compare(run: &Run, n: usize, guidance: f64, temperature: f64, ctx: &JobCtx) -
         let x = x.context("the sampler made no images")?;
         let c = s.config().clone();
         let v = x.flatten_all()?.to_vec1::<f32>()?;
-        let img = crate::jobs::sample::grid(&v, n, c.in_channels, c.img_size, c.img_size)?;
+        let img = crate::io::image::grid(&v, n, c.in_channels, c.img_size, c.img_size)?;
         crate::io::atomic::write_png(&dir.join(format!("{m}.png")), &img)?;
         out.insert(
             m.to_string(),
@@ -321,7 +310,7 @@ fn render(run: &Run) -> Result<String> {
     }
     prov.push(("source".into(), format!("<code>{}</code>", esc(&c.source.to_string()))));
     h += &table(&prov);
-    if let Ok(text) = fs::read_to_string(run.dir.join(HISTORY_FILE)) {
+    if let Ok(text) = fs::read_to_string(run.dir.join(crate::train::HISTORY_FILE)) {
         h += "<h3>Command lines</h3><pre>";
         for line in text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()) {
             let cmd = line["command"].as_str().unwrap_or("(not recorded)");

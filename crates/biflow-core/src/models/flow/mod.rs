@@ -11,228 +11,20 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, IndexOp, Tensor};
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use rand::SeedableRng;
-use rand_distr::{Distribution, Normal, Uniform};
-use serde::{Deserialize, Serialize};
 
 use crate::engines::{self, Frozen, NllGrad};
 use crate::engines::ops;
+use crate::models::init::{varmap_of, ParamInit};
+use crate::models::layers::{label_indices, AttentionBlock, KvCache, LayerNorm, Linear, Named};
 
-/// Attention head size, fixed by the reference.
-pub const HEAD_DIM: usize = 64;
-/// MLP expansion factor, fixed by the reference.
-pub const MLP_EXPANSION: usize = 4;
-/// LayerNorm epsilon (PyTorch's default).
-pub const LN_EPS: f64 = 1e-5;
+pub mod config;
+mod inverse;
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct FlowConfig {
-    pub img_size: usize,
-    pub in_channels: usize,
-    pub patch_size: usize,
-    pub channels: usize,
-    pub num_blocks: usize,
-    pub layers_per_block: usize,
-    /// Number of classes; 0 = unconditional.
-    #[serde(default)]
-    pub num_classes: usize,
-    /// Soft clip `c * tanh(a / c)` of the log-scales a (BiFlow's forward-side norm control); None = off.
-    #[serde(default)]
-    pub clip_scale: Option<f64>,
-}
-
-impl FlowConfig {
-    /// T: the number of patch tokens.
-    pub fn num_tokens(&self) -> usize {
-        let s = self.img_size / self.patch_size.max(1);
-        s * s
-    }
-    /// D: the size of one token.
-    pub fn token_dim(&self) -> usize {
-        self.in_channels * self.patch_size * self.patch_size
-    }
-    /// C*H*W: the number of dimensions of one image.
-    pub fn image_dim(&self) -> usize {
-        self.in_channels * self.img_size * self.img_size
-    }
-    pub fn num_heads(&self) -> usize {
-        self.channels / HEAD_DIM
-    }
-    /// Check that the numbers make a model.
-    pub fn validate(&self) -> Result<()> {
-        ensure!(self.img_size > 0 && self.in_channels > 0, "image size and channels must be positive");
-        ensure!(self.patch_size > 0, "patch size must be positive");
-        ensure!(
-            self.img_size % self.patch_size == 0,
-            "image size {} is not a multiple of the patch size {}",
-            self.img_size,
-            self.patch_size
-        );
-        ensure!(self.num_tokens() >= 2, "the model needs at least 2 tokens (image size / patch size >= 2)");
-        ensure!(
-            self.channels > 0 && self.channels % HEAD_DIM == 0,
-            "channels ({}) must be a positive multiple of the head size {HEAD_DIM}",
-            self.channels
-        );
-        ensure!(self.num_blocks > 0, "the model needs at least one block");
-        ensure!(self.layers_per_block > 0, "each block needs at least one layer");
-        if let Some(c) = self.clip_scale {
-            ensure!(c.is_finite() && c > 0.0, "clip scale must be a positive number, got {c}");
-        }
-        Ok(())
-    }
-}
-
-/// y = x W^T + b over the last dimension, for inputs of any rank.
-pub struct Linear {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Linear {
-    pub(crate) fn new(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
-        Ok(Linear { weight: vb.get((d_out, d_in), "weight")?, bias: vb.get(d_out, "bias")? })
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear(x, &self.weight, &self.bias)
-    }
-    pub(crate) fn named(&self, prefix: &str, out: &mut Named) {
-        out.push((format!("{prefix}.weight"), self.weight.clone()));
-        out.push((format!("{prefix}.bias"), self.bias.clone()));
-    }
-}
-
-/// A model's parameters with their checkpoint names (for the hand-written CPU passes).
-pub(crate) type Named = Vec<(String, Tensor)>;
-
-/// LayerNorm over the last dimension with an affine weight and bias (differentiable).
-pub struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl LayerNorm {
-    pub(crate) fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
-        Ok(LayerNorm { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")? })
-    }
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm(x, &self.weight, &self.bias, LN_EPS)
-    }
-    pub(crate) fn named(&self, prefix: &str, out: &mut Named) {
-        out.push((format!("{prefix}.weight"), self.weight.clone()));
-        out.push((format!("{prefix}.bias"), self.bias.clone()));
-    }
-}
-
-/// One layer's key/value cache for causal decoding: (N, H, T, hd) buffers filled token by token.
-struct KvCache {
-    k: Tensor,
-    v: Tensor,
-    len: usize,
-}
-
-/// Multi-head self-attention: LayerNorm -> qkv -> softmax(q k^T / sqrt(64)) v -> proj; causal in F,
-/// bidirectional in G.
-pub struct Attention {
-    norm: LayerNorm,
-    qkv: Linear,
-    proj: Linear,
-    heads: usize,
-    causal: bool,
-}
-
-impl Attention {
-    fn new(vb: VarBuilder, channels: usize, causal: bool) -> Result<Self> {
-        Ok(Attention {
-            norm: LayerNorm::new(vb.pp("norm"), channels)?,
-            qkv: Linear::new(vb.pp("qkv"), channels, 3 * channels)?,
-            proj: Linear::new(vb.pp("proj"), channels, channels)?,
-            heads: channels / HEAD_DIM,
-            causal,
-        })
-    }
-
-    /// Attention over all of x: (N, T, C).
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let qkv = self.qkv.forward(&self.norm.forward(x)?)?;
-        self.proj.forward(&ops::attention(&qkv, self.heads, 1.0 / (HEAD_DIM as f64).sqrt(), self.causal)?)
-    }
-
-    /// One decoding step: x (N, 1, C) is the token at position `cache.len`; attends to the cache and
-    /// itself. `scale` is per sample (N) so that a batch can mix attention temperatures.
-    fn step(&self, x: &Tensor, cache: &mut KvCache, scale: &Tensor) -> Result<Tensor> {
-        let (n, _, c) = x.dims3()?;
-        let h = self.norm.forward(x)?;
-        let qkv = self.qkv.forward(&h)?.reshape((n, 3, self.heads, 1, HEAD_DIM))?;
-        let q = qkv.i((.., 0))?.contiguous()?; // (N, H, 1, hd)
-        let k = qkv.i((.., 1))?.contiguous()?;
-        let v = qkv.i((.., 2))?.contiguous()?;
-        cache.k.slice_set(&k, 2, cache.len)?;
-        cache.v.slice_set(&v, 2, cache.len)?;
-        cache.len += 1;
-        let ks = cache.k.narrow(2, 0, cache.len)?;
-        let vs = cache.v.narrow(2, 0, cache.len)?;
-        let scores = crate::device::mode::matmul(&q, &ks.t()?)?.broadcast_mul(&scale.reshape((n, 1, 1, 1))?)?; // (N, H, 1, t)
-        let att = candle_nn::ops::softmax_last_dim(&scores)?; // inference only: no gradient needed
-        // (N, H, 1, hd) has the memory layout of (N, 1, H, hd): heads merge by a reshape.
-        let y = crate::device::mode::matmul(&att, &vs)?.reshape((n, 1, c))?;
-        self.proj.forward(&y)
-    }
-}
-
-/// LayerNorm -> Linear(c, 4c) -> exact GELU -> Linear(4c, c).
-pub struct Mlp {
-    norm: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-}
-
-impl Mlp {
-    fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        Ok(Mlp {
-            norm: LayerNorm::new(vb.pp("norm"), channels)?,
-            fc1: Linear::new(vb.pp("main.0"), channels, channels * MLP_EXPANSION)?,
-            fc2: Linear::new(vb.pp("main.2"), channels * MLP_EXPANSION, channels)?,
-        })
-    }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward(&self.norm.forward(x)?)?;
-        self.fc2.forward(&ops::gelu(&h)?)
-    }
-}
-
-/// A pre-LN transformer layer: x + attn(x), then + mlp(x).
-pub struct AttentionBlock {
-    attention: Attention,
-    mlp: Mlp,
-}
-
-impl AttentionBlock {
-    pub(crate) fn new(vb: VarBuilder, channels: usize, causal: bool) -> Result<Self> {
-        Ok(AttentionBlock { attention: Attention::new(vb.pp("attention"), channels, causal)?, mlp: Mlp::new(vb.pp("mlp"), channels)? })
-    }
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (x + self.attention.forward(x)?)?;
-        Ok((&x + self.mlp.forward(&x)?)?)
-    }
-    pub(crate) fn named(&self, prefix: &str, out: &mut Named) {
-        self.attention.norm.named(&format!("{prefix}.attention.norm"), out);
-        self.attention.qkv.named(&format!("{prefix}.attention.qkv"), out);
-        self.attention.proj.named(&format!("{prefix}.attention.proj"), out);
-        self.mlp.norm.named(&format!("{prefix}.mlp.norm"), out);
-        self.mlp.fc1.named(&format!("{prefix}.mlp.main.0"), out);
-        self.mlp.fc2.named(&format!("{prefix}.mlp.main.2"), out);
-    }
-    fn step(&self, x: &Tensor, cache: &mut KvCache, scale: &Tensor) -> Result<Tensor> {
-        let x = (x + self.attention.step(x, cache, scale)?)?;
-        Ok((&x + self.mlp.forward(&x)?)?)
-    }
-}
+pub use config::{FlowConfig, HEAD_DIM, LN_EPS, MLP_EXPANSION};
+pub use inverse::ReverseOptions;
 
 /// One flow block (the reference's MetaBlock): an autoregressive affine transform of the tokens.
 pub struct FlowBlock {
@@ -381,47 +173,6 @@ impl FlowBlock {
     }
 }
 
-/// Map labels (N, i64; -1 = dropped) to rows of [class_embed; mean] (index K for -1).
-pub(crate) fn label_indices(y: &Tensor, k: usize) -> Result<Tensor> {
-    let v: Vec<i64> = y.flatten_all()?.to_dtype(DType::I64)?.to_vec1()?;
-    let mut idx = Vec::with_capacity(v.len());
-    for l in v {
-        if l == -1 {
-            idx.push(k as u32);
-        } else if l >= 0 && (l as usize) < k {
-            idx.push(l as u32);
-        } else {
-            bail!("label {l} is out of range: the model has {k} classes (use -1 for no label)");
-        }
-    }
-    let len = idx.len();
-    Ok(Tensor::from_vec(idx, len, y.device())?)
-}
-
-/// Progress and the guidance schedule of one causal decoding.
-struct Steps<'a> {
-    guided: bool,
-    opts: &'a ReverseOptions,
-    done: usize,
-    total: usize,
-}
-
-impl Steps<'_> {
-    /// The guidance scale at step `i` of a block of `t` tokens (annealed: rising linearly to w).
-    fn guidance_at(&self, i: usize, t: usize) -> f64 {
-        if self.opts.annealed {
-            self.opts.guidance * (i + 1) as f64 / (t - 1) as f64
-        } else {
-            self.opts.guidance
-        }
-    }
-
-    fn advance(&mut self, on_step: &mut impl FnMut(usize, usize) -> Result<()>) -> Result<()> {
-        self.done += 1;
-        on_step(self.done, self.total)
-    }
-}
-
 /// The output of the forward model.
 pub struct FlowOutput {
     /// The noise tokens z = x^B: (N, T, D).
@@ -430,23 +181,6 @@ pub struct FlowOutput {
     pub logdets: Tensor,
     /// The output of every block, x^1 .. x^B, each (N, T, D).
     pub trajectory: Vec<Tensor>,
-}
-
-/// Settings of exact (causal-decoding) sampling.
-#[derive(Clone, Debug)]
-pub struct ReverseOptions {
-    /// Classifier-free guidance weight w (0 = off).
-    pub guidance: f64,
-    /// Anneal the guidance weight as w (i+1)/(T-1).
-    pub annealed: bool,
-    /// Attention temperature of the guiding (unconditional) pass.
-    pub attn_temp: f64,
-}
-
-impl Default for ReverseOptions {
-    fn default() -> Self {
-        ReverseOptions { guidance: 0.0, annealed: false, attn_temp: 1.0 }
-    }
 }
 
 /// TARFlow: patchify, then B flow blocks with alternating token order.
@@ -556,170 +290,6 @@ impl TarFlow {
         }
         Ok(FlowOutput { z: x, logdets: logdets.unwrap(), trajectory })
     }
-
-    /// The exact inverse: noise tokens z (N, T, D) -> tokens x (N, T, D), by causal decoding with a KV
-    /// cache (B*(T-1) sequential steps), with optional classifier-free guidance. `on_step(done, total)`
-    /// is called after each step and may return an error to stop (cancellation).
-    pub fn reverse_tokens(
-        &self,
-        z: &Tensor,
-        labels: Option<&Tensor>,
-        opts: &ReverseOptions,
-        on_step: impl FnMut(usize, usize) -> Result<()>,
-    ) -> Result<Tensor> {
-        let (n, t, d) = z.dims3()?;
-        ensure!(
-            t == self.cfg.num_tokens() && d == self.cfg.token_dim(),
-            "noise tokens must be N,{},{} for this model, got N,{t},{d}",
-            self.cfg.num_tokens(),
-            self.cfg.token_dim()
-        );
-        if let Some(y) = labels {
-            ensure!(y.elem_count() == n, "got {} labels for {n} samples", y.elem_count());
-        }
-        ensure!(opts.attn_temp > 0.0, "attention temperature must be positive");
-        let dtype = self.blocks[0].pos_embed.dtype();
-        let z = z.to_dtype(DType::F32)?.to_device(&self.device)?;
-        let z = match &self.var {
-            Some(v) => z.broadcast_mul(&v.to_dtype(DType::F32)?.sqrt()?)?,
-            None => z,
-        };
-        let labels = if self.cfg.num_classes == 0 { None } else { labels };
-        let guided = opts.guidance != 0.0;
-        // With guidance, the batch is doubled: [conditional | guiding (mean class, attn_temp)].
-        let base_scale = 1.0 / (HEAD_DIM as f64).sqrt();
-        let mut scales = vec![base_scale as f32; n];
-        if guided {
-            scales.extend(std::iter::repeat((base_scale / opts.attn_temp) as f32).take(n));
-        }
-        let steps = Steps { guided, opts, done: 0, total: self.blocks.len() * (t - 1) };
-        // CPU f32: the host decoder; elsewhere candle ops with the KV caches and tokens on the device.
-        if crate::device::mode::current().fused && self.device.is_cpu() && dtype == DType::F32 {
-            self.decode_on_host(&z, labels, scales, steps, on_step)
-        } else {
-            self.decode_on_device(&z, labels, scales, steps, on_step)
-        }
-    }
-
-    /// The class rows of a decoding batch: [conditional | mean class] when guided.
-    fn decoding_class(&self, block: &FlowBlock, labels: Option<&Tensor>, n: usize, guided: bool) -> Result<Option<Tensor>> {
-        let cond = block.class_embedding(labels, n)?;
-        Ok(match (cond, guided) {
-            (Some(c), true) => Some(Tensor::cat(&[&c, &block.class_embedding(None, n)?.unwrap()], 0)?),
-            (c, _) => c,
-        })
-    }
-
-    /// Causal decoding with the host decoder (ops/decode.rs), one token of every sample at a time.
-    fn decode_on_host(
-        &self,
-        z: &Tensor,
-        labels: Option<&Tensor>,
-        scales: Vec<f32>,
-        mut steps: Steps,
-        mut on_step: impl FnMut(usize, usize) -> Result<()>,
-    ) -> Result<Tensor> {
-        let (n, t, d) = z.dims3()?;
-        let nb = scales.len();
-        let mut x: Vec<f32> = z.flatten_all()?.to_vec1()?;
-        for block in self.blocks.iter().rev() {
-            let class = self.decoding_class(block, labels, n, steps.guided)?;
-            let host_block = block.host_decoder(class.as_ref())?;
-            let mut decoder = engines::BlockDecoder::new(&host_block, scales.clone())?;
-            // Work in this block's token order.
-            let perm = |i: usize| if block.flip { t - 1 - i } else { i };
-            let (mut a, mut b) = (vec![0f32; nb * d], vec![0f32; nb * d]);
-            let mut tok = vec![0f32; nb * d];
-            for i in 0..t - 1 {
-                for s in 0..n {
-                    let off = (s * t + perm(i)) * d;
-                    tok[s * d..(s + 1) * d].copy_from_slice(&x[off..off + d]);
-                }
-                if steps.guided {
-                    tok.copy_within(0..n * d, n * d);
-                }
-                decoder.step(&tok, perm(i), &mut a, &mut b);
-                if steps.guided {
-                    // a += g (a - a_u), b += g (b - b_u): conditional rows first, guiding rows after.
-                    let g = steps.guidance_at(i, t) as f32;
-                    for v in [&mut a, &mut b] {
-                        let (cond, uncond) = v.split_at_mut(n * d);
-                        cond.iter_mut().zip(uncond.iter()).for_each(|(c, u)| *c += (*c - u) * g);
-                    }
-                }
-                for s in 0..n {
-                    let off = (s * t + perm(i + 1)) * d;
-                    for j in 0..d {
-                        let xv = &mut x[off + j];
-                        *xv = *xv * a[s * d + j].exp() + b[s * d + j];
-                    }
-                }
-                steps.advance(&mut on_step)?;
-            }
-        }
-        Ok(Tensor::from_vec(x, (n, t, d), &self.device)?)
-    }
-
-    /// Causal decoding with candle ops: the KV caches, tokens and guidance stay on the model's device
-    /// (no host round trip per step, which would stall a GPU B*(T-1) times).
-    fn decode_on_device(
-        &self,
-        z: &Tensor,
-        labels: Option<&Tensor>,
-        scales: Vec<f32>,
-        mut steps: Steps,
-        mut on_step: impl FnMut(usize, usize) -> Result<()>,
-    ) -> Result<Tensor> {
-        let (n, t, _) = z.dims3()?;
-        let nb = scales.len();
-        let dtype = self.blocks[0].pos_embed.dtype();
-        let scale = Tensor::from_vec(scales, nb, &self.device)?.to_dtype(dtype)?;
-        let heads = self.cfg.num_heads();
-        let mut x = z.clone();
-        for block in self.blocks.iter().rev() {
-            let class = self.decoding_class(block, labels, n, steps.guided)?;
-            let mut caches = (0..block.layers.len())
-                .map(|_| -> Result<KvCache> {
-                    Ok(KvCache {
-                        k: Tensor::zeros((nb, heads, t, HEAD_DIM), dtype, &self.device)?,
-                        v: Tensor::zeros((nb, heads, t, HEAD_DIM), dtype, &self.device)?,
-                        len: 0,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            // Tokens in this block's order, (N, 1, D) each, f32.
-            let xp = block.permute(&x, 1)?;
-            let mut tokens = (0..t).map(|i| xp.narrow(1, i, 1)).collect::<candle_core::Result<Vec<_>>>()?;
-            for i in 0..t - 1 {
-                let tok = if steps.guided { Tensor::cat(&[&tokens[i], &tokens[i]], 0)? } else { tokens[i].clone() };
-                let (a, b) = block.step(&tok.to_dtype(dtype)?, i, class.as_ref(), &mut caches, &scale)?;
-                let (mut a, mut b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
-                if steps.guided {
-                    let g = steps.guidance_at(i, t);
-                    let guide = |v: &Tensor| -> Result<Tensor> {
-                        let (c, u) = (v.narrow(0, 0, n)?, v.narrow(0, n, n)?);
-                        Ok((&c + ((&c - u)? * g)?)?)
-                    };
-                    (a, b) = (guide(&a)?, guide(&b)?);
-                }
-                tokens[i + 1] = tokens[i + 1].broadcast_mul(&a.exp()?.unsqueeze(1)?)?.broadcast_add(&b.unsqueeze(1)?)?;
-                steps.advance(&mut on_step)?;
-            }
-            x = block.permute(&Tensor::cat(&tokens, 1)?, 1)?;
-        }
-        Ok(x)
-    }
-
-    /// The exact inverse to images: z tokens (N, T, D) -> (N, C, H, W).
-    pub fn reverse(
-        &self,
-        z: &Tensor,
-        labels: Option<&Tensor>,
-        opts: &ReverseOptions,
-        on_step: impl FnMut(usize, usize) -> Result<()>,
-    ) -> Result<Tensor> {
-        self.unpatchify(&self.reverse_tokens(z, labels, opts, on_step)?)
-    }
 }
 
 /// Images (N, C, H, W) -> tokens (N, (H/p)*(W/p), C*p*p), like `unfold(x, p, stride=p).transpose(1, 2)`.
@@ -775,80 +345,6 @@ pub fn initial_parameters(cfg: &FlowConfig, seed: u64, device: &Device) -> Resul
     Ok(init.params)
 }
 
-/// Seeded initial parameters, drawn in the order they are asked for (F and G share it).
-pub(crate) struct ParamInit {
-    rng: rand::rngs::StdRng,
-    device: Device,
-    pub params: HashMap<String, Tensor>,
-}
-
-impl ParamInit {
-    pub fn new(seed: u64, device: &Device) -> ParamInit {
-        ParamInit { rng: rand::rngs::StdRng::seed_from_u64(seed), device: device.clone(), params: HashMap::new() }
-    }
-
-    fn put(&mut self, name: String, values: Vec<f32>, shape: &[usize]) -> Result<()> {
-        self.params.insert(name, Tensor::from_vec(values, shape, &self.device)?);
-        Ok(())
-    }
-
-    fn uniform(&mut self, n: usize, bound: f32) -> Vec<f32> {
-        let u = Uniform::new(-bound, bound);
-        (0..n).map(|_| u.sample(&mut self.rng)).collect()
-    }
-
-    /// Weight and bias U(-1/sqrt(d_in), 1/sqrt(d_in)) (PyTorch's nn.Linear).
-    pub fn linear(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<()> {
-        let bound = 1.0 / (d_in as f32).sqrt();
-        let w = self.uniform(d_in * d_out, bound);
-        let b = self.uniform(d_out, bound);
-        self.put(format!("{name}.weight"), w, &[d_out, d_in])?;
-        self.put(format!("{name}.bias"), b, &[d_out])
-    }
-
-    /// A linear layer whose weight starts at zero (the bias as in [`Self::linear`]).
-    pub fn zero_linear(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<()> {
-        let b = self.uniform(d_out, 1.0 / (d_in as f32).sqrt());
-        self.put(format!("{name}.weight"), vec![0.0; d_in * d_out], &[d_out, d_in])?;
-        self.put(format!("{name}.bias"), b, &[d_out])
-    }
-
-    /// N(0, 0.01^2) entries.
-    pub fn embedding(&mut self, name: &str, shape: &[usize]) -> Result<()> {
-        let normal = Normal::new(0.0f32, 0.01).unwrap();
-        let v = (0..shape.iter().product::<usize>()).map(|_| normal.sample(&mut self.rng)).collect();
-        self.put(name.to_string(), v, shape)
-    }
-
-    /// Weight 1, bias 0.
-    pub fn layer_norm(&mut self, name: &str, dim: usize) -> Result<()> {
-        self.put(format!("{name}.weight"), vec![1.0; dim], &[dim])?;
-        self.put(format!("{name}.bias"), vec![0.0; dim], &[dim])
-    }
-
-    /// An [`AttentionBlock`] of width `c` under `prefix`.
-    pub fn transformer_layer(&mut self, prefix: &str, c: usize) -> Result<()> {
-        self.layer_norm(&format!("{prefix}.attention.norm"), c)?;
-        self.layer_norm(&format!("{prefix}.mlp.norm"), c)?;
-        self.linear(&format!("{prefix}.attention.qkv"), c, 3 * c)?;
-        self.linear(&format!("{prefix}.attention.proj"), c, c)?;
-        self.linear(&format!("{prefix}.mlp.main.0"), c, MLP_EXPANSION * c)?;
-        self.linear(&format!("{prefix}.mlp.main.2"), MLP_EXPANSION * c, c)
-    }
-}
-
-/// A VarMap holding `params` as trainable variables.
-pub(crate) fn varmap_of(params: HashMap<String, Tensor>) -> Result<VarMap> {
-    let varmap = VarMap::new();
-    {
-        let mut data = varmap.data().lock().unwrap();
-        for (name, t) in params {
-            data.insert(name, candle_core::Var::from_tensor(&t)?);
-        }
-    }
-    Ok(varmap)
-}
-
 /// A trainable model: a VarMap holding seeded initial parameters, and the model built over it.
 pub fn new_trainable(cfg: &FlowConfig, seed: u64, device: &Device) -> Result<(VarMap, TarFlow)> {
     let varmap = varmap_of(initial_parameters(cfg, seed, device)?)?;
@@ -856,10 +352,24 @@ pub fn new_trainable(cfg: &FlowConfig, seed: u64, device: &Device) -> Result<(Va
     Ok((varmap, model))
 }
 
+/// One score-based denoising step: `x <- x - sigma^2 * d/dx [sum over the batch of the per-sample
+/// NLL]`, i.e. the gradient of the mean-reduced loss times N*C*H*W*sigma^2 (Tweedie's formula).
+pub fn denoise(model: &TarFlow, x: &Tensor, labels: Option<&Tensor>, sigma: f64) -> Result<Tensor> {
+    let xv = Var::from_tensor(&x.detach())?;
+    let out = model.forward(xv.as_tensor(), labels)?;
+    let loss = nll_loss(&out)?;
+    let grads = loss.backward()?;
+    let g = grads.get(xv.as_tensor()).context("no gradient reached the input")?;
+    let lr = x.elem_count() as f64 * sigma * sigma;
+    Ok((x - (g * lr)?)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Var;
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal, Uniform};
 
     fn toy(img: usize, c_in: usize, p: usize, classes: usize, clip: Option<f64>) -> FlowConfig {
         FlowConfig {

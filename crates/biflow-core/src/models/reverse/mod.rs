@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use std::sync::OnceLock;
 
-use crate::models::flow::{label_indices, varmap_of, AttentionBlock, FlowConfig, LayerNorm, Linear, Named, ParamInit, HEAD_DIM};
+use crate::models::flow::{FlowConfig, HEAD_DIM};
+use crate::models::init::{varmap_of, ParamInit};
+use crate::models::layers::{label_indices, AttentionBlock, LayerNorm, Linear, Named};
 use crate::engines::{Frozen, ReverseGrad};
 
 /// Sine/cosine features of the guidance scale fed to `cfg_embed`.
@@ -170,7 +172,7 @@ impl ReverseModel {
     }
 
     /// x' = G(z | y, w) (N, T, D): one evaluation, for sampling. On the CPU this is the hand-written
-    /// pass (grad::ReverseGrad, in cache-sized groups of samples); elsewhere [`Self::forward`].
+    /// pass (engines::ReverseGrad, in cache-sized groups of samples); elsewhere [`Self::forward`].
     pub fn sample(&self, z: &Tensor, labels: Option<&Tensor>, guidance: Option<&[f32]>) -> Result<Tensor> {
         let frozen = Frozen::get_or_make(&self.host, || self.named_parameters(), |names, sizes, values| ReverseGrad::new(&self.cfg, names, sizes)?.frozen(values));
         let Some(host) = frozen? else {

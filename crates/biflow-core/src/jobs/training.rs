@@ -1,0 +1,153 @@
+//! The job shell that `train` and `distill` share, written once: one writer per run (the lock),
+//! resume (the run's own options are the base and the user's are checked against them), a new run
+//! or the resumed one with its newest checkpoint, the backend, the one trainer
+//! ([`crate::train::fit`]), and the run's report afterwards. A job brings its objective and how its
+//! settings resolve ([`TrainingJob`]).
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use candle_core::Device;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+use crate::device::mode::Backend;
+use crate::device::DeviceArgs;
+use crate::job::JobCtx;
+use crate::run::{Run, RunConfig};
+use crate::train::{self, load_checkpoint, Fit, Limited, Objective, RunLock, Schedule, Slot, TrainData};
+
+/// What every training session is given besides the job's own settings.
+#[derive(Clone, Debug, Default)]
+pub struct SessionArgs {
+    /// The run folder to create, or to continue with `resume`.
+    pub out: PathBuf,
+    pub resume: bool,
+    /// Testing hook: pretend the loss is NaN at this step.
+    pub debug_nan_at_step: Option<u64>,
+    /// The command line, recorded in RUN/history.jsonl.
+    pub command: Option<String>,
+    /// `--device` and `--precision`: where this session runs (not part of the run's config).
+    pub on: DeviceArgs,
+}
+
+impl SessionArgs {
+    /// Split a job's JSON options (camelCase) into the session's arguments and the job's settings.
+    /// `out_help` names `--out` in the error when it is missing.
+    pub fn split(job: &str, options: Value, out_help: &str) -> Result<(SessionArgs, Map<String, Value>)> {
+        let Value::Object(mut map) = options else { bail!("{job} options must be an object") };
+        let out = match map.remove("out") {
+            Some(Value::String(s)) => PathBuf::from(s),
+            _ => bail!("{job} needs {out_help}"),
+        };
+        let resume = match map.remove("resume") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => b,
+            Some(v) => bail!("resume must be true or false, got {v}"),
+        };
+        let debug_nan_at_step = map.remove("debugNanAtStep").and_then(|v| v.as_u64());
+        let command = map.remove("commandLine").and_then(|v| v.as_str().map(str::to_string));
+        let on = DeviceArgs::take(&mut map)?;
+        map.retain(|_, v| !v.is_null());
+        Ok((SessionArgs { out, resume, debug_nan_at_step, command, on }, map))
+    }
+}
+
+/// What a training job adds to the shell: how its settings resolve, its run, its objective.
+pub trait TrainingJob {
+    /// The resolved options, stored in RUN/config.json under "train".
+    type Options: Serialize + DeserializeOwned + PartialEq;
+    /// The trained model's configuration, recorded in every checkpoint.
+    type Model: Serialize;
+    /// The job's name, also its progress phase ("train", "distill").
+    const NAME: &'static str;
+    /// What `--resume` needs as `--out`, for the error ("an existing run folder").
+    const RESUMES: &'static str;
+
+    /// On resume, check the user's settings against the run's and take the run's as the base.
+    /// Returns the `--limit` that applies to the data.
+    fn settle(&mut self, resumed: Option<&Run>) -> Result<Option<usize>>;
+    /// The options and model for this (limited) data, on `device`.
+    fn resolve(&mut self, data: &dyn TrainData, device: &Device) -> Result<(Self::Options, Self::Model)>;
+    fn schedule(opts: &Self::Options) -> &Schedule;
+    /// A resumed run must describe this model.
+    fn check_model(run: &Run, model: &Self::Model) -> Result<()>;
+    /// The configuration of a new run.
+    fn new_run(&self, opts: &Self::Options, model: &Self::Model) -> Result<RunConfig>;
+    /// The trainable parameters (seeded) and the objective that trains them.
+    fn objective(&mut self, opts: Self::Options, model: &Self::Model, device: &Device, backend: Backend) -> Result<(Vec<Slot>, Box<dyn Objective>)>;
+    /// What the job adds to its result.
+    fn finish(&self, _result: &mut Map<String, Value>) {}
+}
+
+/// Run a training session of `job` on `data`: a new run in `args.out`, or continue it.
+pub fn drive<J: TrainingJob>(mut job: J, args: &SessionArgs, data: &dyn TrainData, ctx: &JobCtx) -> Result<Value> {
+    let on = args.on.place()?;
+    let device = on.device.clone();
+    let open = || Run::open(&args.out).with_context(|| format!("--resume needs {} as --out", J::RESUMES));
+    if args.resume {
+        open()?;
+    }
+    // One writer per run: taken before anything in the folder is created or changed.
+    let lock = RunLock::acquire(&args.out, ctx)?;
+    let prior = if args.resume { Some(open()?) } else { None };
+    let limit = job.settle(prior.as_ref())?;
+    let limited;
+    let data: &dyn TrainData = match limit {
+        Some(l) if l > 0 && l < data.len() => {
+            limited = Limited { inner: data, limit: l };
+            &limited
+        }
+        _ => data,
+    };
+    let (opts, model) = job.resolve(data, &device)?;
+
+    // The run folder: the one being resumed with its newest checkpoint, or a new one.
+    let (run, resume) = match prior {
+        Some(mut run) => {
+            J::check_model(&run, &model)?;
+            run.sweep_temporaries()?;
+            let ck = run.latest_checkpoint()?.ok_or_else(|| anyhow!("--resume: {} has no checkpoint to resume from", run.dir.display()))?;
+            let loaded = load_checkpoint(&ck)?;
+            ensure!(
+                loaded.state.model == serde_json::to_value(&model)?,
+                "checkpoint {} was written for another model than the run's config.json",
+                ck.dir.display()
+            );
+            if serde_json::from_value::<J::Options>(run.config.train.clone()).ok().as_ref() != Some(&opts) {
+                run.config.train = serde_json::to_value(&opts)?;
+                run.write_config()?;
+            }
+            (run, Some((ck, loaded)))
+        }
+        None => (Run::create(&args.out, job.new_run(&opts, &model)?)?, None),
+    };
+
+    let schedule = J::schedule(&opts).clone();
+    let options = serde_json::to_value(&opts)?;
+    let (slots, mut objective) = job.objective(opts, &model, &device, Backend::of(&device))?;
+    let fit = Fit {
+        run: &run,
+        lock: &lock,
+        data,
+        schedule,
+        options,
+        model: serde_json::to_value(&model)?,
+        slots,
+        resume,
+        phase: J::NAME,
+        debug_nan_at_step: args.debug_nan_at_step,
+        command: args.command.clone(),
+    };
+    let mut result = train::fit(fit, objective.as_mut(), ctx)?.result;
+    // The run's report (no comparison sampling here; `biflow report` and `biflow demo` add it).
+    match crate::jobs::report::write_default(&run.dir) {
+        Ok(p) => {
+            result.insert("report".into(), json!(p));
+        }
+        Err(e) => ctx.message(format!("the report could not be written: {e:#}")),
+    }
+    job.finish(&mut result);
+    Ok(Value::Object(result))
+}
