@@ -2,6 +2,7 @@ import {Flags} from '@oclif/core'
 
 import {BiflowCommand} from '../lib/command.js'
 import {deviceFlags, deviceOptions} from '../lib/device.js'
+import {optionFlags, optionValues} from '../lib/options.js'
 
 interface TrainResult {
   run: string
@@ -38,66 +39,21 @@ from --config FILE.json (same names in camelCase), then the defaults.`
 
   static flags = {
     ...deviceFlags,
-    data: Flags.string({description: 'prepared dataset folder (from `biflow data prepare`); on --resume defaults to the run\'s'}),
     out: Flags.string({required: true, description: 'run folder to create (or to continue with --resume)'}),
     resume: Flags.boolean({description: 'continue the run in --out from its newest checkpoint'}),
     config: Flags.string({description: 'JSON file with training options (camelCase flag names, or a run\'s config.json); flags override it'}),
-    'batch-size': Flags.integer({description: 'images per step [default: 64]'}),
-    steps: Flags.integer({description: 'total optimiser steps [default: 10000]', exclusive: ['epochs']}),
-    epochs: Flags.string({description: 'train for this many passes over the data instead of --steps'}),
-    lr: Flags.string({description: 'peak learning rate [default: 3e-4]'}),
-    'min-lr': Flags.string({description: 'learning rate at the end of the cosine decay [default: 1e-6]'}),
-    warmup: Flags.integer({description: 'linear warmup steps [default: min(1000, steps/20)]'}),
-    'weight-decay': Flags.string({description: 'AdamW weight decay on weight matrices [default: 1e-4]'}),
-    'grad-clip': Flags.string({description: 'clip the global gradient norm to this (0: off) [default: 1]'}),
-    'ema-decay': Flags.string({description: 'decay of the EMA of the weights [default: 0.999]'}),
-    'noise-std': Flags.string({description: 'Gaussian noise added to the data (0: none) [default: 0.05]'}),
-    dequantize: Flags.boolean({description: 'uniform dequantisation instead of Gaussian noise (likelihood models)'}),
-    'drop-label': Flags.string({description: 'probability of dropping the label, for guidance [default: 0.1 with classes]'}),
-    seed: Flags.integer({description: 'seed for initial weights, data order, noise and label drops [default: 0]'}),
-    'patch-size': Flags.integer({description: 'patch size p (tokens = (size/p)^2) [default: 4 from 32px, else 2]'}),
-    channels: Flags.integer({description: 'transformer width (multiple of 64) [default: 256]'}),
-    blocks: Flags.integer({description: 'number of flow blocks [default: 4]'}),
-    'layers-per-block': Flags.integer({description: 'transformer layers in each block [default: 2]'}),
-    'clip-scale': Flags.string({description: 'soft clip c*tanh(a/c) of the affine scales (BiFlow norm control; 0: off) [default: off]'}),
-    'save-every': Flags.integer({description: 'write a checkpoint every N steps [default: 1000]'}),
-    keep: Flags.integer({description: 'number of newest checkpoints to keep [default: 3]'}),
-    limit: Flags.integer({description: 'train on the first N training images only'}),
-    'sample-every': Flags.integer({description: 'write a grid of 16 samples (fixed noise and labels, EMA weights) to RUN/samples/step-N.png every N steps (0: never) [default: 0]', min: 0}),
+    ...optionFlags('train'),
   }
 
   async run(): Promise<TrainResult> {
     const {flags} = await this.parse(Train)
-    const num = (name: string, v: string | undefined) => this.number(name, v)
 
     const result = await this.job<TrainResult>('train', {
       ...deviceOptions(flags),
-      data: flags.data,
       out: flags.out,
       resume: flags.resume || undefined,
       config: flags.config,
-      batchSize: flags['batch-size'],
-      steps: flags.steps,
-      epochs: num('epochs', flags.epochs),
-      lr: num('lr', flags.lr),
-      minLr: num('min-lr', flags['min-lr']),
-      warmup: flags.warmup,
-      weightDecay: num('weight-decay', flags['weight-decay']),
-      gradClip: num('grad-clip', flags['grad-clip']),
-      emaDecay: num('ema-decay', flags['ema-decay']),
-      noiseStd: num('noise-std', flags['noise-std']),
-      dequantize: flags.dequantize || undefined,
-      dropLabel: num('drop-label', flags['drop-label']),
-      seed: flags.seed,
-      patchSize: flags['patch-size'],
-      channels: flags.channels,
-      blocks: flags.blocks,
-      layersPerBlock: flags['layers-per-block'],
-      clipScale: num('clip-scale', flags['clip-scale']),
-      saveEvery: flags['save-every'],
-      keep: flags.keep,
-      limit: flags.limit,
-      sampleEvery: flags['sample-every'],
+      ...optionValues('train', flags, (m) => this.error(m)),
       commandLine: this.commandLine(),
     })
     const fmt = (v: number | null) => (v === null ? '?' : v.toFixed(4))

@@ -124,3 +124,11 @@ pub fn run_job(
 pub fn core_version() -> String {
     env!("CARGO_PKG_VERSION").to_string()
 }
+
+/// The options of a core job as JSON (`[{key, kind, help, default, choices}]`): the CLI builds its
+/// flags and `--help` from them.
+#[napi]
+pub fn option_specs(job: String) -> Result<String> {
+    let specs = biflow_core::jobs::option_specs(&job).map_err(|e| Error::from_reason(format!("{e:#}")))?;
+    serde_json::to_string(&specs).map_err(|e| Error::from_reason(e.to_string()))
+}

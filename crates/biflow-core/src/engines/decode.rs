@@ -13,6 +13,7 @@ use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
+use crate::models::flow::config::soft_clip;
 use crate::engines::ops::{simd_kernels, exp_nonpositive, gelu_fwd, layer_norm_fwd, matmul, transpose, Threads, View};
 
 /// A tensor's values as a host f32 vector.
@@ -98,8 +99,8 @@ pub(crate) struct HostBlock {
     pub class: Option<Vec<f32>>,
     pub layers: Vec<HostLayer>,
     pub proj_out: HostLinear,
-    /// Soft clip `c tanh(a / c)` of the log-scales.
-    pub clip: Option<f32>,
+    /// The soft clip scale of the log-scales ([`soft_clip`]).
+    pub clip: Option<f64>,
     pub heads: usize,
     pub head_dim: usize,
     pub tokens: usize,
@@ -227,10 +228,7 @@ fn worker_step(block: &HostBlock, w: &mut Worker, tokens: &[f32], pos_row: usize
     for (s, row) in w.out.chunks(2 * d).enumerate() {
         let (ra, rb) = row.split_at(d);
         let out_a = &mut a[s * d..(s + 1) * d];
-        match block.clip {
-            Some(cl) => out_a.iter_mut().zip(ra).for_each(|(o, &v)| *o = cl * (v / cl).tanh()),
-            None => out_a.copy_from_slice(ra),
-        }
+        out_a.iter_mut().zip(ra).for_each(|(o, &v)| *o = soft_clip(v, block.clip));
         b[s * d..(s + 1) * d].copy_from_slice(rb);
     }
 }

@@ -5,7 +5,7 @@
 use anyhow::{ensure, Context, Result};
 
 use super::layer::{check_labels, check_sizes, GROUP_TOKENS, add_assign, class_table_bwd, layer_backward, layer_forward, linear, linear_bwd, mean_row, pair_mut, Index, LayerActs, LayerParams, LayerScratch, LayerShape, Pair};
-use crate::models::flow::config::{FlowConfig, HEAD_DIM, LN_EPS};
+use crate::models::flow::config::{soft_clip, soft_clip_slope, FlowConfig, HEAD_DIM, LN_EPS};
 use crate::engines::ops::{self, AttentionDims};
 
 struct BlockParams {
@@ -219,10 +219,7 @@ impl NllGrad {
                         dxin[j] = gy[j] * e;
                         if i > 0 {
                             let mut da = dlogdet_da - gy[j] * acts.y[j];
-                            if let Some(cs) = self.cfg.clip_scale {
-                                let u = acts.a[j] / cs as f32;
-                                da *= 1.0 - u * u;
-                            }
+                            da *= soft_clip_slope(acts.a[j], self.cfg.clip_scale);
                             d_o[(r - 1) * 2 * d + k] = da;
                             d_o[(r - 1) * 2 * d + d + k] = -gy[j] * e;
                         }
@@ -258,10 +255,7 @@ fn couple(cfg: &FlowConfig, o: &[f32], xin: &[f32], n: usize, logdets: &mut [f32
             let r = s * t + i;
             for k in 0..d {
                 let (ak, bk) = if i == 0 { (0.0, 0.0) } else { (o[(r - 1) * 2 * d + k], o[(r - 1) * 2 * d + d + k]) };
-                let ak = match cfg.clip_scale {
-                    Some(cs) => cs as f32 * (ak / cs as f32).tanh(),
-                    None => ak,
-                };
+                let ak = soft_clip(ak, cfg.clip_scale);
                 a[r * d + k] = ak;
                 y[r * d + k] = (xin[r * d + k] - bk) * (-ak).exp();
             }

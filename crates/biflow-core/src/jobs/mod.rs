@@ -6,6 +6,7 @@ pub mod demo;
 pub mod distill;
 pub mod edit;
 pub mod import;
+pub mod options;
 pub mod report;
 pub mod runs;
 pub mod sample;
@@ -20,6 +21,16 @@ use crate::job::JobCtx;
 
 fn opts<T: DeserializeOwned>(name: &str, options: Value) -> Result<T> {
     serde_json::from_value(options).with_context(|| format!("invalid options for job '{name}'"))
+}
+
+/// The options of the job called `name` as the CLI shows them (jobs whose settings are declared
+/// with [`crate::settings!`]).
+pub fn option_specs(name: &str) -> Result<Vec<options::OptionSpec>> {
+    Ok(match name {
+        "train" => train::TrainSettings::specs(),
+        "distill" => distill::DistillSettings::specs(),
+        _ => bail!("job '{name}' declares no settings"),
+    })
 }
 
 /// Run the job called `name`.

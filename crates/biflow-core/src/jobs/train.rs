@@ -19,76 +19,62 @@ use crate::job::JobCtx;
 use crate::device::mode::Backend;
 use crate::engines::NllGrad;
 use crate::run::{Run, RunConfig};
+use crate::jobs::options::given;
 use crate::jobs::training::{self, SessionArgs, TrainingJob};
 use crate::train::{self, open_data, Objective, Schedule, Slot, StepOutput, TrainData};
 
 // ---------------------------------------------------------------------------------------------
 // Options
 
-/// Every training knob, as given on the command line or in a `--config` file (all optional).
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct TrainSettings {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub data: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub batch_size: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub steps: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub epochs: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lr: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub min_lr: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub warmup: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub weight_decay: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub grad_clip: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ema_decay: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub noise_std: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dequantize: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub drop_label: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub patch_size: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub channels: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub blocks: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub layers_per_block: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub clip_scale: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub save_every: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub keep: Option<usize>,
-    /// Train on the first N training images only.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub limit: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sample_every: Option<u64>,
-}
-
-impl TrainSettings {
-    /// `self` where set, else `other`.
-    fn or(self, other: TrainSettings) -> TrainSettings {
-        let a = serde_json::to_value(&self).unwrap();
-        let mut b = serde_json::to_value(&other).unwrap();
-        if let (Value::Object(a), Value::Object(b)) = (a, &mut b) {
-            for (k, v) in a {
-                b.insert(k, v);
-            }
-        }
-        serde_json::from_value(b).unwrap()
+crate::settings! {
+    /// Every training knob, as given on the command line or in a `--config` file (all optional).
+    pub struct TrainSettings {
+        /// prepared dataset folder (from `biflow data prepare`); on --resume defaults to the run's
+        data: String,
+        /// images per step
+        batch_size: usize = 64,
+        /// total optimiser steps
+        steps: u64 = 10000,
+        /// train for this many passes over the data instead of --steps
+        epochs: f64,
+        /// peak learning rate
+        lr: f64 = 3e-4,
+        /// learning rate at the end of the cosine decay
+        min_lr: f64 = 1e-6,
+        /// linear warmup steps
+        warmup: u64 ["min(1000, steps/20)"],
+        /// AdamW weight decay on weight matrices
+        weight_decay: f64 = 1e-4,
+        /// clip the global gradient norm to this (0: off)
+        grad_clip: f64 ["1"] = 1.0,
+        /// decay of the EMA of the weights
+        ema_decay: f64 = 0.999,
+        /// Gaussian noise added to the data (0: none)
+        noise_std: f64 ["0.05"],
+        /// uniform dequantisation instead of Gaussian noise (likelihood models)
+        dequantize: bool,
+        /// probability of dropping the label, for guidance
+        drop_label: f64 ["0.1 with classes"],
+        /// seed for initial weights, data order, noise and label drops
+        seed: u64 = 0,
+        /// patch size p (tokens = (size/p)^2)
+        patch_size: usize ["4 from 32px, else 2"],
+        /// transformer width (multiple of 64)
+        channels: usize = 256,
+        /// number of flow blocks
+        blocks: usize = 4,
+        /// transformer layers in each block
+        layers_per_block: usize = 2,
+        /// soft clip c*tanh(a/c) of the affine scales (BiFlow norm control; 0: off)
+        clip_scale: f64 ["off"],
+        /// write a checkpoint every N steps
+        save_every: u64 = 1000,
+        /// number of newest checkpoints to keep
+        keep: usize = 3,
+        /// train on the first N training images only
+        limit: usize,
+        /// write a grid of 16 samples (fixed noise and labels, EMA weights) to RUN/samples/step-N.png every N steps (0: never)
+        sample_every: u64 = 0,
     }
 }
 
@@ -137,12 +123,14 @@ fn read_config_file(path: &Path) -> Result<TrainSettings> {
 }
 
 fn resolve(s: &TrainSettings, data: &dyn TrainData, data_dir: &str) -> Result<(TrainOptions, FlowConfig)> {
+    // The declared defaults; --steps and --epochs are read as given (one excludes the other).
+    let all = s.clone().or(TrainSettings::defaults());
     let (c, h, w) = data.shape();
     if h != w {
         bail!("the dataset's images are {w}x{h}; TARFlow needs square images (prepare the data with a square --size)");
     }
     let n = data.len();
-    let batch_size = s.batch_size.unwrap_or(64);
+    let batch_size = given(&all.batch_size);
     if batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -159,12 +147,12 @@ fn resolve(s: &TrainSettings, data: &dyn TrainData, data_dir: &str) -> Result<(T
             }
             (e * per_epoch).ceil().max(1.0) as u64
         }
-        (None, None) => 10_000,
+        (None, None) => given(&all.steps),
     };
     if steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let lr = s.lr.unwrap_or(3e-4);
+    let lr = given(&all.lr);
     if !(lr > 0.0 && lr.is_finite()) {
         bail!("--lr must be a positive number");
     }
@@ -186,7 +174,7 @@ fn resolve(s: &TrainSettings, data: &dyn TrainData, data_dir: &str) -> Result<(T
     if patch_size == 0 || h % patch_size != 0 {
         bail!("--patch-size {patch_size} does not divide the image size {h}");
     }
-    let channels = s.channels.unwrap_or(256);
+    let channels = given(&all.channels);
     if channels == 0 || channels % 64 != 0 {
         bail!("--channels must be a positive multiple of 64 (attention heads have size 64), got {channels}");
     }
@@ -195,8 +183,8 @@ fn resolve(s: &TrainSettings, data: &dyn TrainData, data_dir: &str) -> Result<(T
         in_channels: c,
         patch_size,
         channels,
-        num_blocks: s.blocks.unwrap_or(4).max(1),
-        layers_per_block: s.layers_per_block.unwrap_or(2).max(1),
+        num_blocks: given(&all.blocks).max(1),
+        layers_per_block: given(&all.layers_per_block).max(1),
         num_classes: classes,
         clip_scale: match s.clip_scale {
             Some(x) if x > 0.0 => Some(x),
@@ -210,17 +198,17 @@ fn resolve(s: &TrainSettings, data: &dyn TrainData, data_dir: &str) -> Result<(T
             batch_size,
             steps,
             lr,
-            min_lr: s.min_lr.unwrap_or(1e-6).min(lr),
+            min_lr: given(&all.min_lr).min(lr),
             warmup: s.warmup.unwrap_or((steps / 20).min(1000)),
-            weight_decay: s.weight_decay.unwrap_or(1e-4),
+            weight_decay: given(&all.weight_decay),
             beta1: 0.9,
             beta2: 0.95,
-            grad_clip: s.grad_clip.unwrap_or(1.0),
-            ema_decay: s.ema_decay.unwrap_or(0.999),
-            seed: s.seed.unwrap_or(0),
-            save_every: s.save_every.unwrap_or(1000).max(1),
-            keep: s.keep.unwrap_or(3).max(1),
-            sample_every: s.sample_every.unwrap_or(0),
+            grad_clip: given(&all.grad_clip),
+            ema_decay: given(&all.ema_decay),
+            seed: given(&all.seed),
+            save_every: given(&all.save_every).max(1),
+            keep: given(&all.keep).max(1),
+            sample_every: given(&all.sample_every),
         },
         epochs: s.epochs,
         noise_std,

@@ -68,3 +68,20 @@ impl FlowConfig {
         Ok(())
     }
 }
+
+/// The soft clip `c tanh(a / c)` of a log-scale, as the host passes compute it (the model's
+/// [`super::FlowBlock`] applies the same to tensors).
+pub fn soft_clip(a: f32, c: Option<f64>) -> f32 {
+    match c {
+        Some(c) => c as f32 * (a / c as f32).tanh(),
+        None => a,
+    }
+}
+
+/// d soft_clip / d a, from the clipped value: `1 - (clipped / c)^2`.
+pub fn soft_clip_slope(clipped: f32, c: Option<f64>) -> f32 {
+    match c {
+        Some(c) => 1.0 - (clipped / c as f32).powi(2),
+        None => 1.0,
+    }
+}

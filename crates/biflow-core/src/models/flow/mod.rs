@@ -168,7 +168,7 @@ impl FlowBlock {
             tokens: self.pos_embed.dim(0)?,
             layers,
             proj_out: linear(&self.proj_out)?,
-            clip: self.clip_scale.map(|c| c as f32),
+            clip: self.clip_scale,
         })
     }
 }

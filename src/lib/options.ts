@@ -1,0 +1,69 @@
+// A job's options come from the core, where each is declared once (crates/biflow-core/src/jobs/options.rs):
+// the flags, their help and "[default: ...]" are built from that declaration, and the parsed flags go back
+// to the job under the declared keys, so a default lives in one place and a key cannot be misspelt here.
+import {Flags, Interfaces} from '@oclif/core'
+
+import {native} from './native.js'
+
+interface OptionSpec {
+  key: string
+  kind: 'integer' | 'number' | 'text' | 'flag' | 'pair'
+  help: string
+  default: string | null
+  choices: string[]
+}
+
+const cache = new Map<string, OptionSpec[]>()
+
+function specs(job: string): OptionSpec[] {
+  if (!cache.has(job)) cache.set(job, JSON.parse(native().optionSpecs(job)) as OptionSpec[])
+  return cache.get(job)!
+}
+
+/** `batchSize` -> `batch-size`. */
+const kebab = (key: string) => key.replaceAll(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)
+
+/** The oclif flags of a job's declared options. */
+export function optionFlags(job: string) {
+  type AnyFlag = Interfaces.OptionFlag<unknown> | Interfaces.BooleanFlag<unknown>
+  const flags: Record<string, AnyFlag> = {}
+  for (const s of specs(job)) {
+    const description = s.default === null ? s.help : `${s.help} [default: ${s.default}]`
+    const flag =
+      s.kind === 'integer'
+        ? Flags.integer({description, min: 0})
+        : s.kind === 'flag'
+          ? Flags.boolean({description})
+          : Flags.string({description, ...(s.choices.length > 0 ? {options: s.choices} : {})})
+    flags[kebab(s.key)] = flag as AnyFlag
+  }
+
+  return flags
+}
+
+/**
+ * The job options from parsed flags: numbers checked, `lo,hi` pairs split, absent flags left out (the core
+ * resolves their defaults). `fail` reports a malformed value.
+ */
+export function optionValues(job: string, flags: Record<string, unknown>, fail: (message: string) => never): Record<string, unknown> {
+  const number = (name: string, v: string) => {
+    const x = Number(v)
+    if (v.trim() === '' || !Number.isFinite(x)) fail(`--${name} must be a number, got '${v}'`)
+    return x
+  }
+
+  const out: Record<string, unknown> = {}
+  for (const s of specs(job)) {
+    const name = kebab(s.key)
+    const v = flags[name]
+    if (v === undefined || v === false) continue
+    if (s.kind === 'number') out[s.key] = number(name, v as string)
+    else if (s.kind === 'pair') {
+      const parts = (v as string).split(',')
+      if (parts.length !== 2) fail(`--${name} must be lo,hi (two numbers), got '${v}'`)
+      out[s.key] = parts.map((p) => number(name, p))
+    } else out[s.key] = v
+  }
+
+  return out
+}
