@@ -138,7 +138,8 @@ pub struct Placement {
     _mode: ModeGuard,
 }
 
-/// A job's `device` and `precision` options, for jobs that read their options by hand.
+/// A job's `device` and `precision` options: taken out of its options before they are read (the job
+/// table, the training shell), declared once here.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceArgs {
     pub device: Option<String>,

@@ -13,6 +13,7 @@ use rand_distr::Distribution;
 use crate::data::{Dataset, Split};
 use crate::models::flow::{bits_per_dim, FlowConfig, TarFlow};
 use crate::io::npy::read_npy;
+use crate::device::DeviceArgs;
 use crate::job::JobCtx;
 
 #[derive(Deserialize, Debug)]
@@ -38,11 +39,6 @@ pub struct BpdOptions {
     pub seed: u64,
     #[serde(default)]
     pub batch_size: Option<usize>,
-    /// `--device` and `--precision` (device.rs); default auto and f32.
-    #[serde(default)]
-    pub device: Option<String>,
-    #[serde(default)]
-    pub precision: Option<String>,
 }
 
 /// Bits/dim of images (N, C, H, W) in [-1, 1] (already dequantised), in batches: one value per sample.
@@ -106,8 +102,8 @@ pub(crate) fn open_eval_split(dir: &str, split: Option<&str>, limit: Option<usiz
     Ok((ds, split, n))
 }
 
-pub fn eval_bpd(o: BpdOptions, ctx: &JobCtx) -> Result<Value> {
-    let on = crate::device::place(o.device.as_deref(), o.precision.as_deref())?;
+pub fn eval_bpd(o: BpdOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
+    let on = on.place()?;
     let device = on.device.clone();
     let run = crate::run::Run::open(Path::new(&o.model))?;
     let model = run.load_flow(&device)?;
@@ -193,6 +189,7 @@ mod tests {
         let eval = |seed: u64| -> Value {
             eval_bpd(
                 serde_json::from_value(json!({"model": run, "data": data, "perSample": true, "seed": seed})).unwrap(),
+                &Default::default(),
                 &JobCtx::silent(),
             )
             .unwrap()
@@ -205,6 +202,6 @@ mod tests {
         assert!(bpd.is_finite() && bpd > 0.0, "{bpd}");
         // Both inputs given, or neither, are clear errors.
         let both = serde_json::from_value(json!({"model": run, "data": data, "input": "x.npy"})).unwrap();
-        assert!(eval_bpd(both, &JobCtx::silent()).unwrap_err().to_string().contains("not both"));
+        assert!(eval_bpd(both, &Default::default(), &JobCtx::silent()).unwrap_err().to_string().contains("not both"));
     }
 }

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::models::flow::{ReverseOptions, TarFlow};
+use crate::device::DeviceArgs;
 use crate::job::JobCtx;
 use crate::models::reverse::ReverseModel;
 use crate::run::Run;
@@ -37,11 +38,6 @@ pub struct EvalReverseOptions {
     pub seed: u64,
     #[serde(default)]
     pub batch_size: Option<usize>,
-    /// `--device` and `--precision` (device.rs); default auto and f32.
-    #[serde(default)]
-    pub device: Option<String>,
-    #[serde(default)]
-    pub precision: Option<String>,
 }
 
 /// F, G and the noise level of a distilled run, as the evaluation uses them.
@@ -127,8 +123,8 @@ pub fn psnr(mse: f64) -> f64 {
     10.0 * (4.0 / mse.max(1e-12)).log10()
 }
 
-pub fn eval_reverse(o: EvalReverseOptions, ctx: &JobCtx) -> Result<Value> {
-    let on = crate::device::place(o.device.as_deref(), o.precision.as_deref())?;
+pub fn eval_reverse(o: EvalReverseOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
+    let on = on.place()?;
     let device = on.device.clone();
     let run = Run::open(std::path::Path::new(&o.model))?;
     ensure!(run.is_distilled(), "{} is a forward run; eval-reverse needs a distilled run (biflow distill)", o.model);

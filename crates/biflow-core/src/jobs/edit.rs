@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use crate::eval::reverse::Pair;
 use crate::models::flow::FlowConfig;
+use crate::device::DeviceArgs;
 use crate::job::JobCtx;
 use crate::run::Run;
 use crate::io::atomic::ensure_empty_out;
@@ -39,11 +40,6 @@ pub struct EditOptions {
     pub seed: u64,
     #[serde(default)]
     pub force: bool,
-    /// `--device` and `--precision` (device.rs); default auto and f32.
-    #[serde(default)]
-    pub device: Option<String>,
-    #[serde(default)]
-    pub precision: Option<String>,
 }
 
 fn four() -> usize {
@@ -75,8 +71,8 @@ fn read_image(path: &str, cfg: &FlowConfig, what: &str) -> Result<Vec<f32>> {
     Ok(chw)
 }
 
-pub fn edit(o: EditOptions, ctx: &JobCtx) -> Result<Value> {
-    let on = crate::device::place(o.device.as_deref(), o.precision.as_deref())?;
+pub fn edit(o: EditOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
+    let on = on.place()?;
     let device = on.device.clone();
     let run = Run::open(Path::new(&o.model))?;
     ensure!(run.is_distilled(), "{} is a forward run; edit needs a distilled run (biflow distill)", o.model);

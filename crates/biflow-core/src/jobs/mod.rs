@@ -17,10 +17,18 @@ use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::device::DeviceArgs;
 use crate::job::JobCtx;
 
 fn opts<T: DeserializeOwned>(name: &str, options: Value) -> Result<T> {
     serde_json::from_value(options).with_context(|| format!("invalid options for job '{name}'"))
+}
+
+/// A job's options and, taken out of them, where it runs (`device`, `precision`).
+fn opts_on<T: DeserializeOwned>(name: &str, options: Value) -> Result<(T, DeviceArgs)> {
+    let Value::Object(mut map) = options else { bail!("invalid options for job '{name}': not an object") };
+    let on = DeviceArgs::take(&mut map)?;
+    Ok((opts(name, Value::Object(map))?, on))
 }
 
 /// The options of the job called `name` as the CLI shows them (jobs whose settings are declared
@@ -41,18 +49,39 @@ pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
         "data.inspect" => crate::data::inspect(opts(name, options)?, ctx),
         "data.synth" => crate::data::bench::synth(opts(name, options)?),
         "data.benchRead" => crate::data::bench::bench_read(opts(name, options)?),
-        "fid.eval" => crate::eval::fid::eval::eval(opts(name, options)?, ctx),
+        "fid.eval" => {
+            let (o, on) = opts_on(name, options)?;
+            crate::eval::fid::eval::eval(o, &on, ctx)
+        }
         "fid.convertWeights" => crate::eval::fid::eval::convert_weights(opts(name, options)?, ctx),
         "fid.formulaWeights" => crate::eval::fid::eval::formula_weights(opts(name, options)?, ctx),
         "train" => crate::jobs::train::train_job(options, ctx),
         "distill" => crate::jobs::distill::distill_job(options, ctx),
-        "eval-reverse" => crate::eval::reverse::eval_reverse(opts(name, options)?, ctx),
-        "edit" => crate::jobs::edit::edit(opts(name, options)?, ctx),
+        "eval-reverse" => {
+            let (o, on) = opts_on(name, options)?;
+            crate::eval::reverse::eval_reverse(o, &on, ctx)
+        }
+        "edit" => {
+            let (o, on) = opts_on(name, options)?;
+            crate::jobs::edit::edit(o, &on, ctx)
+        }
         "import-tarflow" => crate::jobs::import::import_tarflow(opts(name, options)?, ctx),
-        "sample" => crate::jobs::sample::sample(opts(name, options)?, ctx),
-        "judge.train" => crate::eval::judge::train::judge_train(opts(name, options)?, ctx),
-        "eval-quality" => crate::eval::judge::quality::eval_quality(opts(name, options)?, ctx),
-        "eval-bpd" => crate::eval::bpd::eval_bpd(opts(name, options)?, ctx),
+        "sample" => {
+            let (o, on) = opts_on(name, options)?;
+            crate::jobs::sample::sample(o, &on, ctx)
+        }
+        "judge.train" => {
+            let (o, on) = opts_on(name, options)?;
+            crate::eval::judge::train::judge_train(o, &on, ctx)
+        }
+        "eval-quality" => {
+            let (o, on) = opts_on(name, options)?;
+            crate::eval::judge::quality::eval_quality(o, &on, ctx)
+        }
+        "eval-bpd" => {
+            let (o, on) = opts_on(name, options)?;
+            crate::eval::bpd::eval_bpd(o, &on, ctx)
+        }
         "runs" => crate::jobs::runs::runs(opts(name, options)?),
         "doctor" => Ok(crate::device::doctor()),
         "demo" => crate::jobs::demo::demo(opts(name, options)?, ctx),

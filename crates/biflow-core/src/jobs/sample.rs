@@ -18,6 +18,7 @@ use crate::models::reverse::ReverseModel;
 use crate::io::npy::{read_npy, write_npy, write_npz, Array};
 use crate::io::atomic::ensure_empty_out;
 use crate::io::image::{grid, image_buffer, to_u8};
+use crate::device::DeviceArgs;
 use crate::job::JobCtx;
 use crate::models::flow::denoise;
 
@@ -58,11 +59,6 @@ pub struct SampleOptions {
     /// Write into a non-empty --out folder.
     #[serde(default)]
     pub force: bool,
-    /// `--device` and `--precision` (device.rs); default auto and f32.
-    #[serde(default)]
-    pub device: Option<String>,
-    #[serde(default)]
-    pub precision: Option<String>,
 }
 
 impl SampleOptions {
@@ -85,8 +81,6 @@ impl SampleOptions {
             format: default_format(),
             batch_size: None,
             force: false,
-            device: None,
-            precision: None,
         }
     }
 }
@@ -116,7 +110,7 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// A sampler on `device` (the caller's placement; `o.device` is read by the sample job only).
+    /// A sampler on `device` (the caller's placement).
     pub fn new(o: &SampleOptions, device: &Device) -> Result<Sampler> {
         ensure!(o.guidance.is_finite() && o.guidance >= 0.0, "--guidance must be a number >= 0");
         ensure!(o.temperature.is_finite() && o.temperature > 0.0, "--temperature must be a number > 0, got {}", o.temperature);
@@ -293,10 +287,10 @@ fn make_labels(given: &Option<Vec<i64>>, n: usize, classes: usize) -> Result<Opt
     Ok(Some((0..n).map(|i| base[i % base.len()]).collect()))
 }
 
-pub fn sample(o: SampleOptions, ctx: &JobCtx) -> Result<Value> {
+pub fn sample(o: SampleOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
     ensure!(matches!(o.format.as_str(), "png" | "npz" | "npy"), "unknown format '{}': use png, npz or npy", o.format);
     let out = PathBuf::from(&o.out);
-    let on = crate::device::place(o.device.as_deref(), o.precision.as_deref())?;
+    let on = on.place()?;
     ensure_empty_out(&out, o.force)?;
     let mut sampler = Sampler::new(&o, &on.device)?;
     let cfg = sampler.config().clone();

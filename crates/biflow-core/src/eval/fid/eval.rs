@@ -13,6 +13,7 @@ use super::inception::{FeatureNet, FEATURES};
 use super::preprocess::preprocess_image;
 use super::source::{ArraySource, FolderSource, ImageSource, Limited, RunSource};
 use super::stats::{is_stats_npz, load_stats, save_stats, StatsAccumulator};
+use crate::device::DeviceArgs;
 use crate::job::JobCtx;
 
 #[derive(Deserialize, Debug)]
@@ -50,11 +51,6 @@ pub struct EvalOptions {
     /// distilled run, else exact).
     #[serde(default)]
     pub method: Option<String>,
-    /// `--device` and `--precision` (device.rs): where model runs sample.
-    #[serde(default)]
-    pub device: Option<String>,
-    #[serde(default)]
-    pub precision: Option<String>,
 }
 
 /// What a side (source or reference) turned out to be.
@@ -186,7 +182,7 @@ pub fn inception_score(probs: &[Vec<f32>], splits: usize) -> Result<(f64, f64)> 
 
 /// Run the job on the `--device` of the options: model runs sample there and the Inception runs there
 /// (the hand-written network on the CPU, the candle one elsewhere).
-pub fn eval(o: EvalOptions, ctx: &JobCtx) -> Result<Value> {
+pub fn eval(o: EvalOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
     ensure!(
         o.reference.is_some() || o.save_stats.is_some() || o.is,
         "nothing to do: give a REFERENCE to compute the FID, --save-stats OUT.npz, or --is"
@@ -197,7 +193,7 @@ pub fn eval(o: EvalOptions, ctx: &JobCtx) -> Result<Value> {
     if let Some(s) = &o.split {
         ensure!(s == "train" || s == "val", "--split must be 'train' or 'val', not '{s}'");
     }
-    let on = crate::device::place(o.device.as_deref(), o.precision.as_deref())?;
+    let on = on.place()?;
     let (src, src_kind) = open_side(&o.source, &o, &on.device)?;
     let reference = match &o.reference {
         Some(r) => Some(open_side(r, &o, &on.device)?),

@@ -18,6 +18,7 @@ use crate::data::{Dataset, Split};
 use crate::eval::fid::preprocess::Image;
 use crate::eval::fid::source::{ArraySource, FolderSource, ImageSource};
 use crate::io::npy::Npz;
+use crate::device::DeviceArgs;
 use crate::job::JobCtx;
 use crate::io::image::to_u8;
 use crate::jobs::sample::{SampleOptions, Sampler};
@@ -56,10 +57,6 @@ pub struct QualityOptions {
     pub num_ref: Option<usize>,
     #[serde(default)]
     pub batch_size: Option<usize>,
-    #[serde(default)]
-    pub device: Option<String>,
-    #[serde(default)]
-    pub precision: Option<String>,
 }
 
 /// Open a dataset the judge can learn from or score against: labelled, square, with a held-out split.
@@ -240,8 +237,8 @@ fn judge_images(judge: &Judge, path: &str, limit: usize, device: &Device, ctx: &
     Ok(j)
 }
 
-pub fn eval_quality(o: QualityOptions, ctx: &JobCtx) -> Result<Value> {
-    let on = crate::device::place(o.device.as_deref(), o.precision.as_deref())?;
+pub fn eval_quality(o: QualityOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
+    let on = on.place()?;
     let device = &on.device;
     let (file, judge) = Judge::load(Path::new(&o.judge), device)?;
     ensure!(

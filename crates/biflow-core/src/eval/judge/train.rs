@@ -19,6 +19,7 @@ use super::net::{save_weights, Judge, JudgeConfig, JudgeFile, JUDGE_FILE};
 use super::quality::{judge_dataset, labelled_dataset};
 use crate::data::Split;
 use crate::io::tensors::HostTensor;
+use crate::device::DeviceArgs;
 use crate::job::JobCtx;
 use crate::train::optim::{lr_at, AdamW, AdamWConfig, Moments};
 
@@ -43,14 +44,10 @@ pub struct JudgeTrainOptions {
     /// Replace an existing judge folder.
     #[serde(default)]
     pub force: bool,
-    #[serde(default)]
-    pub device: Option<String>,
-    #[serde(default)]
-    pub precision: Option<String>,
 }
 
-pub fn judge_train(o: JudgeTrainOptions, ctx: &JobCtx) -> Result<Value> {
-    let on = crate::device::place(o.device.as_deref(), o.precision.as_deref())?;
+pub fn judge_train(o: JudgeTrainOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
+    let on = on.place()?;
     let device = &on.device;
     let steps = o.steps.unwrap_or(1500);
     let batch = o.batch_size.unwrap_or(64);
