@@ -1,6 +1,5 @@
-import {Flags} from '@oclif/core'
-
 import {BiflowCommand} from '../lib/command.js'
+import {optionFlags} from '../lib/options.js'
 import {deviceFlags, deviceOptions} from '../lib/device.js'
 
 interface BpdResult {
@@ -18,27 +17,12 @@ export default class EvalBpd extends BiflowCommand {
   ]
   static flags = {
     ...deviceFlags,
-    model: Flags.string({description: 'the run folder (trained or imported)', required: true}),
-    data: Flags.string({description: 'a prepared dataset folder (biflow data prepare)', exactlyOne: ['data', 'input']}),
-    input: Flags.string({description: 'float32 images N,C,H,W in [-1,1] (.npy), already dequantised', exactlyOne: ['data', 'input']}),
-    labels: Flags.string({description: 'class labels of the --input images (.npy of integers; default: no class)'}),
-    'per-sample': Flags.boolean({description: 'also report the bits/dim of every sample'}),
-    seed: Flags.integer({description: 'seed of the dequantisation noise', default: 0}),
-    'batch-size': Flags.integer({description: 'images evaluated at once', min: 1, default: 64}),
+    ...optionFlags('eval-bpd', {data: {exactlyOne: ['data', 'input']}, input: {exactlyOne: ['data', 'input']}}),
   }
 
   async run(): Promise<BpdResult> {
     const {flags} = await this.parse(EvalBpd)
-    const result = await this.job<BpdResult>('eval-bpd', {
-      ...deviceOptions(flags),
-      model: flags.model,
-      data: flags.data,
-      input: flags.input,
-      labels: flags.labels,
-      perSample: flags['per-sample'],
-      seed: flags.seed,
-      batchSize: flags['batch-size'],
-    })
+    const result = await this.job<BpdResult>('eval-bpd', {...deviceOptions(flags), ...this.options('eval-bpd', flags)})
     this.log(`${result.bpd.toFixed(4)} bits/dim over ${result.num} images`)
     if (result.perSampleBpd && !this.jsonEnabled()) for (const [i, b] of result.perSampleBpd.entries()) this.log(`${i}\t${b.toFixed(4)}`)
     return result

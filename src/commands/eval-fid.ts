@@ -1,6 +1,7 @@
-import {Args, Flags} from '@oclif/core'
+import {Args} from '@oclif/core'
 
 import {BiflowCommand} from '../lib/command.js'
+import {optionFlags} from '../lib/options.js'
 import {deviceFlags, deviceOptions} from '../lib/device.js'
 
 interface SideInfo {
@@ -51,18 +52,7 @@ BIFLOW_INCEPTION_WEIGHTS variable, then ~/.cache/biflow/pt_inception-2015-12-05-
 
   static flags = {
     ...deviceFlags,
-    'inception-weights': Flags.string({
-      description: 'FID Inception weights (.pth legacy or zip, or .safetensors); default $BIFLOW_INCEPTION_WEIGHTS, then ~/.cache/biflow/',
-    }),
-    'save-stats': Flags.string({description: "write SOURCE's statistics (mu, sigma) to this .npz, as pytorch-fid's --save-stats"}),
-    'batch-size': Flags.integer({default: 32, min: 1, description: 'images per network batch'}),
-    split: Flags.string({options: ['train', 'val'], default: 'train', description: 'split of a prepared dataset directory'}),
-    num: Flags.integer({min: 1, description: 'score at most this many images of each image source (the number of samples for a RUN)'}),
-    seed: Flags.integer({default: 0, description: 'seed of the noise when a side is a model RUN'}),
-    guidance: Flags.string({default: '0', description: 'classifier-free guidance weight when a side is a model RUN'}),
-    method: Flags.string({options: ['reverse', 'exact'], description: 'how a model RUN samples [default: reverse for a distilled run, else exact]'}),
-    is: Flags.boolean({default: false, description: 'also compute the Inception Score of SOURCE (10 splits)'}),
-    'is-splits': Flags.integer({default: 10, min: 1, description: 'number of splits for the Inception Score'}),
+    ...optionFlags('fid.eval', {source: 'argument', reference: 'argument'}),
   }
 
   async run(): Promise<EvalFidResult> {
@@ -70,21 +60,7 @@ BIFLOW_INCEPTION_WEIGHTS variable, then ~/.cache/biflow/pt_inception-2015-12-05-
     if (!args.reference && !flags['save-stats'] && !flags.is) {
       this.error('give a REFERENCE to compute the FID, or --save-stats OUT.npz, or --is', {exit: 2})
     }
-    const r = await this.job<EvalFidResult>('fid.eval', {
-      ...deviceOptions(flags),
-      source: args.source,
-      reference: args.reference,
-      inceptionWeights: flags['inception-weights'],
-      saveStats: flags['save-stats'],
-      batchSize: flags['batch-size'],
-      split: flags.split,
-      num: flags.num,
-      is: flags.is,
-      isSplits: flags['is-splits'],
-      seed: flags.seed,
-      guidance: this.number('guidance', flags.guidance),
-      method: flags.method,
-    })
+    const r = await this.job<EvalFidResult>('fid.eval', {...deviceOptions(flags), ...args, ...this.options('fid.eval', flags)})
     if (r.fid !== undefined) this.log(`FID: ${r.fid.toFixed(4)}`)
     if (r.is !== undefined) this.log(`IS: ${r.is.toFixed(4)} ± ${(r.isStd ?? 0).toFixed(4)}`)
     if (r.savedStats) this.log(`statistics saved to ${r.savedStats}`)

@@ -1,6 +1,7 @@
-import {Args, Flags} from '@oclif/core'
+import {Args} from '@oclif/core'
 
 import {BiflowCommand} from '../lib/command.js'
+import {optionFlags} from '../lib/options.js'
 import {deviceFlags, deviceOptions} from '../lib/device.js'
 
 export interface EvalQualityResult {
@@ -52,39 +53,13 @@ Samples are quantised to 8 bits as saved PNGs are, so a run and the PNGs sampled
 
   static flags = {
     ...deviceFlags,
-    model: Flags.string({description: 'a run to sample (distilled: reverse by default; forward: exact)'}),
-    judge: Flags.string({required: true, description: 'the judge folder (biflow judge train)'}),
-    data: Flags.string({required: true, description: "the labelled dataset the judge's reference images come from"}),
-    split: Flags.string({options: ['val', 'train'], default: 'val', description: 'the reference split'}),
-    method: Flags.string({options: ['reverse', 'exact'], description: 'sampler of a --model [default: reverse for a distilled run]'}),
-    guidance: Flags.string({default: '0', description: 'classifier-free guidance scale of the samples'}),
-    temperature: Flags.string({description: 'scale of the drawn noise z ~ N(0, T^2) [default: 1]'}),
-    num: Flags.integer({min: 4, description: 'samples to draw from --model (classes cycled), or images of IMAGES to score [default: 1000]'}),
-    seed: Flags.integer({default: 0, description: 'seed of the noise (the same seed gives both samplers the same noise)'}),
-    noise: Flags.string({description: 'an .npy of noise tokens (N,T,D) instead of drawn noise'}),
-    'num-ref': Flags.integer({min: 4, description: 'reference images from --split [default: the whole split, at most 10000]'}),
-    'batch-size': Flags.integer({min: 1, default: 64, description: 'images sampled at once'}),
+    ...optionFlags('eval-quality', {images: 'argument'}),
   }
 
   async run(): Promise<EvalQualityResult> {
     const {args, flags} = await this.parse(EvalQuality)
     if (!args.images === !flags.model) this.error('give either --model RUN or IMAGES (not both, not neither)', {exit: 2})
-    const r = await this.job<EvalQualityResult>('eval-quality', {
-      ...deviceOptions(flags),
-      model: flags.model,
-      images: args.images,
-      judge: flags.judge,
-      data: flags.data,
-      split: flags.split,
-      method: flags.method,
-      guidance: this.number('guidance', flags.guidance),
-      temperature: this.number('temperature', flags.temperature),
-      num: flags.num,
-      seed: flags.seed,
-      noise: flags.noise,
-      numRef: flags['num-ref'],
-      batchSize: flags['batch-size'],
-    })
+    const r = await this.job<EvalQualityResult>('eval-quality', {...deviceOptions(flags), ...args, ...this.options('eval-quality', flags)})
     const f = (v: number | null, d = 3) => (v === null ? 'n/a' : v.toFixed(d))
     this.log(`${r.source}: ${r.num} images against ${r.numRef} held-out`)
     this.log(`  FD_J ${f(r.fd, 2)}   label accuracy ${r.labelAccuracy === null ? 'n/a' : (100 * r.labelAccuracy).toFixed(1) + '%'}   precision ${f(r.precision)}   recall ${f(r.recall)}`)

@@ -1,6 +1,5 @@
-import {Flags} from '@oclif/core'
-
 import {BiflowCommand} from '../lib/command.js'
+import {optionFlags} from '../lib/options.js'
 import {deviceFlags, deviceOptions} from '../lib/device.js'
 
 interface EvalReverseResult {
@@ -29,27 +28,12 @@ Reports the MSE and PSNR of G(F(x + sigma*eps)) against x, the distance between 
 
   static flags = {
     ...deviceFlags,
-    model: Flags.string({description: 'the distilled run (biflow distill)', required: true}),
-    data: Flags.string({description: "a prepared dataset with F's image size", required: true}),
-    split: Flags.string({description: 'dataset split [default: val when the dataset has one]', options: ['val', 'train']}),
-    limit: Flags.integer({description: 'held-out images to reconstruct', min: 1, default: 256}),
-    'num-exact': Flags.integer({description: 'noise draws decoded both ways (exact decoding is the slow part)', min: 1, default: 16}),
-    seed: Flags.integer({description: 'seed of the noise', default: 0}),
-    'batch-size': Flags.integer({description: 'images evaluated at once', min: 1, default: 64}),
+    ...optionFlags('eval-reverse'),
   }
 
   async run(): Promise<EvalReverseResult> {
     const {flags} = await this.parse(EvalReverse)
-    const r = await this.job<EvalReverseResult>('eval-reverse', {
-      ...deviceOptions(flags),
-      model: flags.model,
-      data: flags.data,
-      split: flags.split,
-      limit: flags.limit,
-      numExact: flags['num-exact'],
-      seed: flags.seed,
-      batchSize: flags['batch-size'],
-    })
+    const r = await this.job<EvalReverseResult>('eval-reverse', {...deviceOptions(flags), ...this.options('eval-reverse', flags)})
     this.log(`reconstruction of ${r.num} ${r.split} images: MSE ${r.reconstructionMse.toFixed(5)}, PSNR ${r.reconstructionPsnr.toFixed(2)} dB`)
     this.log(`G(z) vs exact inverse of the same z (${r.numExact} draws): MSE ${r.reverseVsExactMse.toFixed(5)}`)
     this.log(`bits/dim under F: reverse samples ${r.bpdReverseSamples.toFixed(3)}, exact samples ${r.bpdExactSamples.toFixed(3)}, data ${r.bpdData.toFixed(3)}`)

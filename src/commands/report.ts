@@ -1,11 +1,12 @@
-import {Args, Flags} from '@oclif/core'
+import {Args} from '@oclif/core'
 
 import {BiflowCommand} from '../lib/command.js'
+import {optionFlags} from '../lib/options.js'
 
 interface ReportResult {
   report: string
   bytes: number
-  compare: Record<string, {seconds: number; imagesPerSecond: number; networkSteps: number}> | null
+  compare: Record<string, {seconds: number; imagesPerSecond: number; networkSteps: number; num: number}> | null
 }
 
 export default class Report extends BiflowCommand {
@@ -27,31 +28,14 @@ nothing when opened. train and distill write one (without the comparison) when t
     run: Args.string({description: 'the run folder (forward, distilled or imported)', required: true}),
   }
 
-  static flags = {
-    out: Flags.string({description: 'where to write the page [default: RUN/report.html]'}),
-    compare: Flags.boolean({
-      description: "sample the same noise and labels with each method the run has (reverse and exact for a distilled run; exact decoding is slow for large models), written to RUN/compare/",
-      default: true,
-      allowNo: true,
-    }),
-    num: Flags.integer({description: 'images per method in the comparison', min: 1, default: 16}),
-    guidance: Flags.string({description: 'guidance scale of the comparison samples (class-conditional runs)', default: '0'}),
-    temperature: Flags.string({description: 'noise temperature of the comparison samples (below 1: cleaner, less varied)', default: '1'}),
-  }
+  static flags = optionFlags('report', {run: 'argument'})
 
   async run(): Promise<ReportResult> {
     const {args, flags} = await this.parse(Report)
-    const r = await this.job<ReportResult>('report', {
-      run: args.run,
-      out: flags.out,
-      compare: flags.compare,
-      num: flags.num,
-      guidance: this.number('guidance', flags.guidance),
-      temperature: this.number('temperature', flags.temperature),
-    })
+    const r = await this.job<ReportResult>('report', {...args, ...this.options('report', flags)})
     if (r.compare) {
       for (const [m, t] of Object.entries(r.compare)) {
-        this.log(`${m}: ${t.seconds.toFixed(3)} s for ${flags.num} images (${t.networkSteps} sequential network steps)`)
+        this.log(`${m}: ${t.seconds.toFixed(3)} s for ${t.num} images (${t.networkSteps} sequential network steps)`)
       }
     }
 

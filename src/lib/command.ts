@@ -4,6 +4,7 @@ import {Command, Errors} from '@oclif/core'
 import ora from 'ora'
 
 import {JobCancelled, runJob} from './job.js'
+import {optionValues} from './options.js'
 
 export abstract class BiflowCommand extends Command {
   static enableJsonFlag = true
@@ -14,6 +15,11 @@ export abstract class BiflowCommand extends Command {
     const x = Number(v)
     if (v.trim() === '' || !Number.isFinite(x)) this.error(`--${name} must be a number, got '${v}'`)
     return x
+  }
+
+  /** The options of `job` declared in the core, from the parsed flags (a malformed value stops the command). */
+  protected options(job: string, flags: Record<string, unknown>): Record<string, unknown> {
+    return optionValues(job, flags, (m) => this.error(m))
   }
 
   /** This invocation as typed (recorded by train and distill in RUN/history.jsonl). */

@@ -7,11 +7,14 @@ import {native} from './native.js'
 
 interface OptionSpec {
   key: string
-  kind: 'integer' | 'number' | 'text' | 'flag' | 'pair'
+  kind: 'integer' | 'count' | 'integers' | 'number' | 'text' | 'flag' | 'pair'
   help: string
   default: string | null
   choices: string[]
+  required: boolean
 }
+
+type AnyFlag = Interfaces.OptionFlag<unknown> | Interfaces.BooleanFlag<unknown>
 
 const cache = new Map<string, OptionSpec[]>()
 
@@ -23,27 +26,38 @@ function specs(job: string): OptionSpec[] {
 /** `batchSize` -> `batch-size`. */
 const kebab = (key: string) => key.replaceAll(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)
 
-/** The oclif flags of a job's declared options. */
-export function optionFlags(job: string) {
-  type AnyFlag = Interfaces.OptionFlag<unknown> | Interfaces.BooleanFlag<unknown>
+/** A switch whose declared default is on: `--no-NAME` turns it off. */
+const onByDefault = (s: OptionSpec) => s.kind === 'flag' && s.default === 'true'
+
+/**
+ * The oclif flags of a job's declared options. `cli` adds what only the command line knows, by flag
+ * name: relations between flags (`exactlyOne`, ...), or `'argument'` for an option given as a
+ * positional argument (the command declares it in its `args`).
+ */
+export function optionFlags(job: string, cli: Record<string, 'argument' | Record<string, unknown>> = {}) {
   const flags: Record<string, AnyFlag> = {}
   for (const s of specs(job)) {
-    const description = s.default === null ? s.help : `${s.help} [default: ${s.default}]`
+    const name = kebab(s.key)
+    const extra = cli[name] ?? {}
+    if (extra === 'argument') continue
+    const description = s.default === null || s.kind === 'flag' ? s.help : `${s.help} [default: ${s.default}]`
+    const common = {description, ...(s.required ? {required: true} : {}), ...extra}
     const flag =
-      s.kind === 'integer'
-        ? Flags.integer({description, min: 0})
+      s.kind === 'integer' || s.kind === 'count'
+        ? Flags.integer({...common, min: s.kind === 'count' ? 1 : 0})
         : s.kind === 'flag'
-          ? Flags.boolean({description})
-          : Flags.string({description, ...(s.choices.length > 0 ? {options: s.choices} : {})})
-    flags[kebab(s.key)] = flag as AnyFlag
+          ? Flags.boolean({...common, ...(onByDefault(s) ? {allowNo: true, default: true} : {})})
+          : Flags.string({...common, ...(s.choices.length > 0 ? {options: s.choices} : {})})
+    flags[name] = flag as AnyFlag
   }
 
   return flags
 }
 
 /**
- * The job options from parsed flags: numbers checked, `lo,hi` pairs split, absent flags left out (the core
- * resolves their defaults). `fail` reports a malformed value.
+ * The job options from parsed flags: numbers checked, `lo,hi` pairs and integer lists split, absent
+ * flags left out (the core resolves their defaults). Positional arguments are the command's to add.
+ * `fail` reports a malformed value.
  */
 export function optionValues(job: string, flags: Record<string, unknown>, fail: (message: string) => never): Record<string, unknown> {
   const number = (name: string, v: string) => {
@@ -56,12 +70,18 @@ export function optionValues(job: string, flags: Record<string, unknown>, fail: 
   for (const s of specs(job)) {
     const name = kebab(s.key)
     const v = flags[name]
-    if (v === undefined || v === false) continue
+    if (v === undefined || (v === false && !onByDefault(s))) continue
     if (s.kind === 'number') out[s.key] = number(name, v as string)
     else if (s.kind === 'pair') {
       const parts = (v as string).split(',')
       if (parts.length !== 2) fail(`--${name} must be lo,hi (two numbers), got '${v}'`)
       out[s.key] = parts.map((p) => number(name, p))
+    } else if (s.kind === 'integers') {
+      out[s.key] = (v as string).split(',').map((p) => {
+        const x = Number(p.trim())
+        if (p.trim() === '' || !Number.isInteger(x)) fail(`--${name} must be comma-separated integers, got '${p}'`)
+        return x
+      })
     } else out[s.key] = v
   }
 

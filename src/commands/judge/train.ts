@@ -1,6 +1,5 @@
-import {Flags} from '@oclif/core'
-
 import {BiflowCommand} from '../../lib/command.js'
+import {optionFlags} from '../../lib/options.js'
 import {deviceFlags, deviceOptions} from '../../lib/device.js'
 
 interface JudgeTrainResult {
@@ -31,29 +30,12 @@ minutes on two cores for MNIST. Never train a model against the judge: its numbe
 
   static flags = {
     ...deviceFlags,
-    data: Flags.string({required: true, description: 'a prepared, labelled dataset with a held-out (val) split'}),
-    out: Flags.string({required: true, description: 'the judge folder to create (judge.json, weights.safetensors)'}),
-    steps: Flags.integer({min: 1, description: 'optimiser steps [default: 1500]'}),
-    'batch-size': Flags.integer({min: 1, description: 'images per step [default: 64]'}),
-    lr: Flags.string({description: 'peak learning rate [default: 2e-3]'}),
-    seed: Flags.integer({default: 0, description: 'seed of the initial weights and the data order'}),
-    'min-accuracy': Flags.string({description: 'held-out accuracy below which eval-quality refuses this judge [default: 0.9]'}),
-    force: Flags.boolean({description: 'replace an existing judge folder'}),
+    ...optionFlags('judge.train'),
   }
 
   async run(): Promise<JudgeTrainResult> {
     const {flags} = await this.parse(JudgeTrain)
-    const r = await this.job<JudgeTrainResult>('judge.train', {
-      ...deviceOptions(flags),
-      data: flags.data,
-      out: flags.out,
-      steps: flags.steps,
-      batchSize: flags['batch-size'],
-      lr: this.number('lr', flags.lr),
-      seed: flags.seed,
-      minAccuracy: this.number('min-accuracy', flags['min-accuracy']),
-      force: flags.force || undefined,
-    })
+    const r = await this.job<JudgeTrainResult>('judge.train', {...deviceOptions(flags), ...this.options('judge.train', flags)})
     const pct = (v: number) => `${(100 * v).toFixed(2)}%`
     this.log(`judge ${r.out}: ${pct(r.heldOutAccuracy)} held-out accuracy on ${r.heldOutCount} images (floor ${pct(r.floor)}), ${r.steps} steps in ${r.seconds.toFixed(0)} s`)
     if (!r.usable) this.warn('below its floor: eval-quality will refuse this judge')

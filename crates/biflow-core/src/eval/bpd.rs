@@ -1,10 +1,10 @@
 //! `biflow eval-bpd`: bits per dimension of data under the forward flow.
 
+use std::num::NonZeroUsize;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Result};
 use candle_core::Tensor;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use rand::SeedableRng;
@@ -16,29 +16,27 @@ use crate::io::npy::read_npy;
 use crate::device::DeviceArgs;
 use crate::job::JobCtx;
 
-#[derive(Deserialize, Debug)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct BpdOptions {
-    pub model: String,
-    #[serde(default)]
-    pub data: Option<String>,
-    #[serde(default)]
-    pub input: Option<String>,
-    /// Labels of the --input samples (.npy of integers); default: none (mean class embedding).
-    #[serde(default)]
-    pub labels: Option<String>,
-    /// Split of a --data dataset: "val" or "train" (default: val when the dataset has one).
-    #[serde(default)]
-    pub split: Option<String>,
-    /// Evaluate at most this many images.
-    #[serde(default)]
-    pub limit: Option<usize>,
-    #[serde(default)]
-    pub per_sample: bool,
-    #[serde(default)]
-    pub seed: u64,
-    #[serde(default)]
-    pub batch_size: Option<usize>,
+crate::options! {
+    pub struct BpdOptions {
+        /// the run folder (trained or imported)
+        model: String,
+        /// a prepared dataset folder (biflow data prepare)
+        data: Option<String>,
+        /// float32 images N,C,H,W in [-1,1] (.npy), already dequantised
+        input: Option<String>,
+        /// class labels of the --input images (.npy of integers; default: no class)
+        labels: Option<String>,
+        /// split of a --data dataset (default: val when the dataset has one)
+        split: Option<String> {"val", "train"},
+        /// evaluate at most this many images of --data
+        limit: Option<NonZeroUsize>,
+        /// also report the bits/dim of every sample
+        per_sample: bool,
+        /// seed of the dequantisation noise
+        seed: u64 = 0,
+        /// images evaluated at once
+        batch_size: NonZeroUsize = 64,
+    }
 }
 
 /// Bits/dim of images (N, C, H, W) in [-1, 1] (already dequantised), in batches: one value per sample.
@@ -136,7 +134,7 @@ pub fn eval_bpd(o: BpdOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
         }
         (None, Some(dir)) => {
             ensure!(o.labels.is_none(), "--labels applies to --input only: datasets carry their own labels");
-            let (ds, split, n) = open_eval_split(dir, o.split.as_deref(), o.limit, &cfg)?;
+            let (ds, split, n) = open_eval_split(dir, o.split.as_deref(), o.limit.map(NonZeroUsize::get), &cfg)?;
             let (c, h, w) = ds.shape();
             // Seeded uniform dequantisation: pixel k -> (k + u) / 256 * 2 - 1, u ~ U[0, 1).
             let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
@@ -154,7 +152,7 @@ pub fn eval_bpd(o: BpdOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
     };
     ensure!(!images.is_empty(), "no images to evaluate");
     let labels = if cfg.num_classes == 0 { None } else { labels };
-    let per = evaluate(&model, &images, labels.as_deref(), o.batch_size.unwrap_or(64).max(1), ctx)?;
+    let per = evaluate(&model, &images, labels.as_deref(), o.batch_size.get(), ctx)?;
     let mean = per.iter().sum::<f64>() / per.len() as f64;
     let mut r = json!({ "bpd": mean, "num": per.len() });
     if o.per_sample {

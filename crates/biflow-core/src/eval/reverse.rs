@@ -5,13 +5,13 @@
 //! - bits/dim under F of G's samples, of exact samples and of the data (each set as given,
 //!   clamped to [-1, 1], no dequantisation, so the three numbers compare with each other).
 
+use std::num::NonZeroUsize;
 use std::time::Instant;
 
 use anyhow::{ensure, Result};
 use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::models::flow::{ReverseOptions, TarFlow};
@@ -21,23 +21,23 @@ use crate::models::reverse::ReverseModel;
 use crate::run::Run;
 use crate::models::flow::denoise;
 
-#[derive(Deserialize, Debug)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct EvalReverseOptions {
-    pub model: String,
-    pub data: String,
-    #[serde(default)]
-    pub split: Option<String>,
-    /// Held-out images to reconstruct (default 256).
-    #[serde(default)]
-    pub limit: Option<usize>,
-    /// Noise draws decoded both ways (default 16; causal decoding is the slow part).
-    #[serde(default)]
-    pub num_exact: Option<usize>,
-    #[serde(default)]
-    pub seed: u64,
-    #[serde(default)]
-    pub batch_size: Option<usize>,
+crate::options! {
+    pub struct EvalReverseOptions {
+        /// the distilled run (biflow distill)
+        model: String,
+        /// a prepared dataset with F's image size
+        data: String,
+        /// dataset split
+        split: Option<String> ["val when the dataset has one"] {"val", "train"},
+        /// held-out images to reconstruct
+        limit: NonZeroUsize = 256,
+        /// noise draws decoded both ways (exact decoding is the slow part)
+        num_exact: NonZeroUsize = 16,
+        /// seed of the noise
+        seed: u64 = 0,
+        /// images evaluated at once
+        batch_size: NonZeroUsize = 64,
+    }
 }
 
 /// F, G and the noise level of a distilled run, as the evaluation uses them.
@@ -133,8 +133,8 @@ pub fn eval_reverse(o: EvalReverseOptions, on: &DeviceArgs, ctx: &JobCtx) -> Res
     let sigma = run.config.noise_std.unwrap_or(0.0);
     let pair = Pair { flow: &flow, g: &g, sigma };
     let cfg = flow.config().clone();
-    let (ds, split, n) = crate::eval::bpd::open_eval_split(&o.data, o.split.as_deref(), Some(o.limit.unwrap_or(256)), &cfg)?;
-    let bs = o.batch_size.unwrap_or(64).max(1);
+    let (ds, split, n) = crate::eval::bpd::open_eval_split(&o.data, o.split.as_deref(), Some(o.limit.get()), &cfg)?;
+    let bs = o.batch_size.get();
     let labelled = cfg.num_classes > 0;
     let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
 
@@ -159,7 +159,7 @@ pub fn eval_reverse(o: EvalReverseOptions, on: &DeviceArgs, ctx: &JobCtx) -> Res
     let reconstruct_secs = started.elapsed().as_secs_f64();
 
     // The same noise through G and through causal decoding.
-    let k = o.num_exact.unwrap_or(16).max(1);
+    let k = o.num_exact.get();
     let (t, d) = (cfg.num_tokens(), cfg.token_dim());
     let noise: Vec<f32> = (0..k * t * d).map(|_| StandardNormal.sample(&mut rng)).collect();
     let z = Tensor::from_vec(noise, (k, t, d), &device)?;

@@ -183,7 +183,13 @@ pub fn demo(o: DemoOptions, ctx: &JobCtx) -> Result<Value> {
     let t = Instant::now();
     ctx.message("sampling the same noise with G (1 evaluation) and with F's exact inverse".to_string());
     let compared = crate::jobs::report::report(
-        crate::jobs::report::ReportOptions { run: s(&g_dir), out: None, compare: true, num: Some(20), guidance: SAMPLE_GUIDANCE, temperature: Some(SAMPLE_TEMPERATURE), evaluation: None },
+        crate::jobs::report::ReportOptions {
+            run: s(&g_dir),
+            num: std::num::NonZeroUsize::new(20).unwrap(),
+            guidance: SAMPLE_GUIDANCE,
+            temperature: SAMPLE_TEMPERATURE,
+            ..Default::default()
+        },
         ctx,
     )?;
     timings.insert("sampling".into(), json!(t.elapsed().as_secs_f64()));
@@ -237,8 +243,9 @@ pub fn demo(o: DemoOptions, ctx: &JobCtx) -> Result<Value> {
     }
 
     // 6. The reports (F's too), with the evaluation.
-    let report = crate::jobs::report::report(
-        crate::jobs::report::ReportOptions { run: s(&g_dir), evaluation: Some(evaluation.clone()), ..Default::default() },
+    let report = crate::jobs::report::write_report(
+        crate::jobs::report::ReportOptions { run: s(&g_dir), compare: false, ..Default::default() },
+        Some(&evaluation),
         ctx,
     )?;
     let _ = crate::jobs::report::write_default(&f_dir);

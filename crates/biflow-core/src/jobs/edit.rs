@@ -4,13 +4,13 @@
 //! - inpainting: `z' = M * z + (1 - M) * eps`, M = 1 where the mask is black (kept), 0 where white;
 //! - class editing: the same z under another label.
 
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::eval::reverse::Pair;
@@ -21,29 +21,27 @@ use crate::run::Run;
 use crate::io::atomic::ensure_empty_out;
 use crate::io::image::{grid, image_buffer};
 
-#[derive(Deserialize, Debug)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct EditOptions {
-    pub model: String,
-    pub image: String,
-    pub out: String,
-    #[serde(default)]
-    pub mask: Option<String>,
-    #[serde(default)]
-    pub to_class: Option<i64>,
-    /// The class of the input image (default: none, the mean class embedding).
-    #[serde(default)]
-    pub label: Option<i64>,
-    #[serde(default = "four")]
-    pub num: usize,
-    #[serde(default)]
-    pub seed: u64,
-    #[serde(default)]
-    pub force: bool,
-}
-
-fn four() -> usize {
-    4
+crate::options! {
+    pub struct EditOptions {
+        /// the distilled run (biflow distill)
+        model: String,
+        /// the image to edit (PNG/JPEG/WebP, the model's size)
+        image: String,
+        /// output folder
+        out: String,
+        /// inpainting mask, same size: black = keep, white = redraw
+        mask: Option<String>,
+        /// class editing: decode the same noise under this class
+        to_class: Option<i64>,
+        /// the class of --image (default: none, the mean class embedding)
+        label: Option<i64>,
+        /// number of variants
+        num: NonZeroUsize = 4,
+        /// seed of the noise
+        seed: u64 = 0,
+        /// write into --out even when it already holds files
+        force: bool,
+    }
 }
 
 /// An image file as (C, H, W) values in [-1, 1], which must have the model's size. `what` names it.
@@ -76,7 +74,6 @@ pub fn edit(o: EditOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
     let device = on.device.clone();
     let run = Run::open(Path::new(&o.model))?;
     ensure!(run.is_distilled(), "{} is a forward run; edit needs a distilled run (biflow distill)", o.model);
-    ensure!(o.num >= 1, "--num must be at least 1");
     let out = PathBuf::from(&o.out);
     ensure_empty_out(&out, o.force)?;
     let flow = run.load_flow(&device)?;
@@ -109,7 +106,8 @@ pub fn edit(o: EditOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
             None
         }
     };
-    let (n, shape) = (o.num, (o.num, cfg.in_channels, cfg.img_size, cfg.img_size));
+    let n = o.num.get();
+    let shape = (n, cfg.in_channels, cfg.img_size, cfg.img_size);
     let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
     let mut draw = |count: usize| -> Vec<f32> { (0..count).map(|_| StandardNormal.sample(&mut rng)).collect() };
     ctx.start("edit", Some(1));

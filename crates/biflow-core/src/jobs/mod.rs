@@ -19,25 +19,44 @@ use serde_json::Value;
 
 use crate::device::DeviceArgs;
 use crate::job::JobCtx;
+use options::Declared;
 
 fn opts<T: DeserializeOwned>(name: &str, options: Value) -> Result<T> {
     serde_json::from_value(options).with_context(|| format!("invalid options for job '{name}'"))
 }
 
-/// A job's options and, taken out of them, where it runs (`device`, `precision`).
-fn opts_on<T: DeserializeOwned>(name: &str, options: Value) -> Result<(T, DeviceArgs)> {
-    let Value::Object(mut map) = options else { bail!("invalid options for job '{name}': not an object") };
-    let on = DeviceArgs::take(&mut map)?;
-    Ok((opts(name, Value::Object(map))?, on))
+/// A job's declared options (see [`crate::options!`]): the required ones must be there.
+fn declared<T: DeserializeOwned + Declared>(name: &str, options: Value) -> Result<T> {
+    if let Value::Object(map) = &options {
+        if let Some(missing) = T::specs().into_iter().find(|s| s.required && map.get(&s.key).is_none_or(Value::is_null)) {
+            bail!("invalid options for job '{name}': '{}' is required", missing.key);
+        }
+    }
+    opts(name, options)
 }
 
-/// The options of the job called `name` as the CLI shows them (jobs whose settings are declared
-/// with [`crate::settings!`]).
+/// A job's declared options and, taken out of them, where it runs (`device`, `precision`).
+fn opts_on<T: DeserializeOwned + Declared>(name: &str, options: Value) -> Result<(T, DeviceArgs)> {
+    let Value::Object(mut map) = options else { bail!("invalid options for job '{name}': not an object") };
+    let on = DeviceArgs::take(&mut map)?;
+    Ok((declared(name, Value::Object(map))?, on))
+}
+
+/// The options of the job called `name` as the CLI shows them (jobs that declare them with
+/// [`crate::options!`] or [`crate::settings!`]).
 pub fn option_specs(name: &str) -> Result<Vec<options::OptionSpec>> {
     Ok(match name {
         "train" => train::TrainSettings::specs(),
         "distill" => distill::DistillSettings::specs(),
-        _ => bail!("job '{name}' declares no settings"),
+        "sample" => sample::SampleOptions::specs(),
+        "edit" => edit::EditOptions::specs(),
+        "eval-reverse" => crate::eval::reverse::EvalReverseOptions::specs(),
+        "fid.eval" => crate::eval::fid::eval::EvalOptions::specs(),
+        "eval-quality" => crate::eval::judge::quality::QualityOptions::specs(),
+        "judge.train" => crate::eval::judge::train::JudgeTrainOptions::specs(),
+        "report" => report::ReportOptions::specs(),
+        "eval-bpd" => crate::eval::bpd::BpdOptions::specs(),
+        _ => bail!("job '{name}' declares no options"),
     })
 }
 
@@ -85,7 +104,7 @@ pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
         "runs" => crate::jobs::runs::runs(opts(name, options)?),
         "doctor" => Ok(crate::device::doctor()),
         "demo" => crate::jobs::demo::demo(opts(name, options)?, ctx),
-        "report" => crate::jobs::report::report(opts(name, options)?, ctx),
+        "report" => crate::jobs::report::report(declared(name, options)?, ctx),
         "bundle.stage" => crate::jobs::bundle::stage(opts(name, options)?, ctx),
         "bundle.verify" => crate::jobs::bundle::verify(opts(name, options)?, ctx),
         _ => bail!("unknown job '{name}'"),

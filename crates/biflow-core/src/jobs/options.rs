@@ -1,7 +1,9 @@
-//! A job's settings, declared once: each field with its help text, its default (a value, or the
-//! words of a default that depends on context) and its choices. [`settings!`] makes from that the
-//! serde struct the job reads (every field optional, camelCase keys, unknown keys refused), its
-//! defaults, and the [`OptionSpec`]s the CLI builds its flags and `--help` from (`optionSpecs`).
+//! A job's options, declared once: each field with its help text, its default (a value, or the
+//! words of a default that depends on context) and its choices. From that, [`options!`] makes the
+//! serde struct a job reads (camelCase keys, unknown keys refused, absent keys at their default),
+//! and [`settings!`] the all-optional struct of a training job, whose defaults a resumed run's
+//! recorded settings take the place of. Both give the [`OptionSpec`]s the CLI builds its flags and
+//! `--help` from (`optionSpecs`).
 
 use serde::Serialize;
 
@@ -11,6 +13,10 @@ use serde::Serialize;
 pub enum Kind {
     /// A whole number >= 0.
     Integer,
+    /// A whole number >= 1.
+    Count,
+    /// Whole numbers, comma separated.
+    Integers,
     /// A number (decimal or exponent notation).
     Number,
     Text,
@@ -23,6 +29,25 @@ pub enum Kind {
 /// The kind of an option's Rust type.
 pub trait OptionKind {
     const KIND: Kind;
+    /// The job can do without it (a value the CLI must be given otherwise, unless it has a default).
+    const OPTIONAL: bool = false;
+}
+impl<T: OptionKind> OptionKind for Option<T> {
+    const KIND: Kind = T::KIND;
+    const OPTIONAL: bool = true;
+}
+impl OptionKind for i64 {
+    const KIND: Kind = Kind::Integer;
+}
+impl OptionKind for std::num::NonZeroUsize {
+    const KIND: Kind = Kind::Count;
+}
+impl OptionKind for std::num::NonZeroU64 {
+    const KIND: Kind = Kind::Count;
+}
+impl OptionKind for Vec<i64> {
+    const KIND: Kind = Kind::Integers;
+    const OPTIONAL: bool = true;
 }
 impl OptionKind for usize {
     const KIND: Kind = Kind::Integer;
@@ -38,6 +63,7 @@ impl OptionKind for String {
 }
 impl OptionKind for bool {
     const KIND: Kind = Kind::Flag;
+    const OPTIONAL: bool = true;
 }
 impl OptionKind for [f64; 2] {
     const KIND: Kind = Kind::Pair;
@@ -54,6 +80,13 @@ pub struct OptionSpec {
     /// The default as `--help` shows it, when there is one.
     pub default: Option<String>,
     pub choices: Vec<&'static str>,
+    /// The job fails without it (no default, and not optional by its type).
+    pub required: bool,
+}
+
+/// A job's options as the CLI shows them.
+pub trait Declared {
+    fn specs() -> Vec<OptionSpec>;
 }
 
 /// `batch_size` -> `batchSize`.
@@ -76,6 +109,88 @@ pub fn camel(snake: &str) -> String {
 /// The value of an option whose default was declared, after `settings.or(Settings::defaults())`.
 pub fn given<T: Clone>(v: &Option<T>) -> T {
     v.clone().expect("an option with a declared default has a value once the defaults are applied")
+}
+
+/// One field's [`OptionSpec`] (the part [`options!`] and [`settings!`] share).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __option_spec {
+    ($field:ident, $ty:ty, [$($doc:literal)+], [$($text:literal)?], [$($($choice:literal),+)?], [$($default:expr)?]) => {
+        $crate::jobs::options::OptionSpec {
+            key: $crate::jobs::options::camel(stringify!($field)),
+            kind: <$ty as $crate::jobs::options::OptionKind>::KIND,
+            help: [$($doc),+].iter().map(|l: &&str| l.trim()).collect::<Vec<_>>().join(" "),
+            default: None
+                $(.or(Some($text.to_string())))?
+                $(.or(Some(stringify!($default).trim_matches('"').to_string())))?,
+            choices: vec![$($($choice),+)?],
+            required: !<$ty as $crate::jobs::options::OptionKind>::OPTIONAL $(&& { let _ = stringify!($default); false })?,
+        }
+    };
+}
+
+/// A declared default as the field's type (absent: the type's own default).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __option_default {
+    () => {
+        Default::default()
+    };
+    ($default:expr) => {
+        serde_json::from_value(serde_json::json!($default)).expect("a default of the declared type")
+    };
+}
+
+/// Declare a job's options: the fields' types are what the job reads, `= default` (as JSON) fills
+/// an absent key, `["words"]` shows a default that depends on context, `{choices}` limits a text.
+/// A field that is neither optional by its type (`Option`, `bool`, a list) nor defaulted is
+/// required.
+///
+/// ```ignore
+/// options! {
+///     pub struct SampleOptions {
+///         /// the run folder
+///         model: String,
+///         /// images decoded at once
+///         batch_size: NonZeroUsize = 64,
+///         /// how to sample
+///         method: Option<String> ["reverse for a distilled run, else exact"] {"reverse", "exact"},
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! options {
+    (
+        $(#[doc = $sdoc:literal])*
+        pub struct $name:ident {
+            $(
+                $(#[doc = $doc:literal])+
+                $field:ident : $ty:ty $([$text:literal])? $({$($choice:literal),+})? $(= $default:expr)?
+            ),* $(,)?
+        }
+    ) => {
+        $(#[doc = $sdoc])*
+        #[derive(Clone, Debug, serde::Deserialize)]
+        #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+        pub struct $name {
+            $(
+                $(#[doc = $doc])+
+                pub $field: $ty,
+            )*
+        }
+
+        impl Default for $name {
+            fn default() -> $name {
+                $name { $($field: $crate::__option_default!($($default)?)),* }
+            }
+        }
+
+        impl $crate::jobs::options::Declared for $name {
+            fn specs() -> Vec<$crate::jobs::options::OptionSpec> {
+                vec![$($crate::__option_spec!($field, $ty, [$($doc)+], [$($text)?], [$($($choice),+)?], [$($default)?])),*]
+            }
+        }
+    };
 }
 
 /// Declare a job's settings:
@@ -127,23 +242,14 @@ macro_rules! settings {
             pub fn defaults() -> $name {
                 #[allow(unused_mut)]
                 let mut d = $name::default();
-                $($( d.$field = Some(serde_json::from_value(serde_json::json!($default)).expect("a default of the declared type")); )?)*
+                $($( d.$field = Some($crate::__option_default!($default)); )?)*
                 d
             }
+        }
 
-            /// The options as the CLI shows them.
-            pub fn specs() -> Vec<$crate::jobs::options::OptionSpec> {
-                vec![$(
-                    $crate::jobs::options::OptionSpec {
-                        key: $crate::jobs::options::camel(stringify!($field)),
-                        kind: <$ty as $crate::jobs::options::OptionKind>::KIND,
-                        help: [$($doc),+].iter().map(|l: &&str| l.trim()).collect::<Vec<_>>().join(" "),
-                        default: None
-                            $(.or(Some($text.to_string())))?
-                            $(.or(Some(stringify!($default).trim_matches('"').to_string())))?,
-                        choices: vec![$($($choice),+)?],
-                    }
-                ),*]
+        impl $crate::jobs::options::Declared for $name {
+            fn specs() -> Vec<$crate::jobs::options::OptionSpec> {
+                vec![$($crate::__option_spec!($field, Option<$ty>, [$($doc)+], [$($text)?], [$($($choice),+)?], [$($default)?])),*]
             }
         }
     };
@@ -156,40 +262,80 @@ mod tests {
     use super::*;
     use crate::jobs::{distill::DistillSettings, train::TrainSettings};
 
-    /// A value of each spec's kind under its key must be accepted by the job (the keys the CLI sends
-    /// are the struct's own), and every declared default must have the field's type.
+    /// A value of every declared option, of its kind, under its key.
+    fn every_option(specs: &[OptionSpec]) -> Value {
+        let mut all = Map::new();
+        for s in specs {
+            let v = match s.kind {
+                Kind::Integer | Kind::Count => json!(5),
+                Kind::Integers => json!([1, 2]),
+                Kind::Number => json!(0.5),
+                Kind::Text => json!(s.choices.first().copied().unwrap_or("x")),
+                Kind::Flag => json!(true),
+                Kind::Pair => json!([0.0, 1.0]),
+            };
+            all.insert(s.key.clone(), v);
+        }
+        Value::Object(all)
+    }
+
+    /// The job's struct must accept a value of each spec's kind under its key (the keys the CLI
+    /// sends are the struct's own), and every declared default must have the field's type.
     #[test]
     fn specs_name_the_fields_and_defaults_have_their_types() {
-        for job in ["train", "distill"] {
+        use crate::eval::{bpd::BpdOptions, fid::eval::EvalOptions, judge::quality::QualityOptions, judge::train::JudgeTrainOptions, reverse::EvalReverseOptions};
+        use crate::jobs::{edit::EditOptions, report::ReportOptions, sample::SampleOptions};
+        fn accepts<T: serde::de::DeserializeOwned + Default>(v: Value) {
+            serde_json::from_value::<T>(v).expect("every declared option is accepted");
+            T::default();
+        }
+        for job in ["train", "distill", "sample", "edit", "eval-reverse", "fid.eval", "eval-quality", "judge.train", "report", "eval-bpd"] {
             let specs = crate::jobs::option_specs(job).unwrap();
-            let mut all = Map::new();
-            for s in &specs {
-                let v = match s.kind {
-                    Kind::Integer => json!(3),
-                    Kind::Number => json!(0.5),
-                    Kind::Text => json!(s.choices.first().copied().unwrap_or("x")),
-                    Kind::Flag => json!(true),
-                    Kind::Pair => json!([0.0, 1.0]),
-                };
-                all.insert(s.key.clone(), v);
-            }
-            let n = all.len();
+            let all = every_option(&specs);
+            let n = all.as_object().unwrap().len();
             match job {
                 "train" => {
-                    let t: TrainSettings = serde_json::from_value(Value::Object(all)).unwrap();
+                    let t: TrainSettings = serde_json::from_value(all).unwrap();
                     assert_eq!(serde_json::to_value(t).unwrap().as_object().unwrap().len(), n);
                     TrainSettings::defaults();
                 }
-                _ => {
-                    let d: DistillSettings = serde_json::from_value(Value::Object(all)).unwrap();
+                "distill" => {
+                    let d: DistillSettings = serde_json::from_value(all).unwrap();
                     assert_eq!(serde_json::to_value(d).unwrap().as_object().unwrap().len(), n);
                     DistillSettings::defaults();
                 }
+                "sample" => accepts::<SampleOptions>(all),
+                "edit" => accepts::<EditOptions>(all),
+                "eval-reverse" => accepts::<EvalReverseOptions>(all),
+                "fid.eval" => accepts::<EvalOptions>(all),
+                "eval-quality" => accepts::<QualityOptions>(all),
+                "judge.train" => accepts::<JudgeTrainOptions>(all),
+                "report" => accepts::<ReportOptions>(all),
+                "eval-bpd" => accepts::<BpdOptions>(all),
+                _ => unreachable!(),
             }
         }
         let lr = DistillSettings::specs().into_iter().find(|s| s.key == "lr").unwrap();
         assert_eq!((lr.kind, lr.default.as_deref()), (Kind::Number, Some("1e-3")));
         assert_eq!(DistillSettings::defaults().lr, Some(1e-3));
         assert_eq!(camel("layers_per_stage"), "layersPerStage");
+    }
+
+    /// Declared defaults fill absent keys; a field with neither a default nor an optional type is
+    /// required, and the job refuses options without it.
+    #[test]
+    fn defaults_fill_in_and_required_options_are_enforced() {
+        let o: crate::jobs::sample::SampleOptions = serde_json::from_value(json!({"model": "m", "out": "o"})).unwrap();
+        assert_eq!((o.batch_size.get(), o.format.as_str(), o.temperature, o.num), (64, "png", 1.0, None));
+        let specs = crate::jobs::option_specs("sample").unwrap();
+        let required: Vec<&str> = specs.iter().filter(|s| s.required).map(|s| s.key.as_str()).collect();
+        assert_eq!(required, ["model", "out"]);
+        let batch = specs.iter().find(|s| s.key == "batchSize").unwrap();
+        assert_eq!((batch.kind, batch.default.as_deref()), (Kind::Count, Some("64")));
+        assert!(TrainSettings::specs().iter().all(|s| !s.required), "a training job's settings are all optional");
+        let err = crate::jobs::run("sample", json!({"out": "o"}), &crate::job::JobCtx::silent()).unwrap_err();
+        assert!(format!("{err:#}").contains("'model' is required"), "{err:#}");
+        let err = serde_json::from_value::<crate::jobs::sample::SampleOptions>(json!({"model": "m", "out": "o", "batchSize": 0})).unwrap_err();
+        assert!(err.to_string().contains("nonzero"), "{err}");
     }
 }

@@ -3,6 +3,7 @@
 //! `reverse`: BiFlow's learned reverse model G, one network evaluation (distilled runs).
 //! `exact`: F's exact inverse, causal decoding in B*(T-1) sequential steps (any run).
 
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -10,7 +11,6 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::models::flow::{ReverseOptions, TarFlow};
@@ -22,66 +22,50 @@ use crate::device::DeviceArgs;
 use crate::job::JobCtx;
 use crate::models::flow::denoise;
 
-#[derive(Deserialize, Debug)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct SampleOptions {
-    pub model: String,
-    pub out: String,
-    #[serde(default)]
-    pub num: Option<usize>,
-    #[serde(default = "default_method")]
-    pub method: String,
-    #[serde(default)]
-    pub guidance: f64,
-    #[serde(default)]
-    pub annealed: bool,
-    #[serde(default = "one")]
-    pub attn_temp: f64,
-    /// None: denoise when the run's noise level is known (or `noise_std` is given).
-    #[serde(default)]
-    pub denoise: Option<bool>,
-    #[serde(default)]
-    pub noise_std: Option<f64>,
-    #[serde(default)]
-    pub noise: Option<String>,
-    /// Scale of the drawn noise z ~ N(0, T^2): below 1 trades diversity for cleaner samples (the
-    /// usual flow trick); given `noise` is used as it is.
-    #[serde(default = "one")]
-    pub temperature: f64,
-    #[serde(default)]
-    pub labels: Option<Vec<i64>>,
-    #[serde(default)]
-    pub seed: u64,
-    #[serde(default = "default_format")]
-    pub format: String,
-    #[serde(default)]
-    pub batch_size: Option<usize>,
-    /// Write into a non-empty --out folder.
-    #[serde(default)]
-    pub force: bool,
+crate::options! {
+    pub struct SampleOptions {
+        /// the run folder (distilled, trained or imported)
+        model: String,
+        /// output folder
+        out: String,
+        /// number of images (default 16, or the number of --noise tokens)
+        num: Option<usize>,
+        /// reverse: the distilled 1-NFE model G; exact: causal decoding of the forward flow
+        method: String ["reverse for a distilled run, else exact"] {"reverse", "exact"} = "auto",
+        /// classifier-free guidance weight w (0 = off)
+        guidance: f64 = 0,
+        /// exact: anneal the guidance weight as w*(i+1)/(T-1) over the tokens
+        annealed: bool,
+        /// exact: attention temperature of the guiding pass (guidance for unconditional models)
+        attn_temp: f64 = 1,
+        /// score: apply F's score-based denoising step; none: do not; auto: score where nothing
+        /// learned denoises (exact, or G distilled with --denoise none) and the noise level is known
+        denoise: String {"auto", "score", "none"} = "auto",
+        /// training noise level sigma for denoising (default: from the run)
+        noise_std: Option<f64>,
+        /// decode these noise tokens (.npy, float32 N,T,D) instead of drawing them
+        noise: Option<String>,
+        /// scale of the drawn noise, z ~ N(0, T^2): below 1 (e.g. 0.7) trades diversity for cleaner
+        /// samples
+        temperature: f64 = 1,
+        /// class labels, comma separated (cycled over the images; -1 = no class)
+        labels: Option<Vec<i64>>,
+        /// random seed for the noise
+        seed: u64 = 0,
+        /// png: one file per image plus grid.png; npz: uint8 N,H,W,C under arr_0; npy: float32 N,C,H,W
+        format: String {"png", "npz", "npy"} = "png",
+        /// images decoded at once
+        batch_size: NonZeroUsize = 64,
+        /// write into --out even when it already holds files (same-named files are replaced)
+        force: bool,
+    }
 }
 
 impl SampleOptions {
     /// Defaults for sampling `num` images from the run `model` (no output folder: a streaming consumer).
     pub fn streaming(model: &str, method: Option<String>, num: usize, seed: u64, guidance: f64) -> SampleOptions {
-        SampleOptions {
-            model: model.to_string(),
-            out: String::new(),
-            num: Some(num),
-            method: method.unwrap_or_else(default_method),
-            guidance,
-            annealed: false,
-            attn_temp: 1.0,
-            denoise: None,
-            noise_std: None,
-            noise: None,
-            temperature: 1.0,
-            labels: None,
-            seed,
-            format: default_format(),
-            batch_size: None,
-            force: false,
-        }
+        let d = SampleOptions::default();
+        SampleOptions { model: model.to_string(), num: Some(num), method: method.unwrap_or(d.method.clone()), seed, guidance, ..d }
     }
 }
 
@@ -162,13 +146,14 @@ impl Sampler {
         // distilled with --denoise none.
         let learned = matches!(&method, Method::Reverse(g, _) if g.config().denoise_layers > 0);
         let run_sigma = o.noise_std.or(run.config.noise_std);
-        let sigma = match o.denoise {
-            Some(false) => None,
-            Some(true) => Some(run_sigma.context(
+        let sigma = match o.denoise.as_str() {
+            "none" => None,
+            "score" => Some(run_sigma.context(
                 "denoising needs the training noise level: this run does not record one, give --noise-std",
             )?),
-            None if learned => None,
-            None => run_sigma,
+            "auto" if learned => None,
+            "auto" => run_sigma,
+            other => bail!("unknown --denoise '{other}': use auto, score or none"),
         };
         Ok(Sampler {
             model,
@@ -258,16 +243,6 @@ impl Sampler {
     }
 }
 
-fn default_method() -> String {
-    "auto".into()
-}
-fn default_format() -> String {
-    "png".into()
-}
-fn one() -> f64 {
-    1.0
-}
-
 /// Labels for N samples: the given list (cycled when shorter), else classes 0..K cycled.
 fn make_labels(given: &Option<Vec<i64>>, n: usize, classes: usize) -> Result<Option<Vec<i64>>> {
     if classes == 0 {
@@ -295,7 +270,7 @@ pub fn sample(o: SampleOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> 
     let mut sampler = Sampler::new(&o, &on.device)?;
     let cfg = sampler.config().clone();
     let (n, labels, denoise_on, sigma) = (sampler.len(), sampler.labels().map(<[i64]>::to_vec), sampler.denoises(), sampler.sigma);
-    let bs = o.batch_size.unwrap_or(64).max(1);
+    let bs = o.batch_size.get();
     let steps_per_batch = sampler.steps_per_batch();
     let total = (n.div_ceil(bs) * steps_per_batch) as u64;
     ctx.start(if sampler.method() == "exact" { "decode" } else { "sample" }, Some(total));

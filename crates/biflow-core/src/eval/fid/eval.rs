@@ -1,5 +1,6 @@
 //! The `fid.eval` and `fid.convertWeights` jobs: score a source against a reference.
 
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -16,41 +17,34 @@ use super::stats::{is_stats_npz, load_stats, save_stats, StatsAccumulator};
 use crate::device::DeviceArgs;
 use crate::job::JobCtx;
 
-#[derive(Deserialize, Debug)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct EvalOptions {
-    /// Image folder, .npz (images or mu/sigma), or prepared dataset directory.
-    pub source: String,
-    #[serde(default)]
-    pub reference: Option<String>,
-    #[serde(default)]
-    pub inception_weights: Option<String>,
-    /// Write the SOURCE's statistics here (`mu`, `sigma`).
-    #[serde(default)]
-    pub save_stats: Option<String>,
-    #[serde(default)]
-    pub batch_size: Option<usize>,
-    /// Dataset split for dataset directories: "train" (default) or "val".
-    #[serde(default)]
-    pub split: Option<String>,
-    /// Score at most this many images of each image source.
-    #[serde(default)]
-    pub num: Option<usize>,
-    /// Also compute the Inception Score of SOURCE.
-    #[serde(default)]
-    pub is: bool,
-    #[serde(default)]
-    pub is_splits: Option<usize>,
-    /// Seed of the noise when a side is a model run.
-    #[serde(default)]
-    pub seed: u64,
-    /// Classifier-free guidance weight when a side is a model run.
-    #[serde(default)]
-    pub guidance: f64,
-    /// Sampling method when a side is a model run: reverse | exact (default: reverse for a
-    /// distilled run, else exact).
-    #[serde(default)]
-    pub method: Option<String>,
+crate::options! {
+    pub struct EvalOptions {
+        /// images to score: folder, .npz (images or mu/sigma), dataset DIR, or model RUN (with --num)
+        source: String,
+        /// what to compare with (same kinds); optional with --save-stats or --is
+        reference: Option<String>,
+        /// FID Inception weights (.pth legacy or zip, or .safetensors); default
+        /// $BIFLOW_INCEPTION_WEIGHTS, then ~/.cache/biflow/
+        inception_weights: Option<String>,
+        /// write SOURCE's statistics (mu, sigma) to this .npz, as pytorch-fid's --save-stats
+        save_stats: Option<String>,
+        /// images per network batch
+        batch_size: NonZeroUsize = 32,
+        /// split of a prepared dataset directory
+        split: String {"train", "val"} = "train",
+        /// score at most this many images of each image source (the number of samples for a RUN)
+        num: Option<NonZeroUsize>,
+        /// also compute the Inception Score of SOURCE (10 splits)
+        is: bool,
+        /// number of splits for the Inception Score
+        is_splits: NonZeroUsize = 10,
+        /// seed of the noise when a side is a model RUN
+        seed: u64 = 0,
+        /// classifier-free guidance weight when a side is a model RUN
+        guidance: f64 = 0,
+        /// how a model RUN samples
+        method: Option<String> ["reverse for a distilled run, else exact"] {"reverse", "exact"},
+    }
 }
 
 /// What a side (source or reference) turned out to be.
@@ -60,7 +54,7 @@ enum Side {
 }
 
 fn open_side(spec: &str, o: &EvalOptions, device: &Device) -> Result<(Side, &'static str)> {
-    let (split, num) = (o.split.as_deref(), o.num);
+    let (split, num) = (Some(o.split.as_str()), o.num.map(NonZeroUsize::get));
     let path = Path::new(spec);
     ensure!(
         path.exists(),
@@ -187,12 +181,8 @@ pub fn eval(o: EvalOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
         o.reference.is_some() || o.save_stats.is_some() || o.is,
         "nothing to do: give a REFERENCE to compute the FID, --save-stats OUT.npz, or --is"
     );
-    let batch = o.batch_size.unwrap_or(32);
-    ensure!(batch >= 1, "--batch-size must be at least 1");
-    let splits = o.is_splits.unwrap_or(10);
-    if let Some(s) = &o.split {
-        ensure!(s == "train" || s == "val", "--split must be 'train' or 'val', not '{s}'");
-    }
+    let (batch, splits) = (o.batch_size.get(), o.is_splits.get());
+    ensure!(o.split == "train" || o.split == "val", "--split must be 'train' or 'val', not '{}'", o.split);
     let on = on.place()?;
     let (src, src_kind) = open_side(&o.source, &o, &on.device)?;
     let reference = match &o.reference {

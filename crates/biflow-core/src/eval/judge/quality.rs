@@ -4,12 +4,12 @@
 //! Samples are quantised to 8 bits as a PNG would store them, so scoring a run and scoring the PNGs
 //! `biflow sample` wrote from it give the same numbers.
 
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Result};
 use candle_core::{Device, Tensor};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::metrics::{frechet, precision_recall, within_class_diversity, Features};
@@ -26,38 +26,37 @@ use crate::jobs::sample::{SampleOptions, Sampler};
 /// k of the k-NN manifolds (Kynkaanniemi et al. use 3).
 pub const K_NEAREST: usize = 3;
 
-#[derive(Deserialize, Debug)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct QualityOptions {
-    /// A run to sample (exactly one of `model` and `images`).
-    #[serde(default)]
-    pub model: Option<String>,
-    /// A folder of images, an .npz of images (labels in `arr_1` when present) or a prepared dataset.
-    #[serde(default)]
-    pub images: Option<String>,
-    pub judge: String,
-    pub data: String,
-    /// The reference split (default val).
-    #[serde(default)]
-    pub split: Option<String>,
-    #[serde(default)]
-    pub method: Option<String>,
-    #[serde(default)]
-    pub guidance: f64,
-    #[serde(default)]
-    pub temperature: Option<f64>,
-    #[serde(default)]
-    pub num: Option<usize>,
-    #[serde(default)]
-    pub seed: u64,
-    #[serde(default)]
-    pub noise: Option<String>,
-    /// Reference images (default: the whole split, at most 10000).
-    #[serde(default)]
-    pub num_ref: Option<usize>,
-    #[serde(default)]
-    pub batch_size: Option<usize>,
+crate::options! {
+    pub struct QualityOptions {
+        /// a run to sample (distilled: reverse by default; forward: exact)
+        model: Option<String>,
+        /// images to judge instead of a --model: a folder, an .npz or a prepared dataset
+        images: Option<String>,
+        /// the judge folder (biflow judge train)
+        judge: String,
+        /// the labelled dataset the judge's reference images come from
+        data: String,
+        /// the reference split
+        split: String {"val", "train"} = "val",
+        /// sampler of a --model
+        method: Option<String> ["reverse for a distilled run"] {"reverse", "exact"},
+        /// classifier-free guidance scale of the samples
+        guidance: f64 = 0,
+        /// scale of the drawn noise z ~ N(0, T^2)
+        temperature: Option<f64> ["1"],
+        /// samples to draw from --model (classes cycled), or images of IMAGES to score
+        num: Option<usize> ["1000"],
+        /// seed of the noise (the same seed gives both samplers the same noise)
+        seed: u64 = 0,
+        /// an .npy of noise tokens (N,T,D) instead of drawn noise
+        noise: Option<String>,
+        /// reference images from --split
+        num_ref: Option<usize> ["the whole split, at most 10000"],
+        /// images sampled at once
+        batch_size: NonZeroUsize = 64,
+    }
 }
+
 
 /// Open a dataset the judge can learn from or score against: labelled, square, with a held-out split.
 pub fn labelled_dataset(dir: &str) -> Result<Dataset> {
@@ -138,7 +137,7 @@ fn judge_run(judge: &Judge, o: &QualityOptions, model: &str, ds: &Dataset, devic
     let n = sampler.len();
     let labels = sampler.labels().map(<[i64]>::to_vec);
     let method = sampler.method();
-    let bs = o.batch_size.unwrap_or(64).max(1);
+    let bs = o.batch_size.get();
     let steps = sampler.steps_per_batch();
     let total = (n.div_ceil(bs) * steps) as u64;
     let mut j = Judged { features: Features::new(judge.config().feature_dim), predicted: vec![], labels, what: format!("{method} samples of {model}"), sampling_seconds: None };
@@ -265,13 +264,13 @@ pub fn eval_quality(o: QualityOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<
     if let Some(t) = o.temperature {
         ensure!(o.model.is_some() || t == 1.0, "--temperature applies to sampling a --model");
     }
-    let split = match o.split.as_deref() {
-        None | Some("val") => Split::Val,
-        Some("train") => Split::Train,
-        Some(s) => bail!("unknown split '{s}': use val or train"),
+    let split = match o.split.as_str() {
+        "val" => Split::Val,
+        "train" => Split::Train,
+        s => bail!("unknown split '{s}': use val or train"),
     };
     let num_ref = o.num_ref.unwrap_or(10_000);
-    ensure!(num_ref >= 2, "--num-ref must be at least 2");
+    ensure!(num_ref >= 4 && o.num.is_none_or(|n| n >= 4), "--num and --num-ref must be at least 4 (the k-NN manifolds take {K_NEAREST} neighbours)");
 
     let samples = match (&o.model, &o.images) {
         (Some(m), None) => judge_run(&judge, &o, m, &ds, device, ctx)?,

@@ -3,6 +3,7 @@
 //! minutes on two cores for MNIST; no checkpoints (a stopped job leaves nothing, run it again).
 
 use std::collections::HashMap;
+use std::num::{NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -12,7 +13,6 @@ use candle_nn::VarBuilder;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::net::{save_weights, Judge, JudgeConfig, JudgeFile, JUDGE_FILE};
@@ -26,34 +26,31 @@ use crate::train::optim::{lr_at, AdamW, AdamWConfig, Moments};
 /// The held-out accuracy below which `eval-quality` refuses a judge, unless `--min-accuracy` says otherwise.
 pub const DEFAULT_FLOOR: f64 = 0.9;
 
-#[derive(Deserialize, Debug)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct JudgeTrainOptions {
-    pub data: String,
-    pub out: String,
-    #[serde(default)]
-    pub steps: Option<u64>,
-    #[serde(default)]
-    pub batch_size: Option<usize>,
-    #[serde(default)]
-    pub lr: Option<f64>,
-    #[serde(default)]
-    pub seed: u64,
-    #[serde(default)]
-    pub min_accuracy: Option<f64>,
-    /// Replace an existing judge folder.
-    #[serde(default)]
-    pub force: bool,
+crate::options! {
+    pub struct JudgeTrainOptions {
+        /// a prepared, labelled dataset with a held-out (val) split
+        data: String,
+        /// the judge folder to create (judge.json, weights.safetensors)
+        out: String,
+        /// optimiser steps
+        steps: NonZeroU64 = 1500,
+        /// images per step
+        batch_size: NonZeroUsize = 64,
+        /// peak learning rate
+        lr: f64 = 2e-3,
+        /// seed of the initial weights and the data order
+        seed: u64 = 0,
+        /// held-out accuracy below which eval-quality refuses this judge
+        min_accuracy: f64 ["0.9"] = DEFAULT_FLOOR,
+        /// replace an existing judge folder
+        force: bool,
+    }
 }
 
 pub fn judge_train(o: JudgeTrainOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
     let on = on.place()?;
     let device = &on.device;
-    let steps = o.steps.unwrap_or(1500);
-    let batch = o.batch_size.unwrap_or(64);
-    let peak = o.lr.unwrap_or(2e-3);
-    let floor = o.min_accuracy.unwrap_or(DEFAULT_FLOOR);
-    ensure!(steps > 0 && batch > 0, "--steps and --batch-size must be at least 1");
+    let (steps, batch, peak, floor) = (o.steps.get(), o.batch_size.get(), o.lr, o.min_accuracy);
     ensure!(peak > 0.0 && peak.is_finite(), "--lr must be a positive number");
     ensure!((0.0..=1.0).contains(&floor), "--min-accuracy must be between 0 and 1");
     let out = PathBuf::from(&o.out);

@@ -5,11 +5,11 @@
 
 use std::fmt::Write as _;
 use std::fs;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 mod evaluation;
@@ -23,37 +23,39 @@ pub const REPORT_FILE: &str = "report.html";
 pub const EVALUATION_FILE: &str = "evaluation.json";
 const COMPARE_DIR: &str = "compare";
 
-#[derive(Deserialize, Default, Clone)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ReportOptions {
-    pub run: String,
-    /// Where to write the page [default: RUN/report.html].
-    #[serde(default)]
-    pub out: Option<String>,
-    /// Sample the same noise and labels with every method the run has (written to RUN/compare/).
-    #[serde(default)]
-    pub compare: bool,
-    /// Images per method in the comparison.
-    #[serde(default)]
-    pub num: Option<usize>,
-    /// Guidance scale and noise temperature of the comparison's samples [default: 0 and 1].
-    #[serde(default)]
-    pub guidance: f64,
-    #[serde(default)]
-    pub temperature: Option<f64>,
-    /// Evaluation results to show (saved as RUN/evaluation.json, which later reports show too).
-    #[serde(default)]
-    pub evaluation: Option<Value>,
+crate::options! {
+    pub struct ReportOptions {
+        /// the run folder (forward, distilled or imported)
+        run: String,
+        /// where to write the page
+        out: Option<String> ["RUN/report.html"],
+        /// sample the same noise and labels with each method the run has (reverse and exact for a
+        /// distilled run; exact decoding is slow for large models), written to RUN/compare/
+        compare: bool = true,
+        /// images per method in the comparison
+        num: NonZeroUsize = 16,
+        /// guidance scale of the comparison samples (class-conditional runs)
+        guidance: f64 = 0,
+        /// noise temperature of the comparison samples (below 1: cleaner, less varied)
+        temperature: f64 = 1,
+    }
 }
 
+/// `biflow report`.
 pub fn report(o: ReportOptions, ctx: &JobCtx) -> Result<Value> {
+    write_report(o, None, ctx)
+}
+
+/// The report of a run, with `evaluation` results to show (saved as RUN/evaluation.json, which later
+/// reports show too).
+pub fn write_report(o: ReportOptions, evaluation: Option<&Value>, ctx: &JobCtx) -> Result<Value> {
     let run = Run::open(Path::new(&o.run))?;
-    if let Some(ev) = &o.evaluation {
+    if let Some(ev) = evaluation {
         crate::io::atomic::write(&run.dir.join(EVALUATION_FILE), format!("{}\n", serde_json::to_string_pretty(ev)?).as_bytes())?;
     }
     let mut compared = Value::Null;
     if o.compare {
-        compared = compare(&run, o.num.unwrap_or(16), o.guidance, o.temperature.unwrap_or(1.0), ctx)?;
+        compared = compare(&run, o.num.get(), o.guidance, o.temperature, ctx)?;
     }
     let out = o.out.map(PathBuf::from).unwrap_or_else(|| run.dir.join(REPORT_FILE));
     let html = render(&run)?;
