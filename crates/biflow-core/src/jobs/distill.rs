@@ -23,7 +23,7 @@ use crate::models::reverse::{self, ReverseConfig, ReverseModel, ReverseOutput};
 use crate::run::{ForwardRef, Run, RunConfig};
 use crate::jobs::train::host_gradients;
 use crate::jobs::options::given;
-use crate::jobs::training::{self, SessionArgs, TrainingJob};
+use crate::jobs::training::{self, schedule_of, SessionArgs, TrainingJob};
 use crate::train::{self, open_data, Objective, Schedule, Slot, StepOutput, TrainData};
 
 crate::settings! {
@@ -213,22 +213,7 @@ fn resolve(s: &DistillSettings, f_run: &Run, forward_dir: &str, data: &dyn Train
     let opts = DistillOptions {
         forward: forward_dir.to_string(),
         data: data_dir.to_string(),
-        schedule: Schedule {
-            batch_size,
-            steps,
-            lr,
-            min_lr: s.min_lr.unwrap_or(lr).min(lr),
-            warmup: s.warmup.unwrap_or((steps / 10).min(100)),
-            weight_decay: given(&s.weight_decay),
-            beta1: 0.9,
-            beta2: 0.95,
-            grad_clip: given(&s.grad_clip),
-            ema_decay: given(&s.ema_decay),
-            seed: given(&s.seed),
-            save_every: given(&s.save_every).max(1),
-            keep: given(&s.keep).max(1),
-            sample_every: given(&s.sample_every),
-        },
+        schedule: schedule_of!(s, batch_size: batch_size, steps: steps, lr: lr, min_lr: s.min_lr.unwrap_or(lr).min(lr), warmup: s.warmup.unwrap_or((steps / 10).min(100))),
         limit: s.limit,
         noise_std,
         loss: LossConfig { kind, rms_norm, learned_denoise, adaptive_p, adaptive_eps },

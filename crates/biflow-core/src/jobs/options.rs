@@ -160,40 +160,14 @@ macro_rules! __option_default {
 /// ```
 #[macro_export]
 macro_rules! options {
-    (
-        $(#[doc = $sdoc:literal])*
-        pub struct $name:ident {
-            $(
-                $(#[doc = $doc:literal])+
-                $field:ident : $ty:ty $([$text:literal])? $({$($choice:literal),+})? $(= $default:expr)?
-            ),* $(,)?
-        }
-    ) => {
-        $(#[doc = $sdoc])*
-        #[derive(Clone, Debug, serde::Deserialize)]
-        #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
-        pub struct $name {
-            $(
-                $(#[doc = $doc])+
-                pub $field: $ty,
-            )*
-        }
-
-        impl Default for $name {
-            fn default() -> $name {
-                $name { $($field: $crate::__option_default!($($default)?)),* }
-            }
-        }
-
-        impl $crate::jobs::options::Declared for $name {
-            fn specs() -> Vec<$crate::jobs::options::OptionSpec> {
-                vec![$($crate::__option_spec!($field, $ty, [$($doc)+], [$($text)?], [$($($choice),+)?], [$($default)?])),*]
-            }
-        }
+    ($($declaration:tt)*) => {
+        $crate::__declare!(options $($declaration)*);
     };
 }
 
-/// Declare a job's settings:
+/// Declare a training job's settings, as [`options!`] does, but every field optional (`None`:
+/// not given), so that a resumed run's recorded settings can fill what the command line leaves
+/// out; the declared defaults come from `defaults()` and apply last (`settings.or(defaults)`).
 ///
 /// ```ignore
 /// settings! {
@@ -212,7 +186,26 @@ macro_rules! options {
 /// ```
 #[macro_export]
 macro_rules! settings {
+    ($($declaration:tt)*) => {
+        $crate::__declare!(settings $($declaration)*);
+    };
+}
+
+/// The field type a declaration gives: as declared for options, optional for settings.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __field_type {
+    (options $ty:ty) => { $ty };
+    (settings $ty:ty) => { Option<$ty> };
+}
+
+/// What [`options!`] and [`settings!`] share: one reading of the declaration, the specs; the struct
+/// is each one's own.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __declare {
     (
+        $mode:ident
         $(#[doc = $sdoc:literal])*
         pub struct $name:ident {
             $(
@@ -221,6 +214,32 @@ macro_rules! settings {
             ),* $(,)?
         }
     ) => {
+        $crate::__declare!(@struct $mode [$($sdoc)*] $name [$({$field [$ty] [$($doc)+] [$($default)?]})*]);
+
+        impl $crate::jobs::options::Declared for $name {
+            fn specs() -> Vec<$crate::jobs::options::OptionSpec> {
+                vec![$($crate::__option_spec!($field, $crate::__field_type!($mode $ty), [$($doc)+], [$($text)?], [$($($choice),+)?], [$($default)?])),*]
+            }
+        }
+    };
+    (@struct options [$($sdoc:literal)*] $name:ident [$({$field:ident [$ty:ty] [$($doc:literal)+] [$($default:expr)?]})*]) => {
+        $(#[doc = $sdoc])*
+        #[derive(Clone, Debug, serde::Deserialize)]
+        #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+        pub struct $name {
+            $(
+                $(#[doc = $doc])+
+                pub $field: $ty,
+            )*
+        }
+
+        impl Default for $name {
+            fn default() -> $name {
+                $name { $($field: $crate::__option_default!($($default)?)),* }
+            }
+        }
+    };
+    (@struct settings [$($sdoc:literal)*] $name:ident [$({$field:ident [$ty:ty] [$($doc:literal)+] [$($default:expr)?]})*]) => {
         $(#[doc = $sdoc])*
         #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
         #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -244,12 +263,6 @@ macro_rules! settings {
                 let mut d = $name::default();
                 $($( d.$field = Some($crate::__option_default!($default)); )?)*
                 d
-            }
-        }
-
-        impl $crate::jobs::options::Declared for $name {
-            fn specs() -> Vec<$crate::jobs::options::OptionSpec> {
-                vec![$($crate::__option_spec!($field, Option<$ty>, [$($doc)+], [$($text)?], [$($($choice),+)?], [$($default)?])),*]
             }
         }
     };

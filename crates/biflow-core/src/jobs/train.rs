@@ -20,7 +20,7 @@ use crate::device::mode::Backend;
 use crate::engines::NllGrad;
 use crate::run::{Run, RunConfig};
 use crate::jobs::options::given;
-use crate::jobs::training::{self, SessionArgs, TrainingJob};
+use crate::jobs::training::{self, schedule_of, SessionArgs, TrainingJob};
 use crate::train::{self, open_data, Objective, Schedule, Slot, StepOutput, TrainData};
 
 // ---------------------------------------------------------------------------------------------
@@ -194,22 +194,7 @@ fn resolve(s: &TrainSettings, data: &dyn TrainData, data_dir: &str) -> Result<(T
     };
     let opts = TrainOptions {
         data: data_dir.to_string(),
-        schedule: Schedule {
-            batch_size,
-            steps,
-            lr,
-            min_lr: given(&all.min_lr).min(lr),
-            warmup: s.warmup.unwrap_or((steps / 20).min(1000)),
-            weight_decay: given(&all.weight_decay),
-            beta1: 0.9,
-            beta2: 0.95,
-            grad_clip: given(&all.grad_clip),
-            ema_decay: given(&all.ema_decay),
-            seed: given(&all.seed),
-            save_every: given(&all.save_every).max(1),
-            keep: given(&all.keep).max(1),
-            sample_every: given(&all.sample_every),
-        },
+        schedule: schedule_of!(all, batch_size: batch_size, steps: steps, lr: lr, min_lr: given(&all.min_lr).min(lr), warmup: s.warmup.unwrap_or((steps / 20).min(1000))),
         epochs: s.epochs,
         noise_std,
         dequantize,

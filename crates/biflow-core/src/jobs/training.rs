@@ -151,3 +151,28 @@ pub fn drive<J: TrainingJob>(mut job: J, args: &SessionArgs, data: &dyn TrainDat
     job.finish(&mut result);
     Ok(Value::Object(result))
 }
+
+/// The [`Schedule`] of a training job's settings `$s` (a `settings!` struct with the defaults
+/// applied): the knobs both jobs share are read from it; batch size, steps, learning rates and
+/// warmup are given, as their defaults differ by job. AdamW's betas are the reference's.
+macro_rules! schedule_of {
+    ($s:expr, batch_size: $batch:expr, steps: $steps:expr, lr: $lr:expr, min_lr: $min_lr:expr, warmup: $warmup:expr) => {
+        $crate::train::Schedule {
+            batch_size: $batch,
+            steps: $steps,
+            lr: $lr,
+            min_lr: $min_lr,
+            warmup: $warmup,
+            weight_decay: given(&$s.weight_decay),
+            beta1: 0.9,
+            beta2: 0.95,
+            grad_clip: given(&$s.grad_clip),
+            ema_decay: given(&$s.ema_decay),
+            seed: given(&$s.seed),
+            save_every: given(&$s.save_every).max(1),
+            keep: given(&$s.keep).max(1),
+            sample_every: given(&$s.sample_every),
+        }
+    };
+}
+pub(crate) use schedule_of;
