@@ -5,8 +5,7 @@ import {join} from 'node:path'
 import {gzipSync} from 'node:zlib'
 import {beforeAll, describe, expect, it} from 'vitest'
 
-import {native} from '../src/lib/native.js'
-import {runCli, runJson, tempDir} from './helpers.js'
+import {runCli, runJson, tempDir, toyDataset} from './helpers.js'
 
 let work: string
 let data: string
@@ -15,9 +14,7 @@ let g: string
 
 beforeAll(async () => {
   work = tempDir('biflow-bundle-')
-  data = join(work, 'data')
-  await native().runJob('data.synth', JSON.stringify({out: join(work, 'pngs'), count: 48, size: 8, classes: 2, seed: 1}))
-  await native().runJob('data.prepare', JSON.stringify({input: join(work, 'pngs'), out: data}))
+  data = await toyDataset(work)
   f = join(work, 'f')
   g = join(work, 'g')
   runJson(['train', '--data', data, '--out', f, '--patch-size', '2', '--channels', '64', '--blocks', '2', '--layers-per-block', '1', '--batch-size', '8', '--steps', '6', '--clip-scale', '3'])

@@ -4,18 +4,14 @@ import {existsSync, readdirSync, readFileSync, statSync, writeFileSync} from 'no
 import {join} from 'node:path'
 import {describe, expect, it} from 'vitest'
 
+import type {InspectResult} from '../src/commands/data/inspect.js'
 import {fixtures, runCli, runCliInterrupted, runJson, tempDir} from './helpers.js'
 
 const data = (name: string) => join(fixtures, 'data', name)
 
-interface Manifest {
+/** manifest.json: what `data inspect` reports of a dataset, as the file records it. */
+interface Manifest extends Pick<InspectResult, 'channels' | 'classes' | 'count' | 'height' | 'version' | 'width'> {
   format: string
-  version: number
-  count: number
-  height: number
-  width: number
-  channels: number
-  classes: {name: string; count: number}[]
   splits: {train: {count: number}; val: {count: number}; seed: number; valFraction: number}
   source: {kind: string; input: string}
   recordBytes: number

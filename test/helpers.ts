@@ -5,6 +5,8 @@ import {tmpdir} from 'node:os'
 import {dirname, join} from 'node:path'
 import {fileURLToPath} from 'node:url'
 
+import {native} from '../src/lib/native.js'
+
 export const root = join(dirname(fileURLToPath(import.meta.url)), '..')
 export const fixtures = join(root, 'fixtures')
 const bin = join(root, 'bin', 'run.js')
@@ -102,4 +104,12 @@ export function writeGreyPng(path: string, size: number, value: (x: number, y: n
       chunk('IEND', Buffer.alloc(0)),
     ]),
   )
+}
+
+/** The small dataset the trainer tests share, prepared under `work`: 48 synthetic 8x8 images of 2 classes. Returns its folder. */
+export async function toyDataset(work: string): Promise<string> {
+  const [pngs, data] = [join(work, 'pngs'), join(work, 'data')]
+  await native().runJob('data.synth', JSON.stringify({out: pngs, count: 48, size: 8, classes: 2, seed: 1}))
+  await native().runJob('data.prepare', JSON.stringify({input: pngs, out: data}))
+  return data
 }

@@ -7,8 +7,7 @@ import {pathToFileURL} from 'node:url'
 import puppeteer from 'puppeteer-core'
 import {beforeAll, describe, expect, it} from 'vitest'
 
-import {native} from '../src/lib/native.js'
-import {root, runJson, tempDir} from './helpers.js'
+import {root, runJson, tempDir, toyDataset} from './helpers.js'
 
 const candidates = [process.env.CHROMIUM_PATH, '/usr/bin/chromium', '/usr/bin/chromium-browser', '/usr/bin/google-chrome'].filter(Boolean) as string[]
 const browserPath = candidates.find((p) => existsSync(p))
@@ -21,9 +20,7 @@ let g: string
 
 beforeAll(async () => {
   work = tempDir('biflow-report-')
-  const data = join(work, 'data')
-  await native().runJob('data.synth', JSON.stringify({out: join(work, 'pngs'), count: 48, size: 8, classes: 2, seed: 1}))
-  await native().runJob('data.prepare', JSON.stringify({input: join(work, 'pngs'), out: data}))
+  const data = await toyDataset(work)
   const f = join(work, 'f')
   g = join(work, 'g')
   runJson(['train', '--data', data, '--out', f, '--patch-size', '2', '--channels', '64', '--blocks', '2', '--layers-per-block', '1', '--batch-size', '8', '--steps', '12', '--sample-every', '4'])

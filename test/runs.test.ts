@@ -4,33 +4,18 @@ import {existsSync, readFileSync} from 'node:fs'
 import {join} from 'node:path'
 import {beforeAll, describe, expect, it} from 'vitest'
 
+import type {RunInfo} from '../src/commands/runs.js'
 import {native} from '../src/lib/native.js'
-import {root, runCli, runCliInterrupted, runJson, tempDir} from './helpers.js'
+import {root, runCli, runCliInterrupted, runJson, tempDir, toyDataset} from './helpers.js'
 
 const model = ['--patch-size', '2', '--channels', '64', '--blocks', '2', '--layers-per-block', '1', '--batch-size', '8']
-
-interface RunInfo {
-  dir: string
-  kind: string
-  status: string
-  steps: number
-  totalSteps: number | null
-  bestBpd: number | null
-  lastCheckpoint: string | null
-  canResume: boolean
-  lockedBy: {pid: number} | null
-  error: string | null
-}
 
 let data: string
 let work: string
 
 beforeAll(async () => {
   work = tempDir('biflow-runs-')
-  const pngs = join(work, 'pngs')
-  data = join(work, 'data')
-  await native().runJob('data.synth', JSON.stringify({out: pngs, count: 48, size: 8, classes: 2, seed: 1}))
-  await native().runJob('data.prepare', JSON.stringify({input: pngs, out: data}))
+  data = await toyDataset(work)
 })
 
 const listing = (dir: string) => runJson<{runs: RunInfo[]}>(['runs', dir]).runs

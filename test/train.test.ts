@@ -3,8 +3,7 @@ import {existsSync, readFileSync, readdirSync, writeFileSync} from 'node:fs'
 import {join} from 'node:path'
 import {beforeAll, describe, expect, it} from 'vitest'
 
-import {native} from '../src/lib/native.js'
-import {root, runCli, runCliInterrupted, runJson, tempDir} from './helpers.js'
+import {root, runCli, runCliInterrupted, runJson, tempDir, toyDataset} from './helpers.js'
 
 // A tiny model on a tiny prepared dataset (8x8 synthetic PNGs, 2 classes): every run takes seconds.
 const model = ['--patch-size', '2', '--channels', '64', '--blocks', '2', '--layers-per-block', '1', '--batch-size', '8']
@@ -25,10 +24,7 @@ let work: string
 
 beforeAll(async () => {
   work = tempDir('biflow-train-')
-  const pngs = join(work, 'pngs')
-  data = join(work, 'data')
-  await native().runJob('data.synth', JSON.stringify({out: pngs, count: 48, size: 8, classes: 2, seed: 1}))
-  await native().runJob('data.prepare', JSON.stringify({input: pngs, out: data}))
+  data = await toyDataset(work)
 })
 
 const checkpoints = (run: string) => readdirSync(join(run, 'checkpoints')).filter((d) => d.startsWith('step-')).sort()

@@ -2,7 +2,7 @@ import {Args, Flags} from '@oclif/core'
 
 import {BiflowCommand} from '../lib/command.js'
 
-interface RunInfo {
+export interface RunInfo {
   dir: string
   kind: string
   status: string

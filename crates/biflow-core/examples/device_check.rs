@@ -152,17 +152,7 @@ fn fixture_tensor(v: &Value, device: &Device) -> Result<Tensor> {
 fn parity(c: &mut Check) -> Result<Value> {
     let dir = c.fixtures.join("tarflow-reference");
     let f: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tiny-cond.json"))?)?;
-    let u = |k: &str| f["config"][k].as_u64().unwrap_or(0) as usize;
-    let cfg = FlowConfig {
-        img_size: u("img_size"),
-        in_channels: u("in_channels"),
-        patch_size: u("patch_size"),
-        channels: u("channels"),
-        num_blocks: u("num_blocks"),
-        layers_per_block: u("layers_per_block"),
-        num_classes: u("num_classes"),
-        clip_scale: None,
-    };
+    let cfg = FlowConfig::from_reference_args(&f["config"])?;
     let state: HashMap<String, Tensor> = biflow_core::jobs::import::read_reference_state(&dir.join("tiny-cond.pth"))?.into_iter().collect();
     let model = |device: &Device| -> Result<TarFlow> {
         let moved = state.iter().map(|(k, t)| Ok((k.clone(), t.to_device(device)?))).collect::<Result<HashMap<_, _>>>()?;

@@ -14,7 +14,7 @@ use biflow_core::models::reverse::{self, ReverseConfig};
 use biflow_core::run::Run;
 use biflow_core::jobs::train::{train_with, TrainSettings};
 use candle_core::{Device, Tensor};
-use common::{cancelling_ctx, toy_data};
+use common::{cancelling_ctx, toy_data, toy_flow_settings};
 use rand::SeedableRng;
 
 /// One forward run shared by the tests (trained once): 8x8, patch 2 (T = 16, D = 4), 2 blocks.
@@ -23,19 +23,7 @@ fn forward_run() -> &'static Path {
     &RUN.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("f");
-        let s = TrainSettings {
-            batch_size: Some(16),
-            steps: Some(80),
-            lr: Some(2e-3),
-            warmup: Some(5),
-            patch_size: Some(2),
-            channels: Some(64),
-            blocks: Some(2),
-            layers_per_block: Some(1),
-            clip_scale: Some(2.0),
-            seed: Some(1),
-            ..Default::default()
-        };
+        let s = TrainSettings { clip_scale: Some(2.0), ..toy_flow_settings(80, 1) };
         let args = SessionArgs { out: out.clone(), ..Default::default() };
         train_with(&args, &s, "toy", &toy_data(256, 3), &JobCtx::silent()).unwrap();
         (dir, out)

@@ -44,18 +44,7 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn config(f: &Value) -> FlowConfig {
-    let c = &f["config"];
-    let u = |k: &str| c[k].as_u64().unwrap() as usize;
-    FlowConfig {
-        img_size: u("img_size"),
-        in_channels: u("in_channels"),
-        patch_size: u("patch_size"),
-        channels: u("channels"),
-        num_blocks: u("num_blocks"),
-        layers_per_block: u("layers_per_block"),
-        num_classes: u("num_classes"),
-        clip_scale: None,
-    }
+    FlowConfig::from_reference_args(&f["config"]).unwrap()
 }
 
 fn model(cfg: &FlowConfig) -> TarFlow {

@@ -10,23 +10,10 @@ use biflow_core::run::Run;
 use biflow_core::jobs::train::{train_with, TrainSettings};
 use biflow_core::jobs::training::SessionArgs;
 use biflow_core::train::load_checkpoint;
-use common::{cancelling_ctx, toy_data};
+use common::{cancelling_ctx, toy_data, toy_flow_settings};
 
 fn settings(steps: u64) -> TrainSettings {
-    TrainSettings {
-        batch_size: Some(16),
-        steps: Some(steps),
-        lr: Some(2e-3),
-        warmup: Some(5),
-        patch_size: Some(2),
-        channels: Some(64),
-        blocks: Some(2),
-        layers_per_block: Some(1),
-        save_every: Some(10),
-        keep: Some(2),
-        seed: Some(11),
-        ..Default::default()
-    }
+    TrainSettings { save_every: Some(10), keep: Some(2), ..toy_flow_settings(steps, 11) }
 }
 
 fn args(out: &Path, resume: bool) -> SessionArgs {

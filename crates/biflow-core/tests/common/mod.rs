@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use biflow_core::job::{Event, JobCtx};
+use biflow_core::jobs::train::TrainSettings;
 use biflow_core::train::MemData;
 use rand::{Rng, SeedableRng};
 
@@ -41,4 +42,22 @@ pub fn cancelling_ctx(at: u64) -> JobCtx {
         },
         cancel,
     )
+}
+
+/// The toy F the trainer tests train on [`toy_data`]: patch 2 (T = 16, D = 4), 64 channels, 2
+/// blocks of 1 layer, batch 16 at lr 2e-3 after 5 warmup steps.
+#[allow(dead_code)]
+pub fn toy_flow_settings(steps: u64, seed: u64) -> TrainSettings {
+    TrainSettings {
+        batch_size: Some(16),
+        steps: Some(steps),
+        lr: Some(2e-3),
+        warmup: Some(5),
+        patch_size: Some(2),
+        channels: Some(64),
+        blocks: Some(2),
+        layers_per_block: Some(1),
+        seed: Some(seed),
+        ..Default::default()
+    }
 }

@@ -1,6 +1,6 @@
 //! F's configuration: the shape of a TARFlow and the constants the reference fixes.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// Attention head size, fixed by the reference.
@@ -28,6 +28,25 @@ pub struct FlowConfig {
 }
 
 impl FlowConfig {
+    /// The configuration of ml-tarflow's `Model(...)` from its keyword arguments (snake_case JSON,
+    /// as the reference fixtures record them; other keys are ignored).
+    pub fn from_reference_args(args: &serde_json::Value) -> Result<FlowConfig> {
+        #[derive(Deserialize)]
+        struct Args {
+            img_size: usize,
+            in_channels: usize,
+            patch_size: usize,
+            channels: usize,
+            num_blocks: usize,
+            layers_per_block: usize,
+            #[serde(default)]
+            num_classes: usize,
+        }
+        let a: Args = serde_json::from_value(args.clone()).context("the reference model's arguments")?;
+        let Args { img_size, in_channels, patch_size, channels, num_blocks, layers_per_block, num_classes } = a;
+        Ok(FlowConfig { img_size, in_channels, patch_size, channels, num_blocks, layers_per_block, num_classes, clip_scale: None })
+    }
+
     /// T: the number of patch tokens.
     pub fn num_tokens(&self) -> usize {
         let s = self.img_size / self.patch_size.max(1);
