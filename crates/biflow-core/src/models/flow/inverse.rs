@@ -104,7 +104,7 @@ impl TarFlow {
         })
     }
 
-    /// Causal decoding with the host decoder (ops/decode.rs), one token of every sample at a time.
+    /// Causal decoding with the host decoder (engines/decode.rs), one token of every sample at a time.
     fn decode_on_host(
         &self,
         z: &Tensor,
@@ -114,42 +114,23 @@ impl TarFlow {
         mut on_step: impl FnMut(usize, usize) -> Result<()>,
     ) -> Result<Tensor> {
         let (n, t, d) = z.dims3()?;
-        let nb = scales.len();
+        let rows = scales.len();
         let mut x: Vec<f32> = z.flatten_all()?.to_vec1()?;
         for block in self.blocks.iter().rev() {
             let class = self.decoding_class(block, labels, n, steps.guided)?;
             let host_block = block.host_decoder(class.as_ref())?;
-            let mut decoder = engines::BlockDecoder::new(&host_block, scales.clone())?;
-            // Work in this block's token order.
-            let perm = |i: usize| if block.flip { t - 1 - i } else { i };
-            let (mut a, mut b) = (vec![0f32; nb * d], vec![0f32; nb * d]);
-            let mut tok = vec![0f32; nb * d];
-            for i in 0..t - 1 {
-                for s in 0..n {
-                    let off = (s * t + perm(i)) * d;
-                    tok[s * d..(s + 1) * d].copy_from_slice(&x[off..off + d]);
-                }
-                if steps.guided {
-                    tok.copy_within(0..n * d, n * d);
-                }
-                decoder.step(&tok, perm(i), &mut a, &mut b);
-                if steps.guided {
-                    // a += g (a - a_u), b += g (b - b_u): conditional rows first, guiding rows after.
-                    let g = steps.guidance_at(i, t) as f32;
-                    for v in [&mut a, &mut b] {
-                        let (cond, uncond) = v.split_at_mut(n * d);
-                        cond.iter_mut().zip(uncond.iter()).for_each(|(c, u)| *c += (*c - u) * g);
-                    }
-                }
-                for s in 0..n {
-                    let off = (s * t + perm(i + 1)) * d;
-                    for j in 0..d {
-                        let xv = &mut x[off + j];
-                        *xv = *xv * a[s * d + j].exp() + b[s * d + j];
-                    }
-                }
-                steps.advance(&mut on_step)?;
-            }
+            let mut dec = HostDecoding {
+                decoder: engines::BlockDecoder::new(&host_block, scales.clone())?,
+                x: &mut x,
+                tok: vec![0f32; rows * d],
+                ab: (vec![0f32; rows * d], vec![0f32; rows * d]),
+                n,
+                t,
+                d,
+                flip: block.flip,
+                guided: steps.guided,
+            };
+            decode_block(&mut dec, t, &mut steps, &mut on_step)?;
         }
         Ok(Tensor::from_vec(x, (n, t, d), &self.device)?)
     }
@@ -165,41 +146,30 @@ impl TarFlow {
         mut on_step: impl FnMut(usize, usize) -> Result<()>,
     ) -> Result<Tensor> {
         let (n, t, _) = z.dims3()?;
-        let nb = scales.len();
+        let rows = scales.len();
         let dtype = self.blocks[0].pos_embed.dtype();
-        let scale = Tensor::from_vec(scales, nb, &self.device)?.to_dtype(dtype)?;
+        let scale = Tensor::from_vec(scales, rows, &self.device)?.to_dtype(dtype)?;
         let heads = self.cfg.num_heads();
         let mut x = z.clone();
         for block in self.blocks.iter().rev() {
-            let class = self.decoding_class(block, labels, n, steps.guided)?;
-            let mut caches = (0..block.layers.len())
-                .map(|_| -> Result<KvCache> {
-                    Ok(KvCache {
-                        k: Tensor::zeros((nb, heads, t, HEAD_DIM), dtype, &self.device)?,
-                        v: Tensor::zeros((nb, heads, t, HEAD_DIM), dtype, &self.device)?,
-                        len: 0,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let cache = || -> Result<KvCache> {
+                let zeros = || Tensor::zeros((rows, heads, t, HEAD_DIM), dtype, &self.device);
+                Ok(KvCache { k: zeros()?, v: zeros()?, len: 0 })
+            };
             // Tokens in this block's order, (N, 1, D) each, f32.
             let xp = block.permute(&x, 1)?;
-            let mut tokens = (0..t).map(|i| xp.narrow(1, i, 1)).collect::<candle_core::Result<Vec<_>>>()?;
-            for i in 0..t - 1 {
-                let tok = if steps.guided { Tensor::cat(&[&tokens[i], &tokens[i]], 0)? } else { tokens[i].clone() };
-                let (a, b) = block.step(&tok.to_dtype(dtype)?, i, class.as_ref(), &mut caches, &scale)?;
-                let (mut a, mut b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
-                if steps.guided {
-                    let g = steps.guidance_at(i, t);
-                    let guide = |v: &Tensor| -> Result<Tensor> {
-                        let (c, u) = (v.narrow(0, 0, n)?, v.narrow(0, n, n)?);
-                        Ok((&c + ((&c - u)? * g)?)?)
-                    };
-                    (a, b) = (guide(&a)?, guide(&b)?);
-                }
-                tokens[i + 1] = tokens[i + 1].broadcast_mul(&a.exp()?.unsqueeze(1)?)?.broadcast_add(&b.unsqueeze(1)?)?;
-                steps.advance(&mut on_step)?;
-            }
-            x = block.permute(&Tensor::cat(&tokens, 1)?, 1)?;
+            let mut dec = DeviceDecoding {
+                block,
+                class: self.decoding_class(block, labels, n, steps.guided)?,
+                caches: (0..block.layers.len()).map(|_| cache()).collect::<Result<_>>()?,
+                tokens: (0..t).map(|i| xp.narrow(1, i, 1)).collect::<candle_core::Result<_>>()?,
+                scale: &scale,
+                dtype,
+                n,
+                guided: steps.guided,
+            };
+            decode_block(&mut dec, t, &mut steps, &mut on_step)?;
+            x = block.permute(&Tensor::cat(&dec.tokens, 1)?, 1)?;
         }
         Ok(x)
     }
@@ -213,5 +183,125 @@ impl TarFlow {
         on_step: impl FnMut(usize, usize) -> Result<()>,
     ) -> Result<Tensor> {
         self.unpatchify(&self.reverse_tokens(z, labels, opts, on_step)?)
+    }
+}
+
+/// One block's causal decoding where its tokens live (host memory or the model's device): how a step
+/// runs there. The loop over the tokens is [`decode_block`], written once for both.
+trait BlockDecoding {
+    /// The affine parameters a or b of one step, for every row: with guidance, the rows of the
+    /// guiding pass follow the conditional ones.
+    type Rows;
+    /// a and b of token i+1, from the tokens up to i (in this block's order).
+    fn step(&mut self, i: usize) -> Result<(Self::Rows, Self::Rows)>;
+    /// Classifier-free guidance: each conditional row c becomes `c + g (c - u)`, u its guiding row.
+    fn guide(&self, v: Self::Rows, g: f64) -> Result<Self::Rows>;
+    /// Token i+1 <- token i+1 * exp(a) + b: F's affine step undone.
+    fn update(&mut self, i: usize, a: Self::Rows, b: Self::Rows) -> Result<()>;
+}
+
+/// Decode one block's T tokens: token 0 stays, each next one from those before it.
+fn decode_block<D: BlockDecoding>(dec: &mut D, t: usize, steps: &mut Steps, on_step: &mut impl FnMut(usize, usize) -> Result<()>) -> Result<()> {
+    for i in 0..t - 1 {
+        let (mut a, mut b) = dec.step(i)?;
+        if steps.guided {
+            let g = steps.guidance_at(i, t);
+            (a, b) = (dec.guide(a, g)?, dec.guide(b, g)?);
+        }
+        dec.update(i, a, b)?;
+        steps.advance(on_step)?;
+    }
+    Ok(())
+}
+
+/// Decoding over host memory: tokens (N, T, D) in `x`, the block's host decoder.
+struct HostDecoding<'a, 'b> {
+    decoder: engines::BlockDecoder<'b>,
+    x: &'a mut [f32],
+    /// The current token of every row.
+    tok: Vec<f32>,
+    /// a and b buffers, lent to each step and returned by `update`.
+    ab: (Vec<f32>, Vec<f32>),
+    n: usize,
+    t: usize,
+    d: usize,
+    flip: bool,
+    guided: bool,
+}
+
+impl HostDecoding<'_, '_> {
+    /// The position in x of token i in this block's order.
+    fn pos(&self, i: usize) -> usize {
+        if self.flip { self.t - 1 - i } else { i }
+    }
+}
+
+impl BlockDecoding for HostDecoding<'_, '_> {
+    type Rows = Vec<f32>;
+
+    fn step(&mut self, i: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (n, t, d, p) = (self.n, self.t, self.d, self.pos(i));
+        for s in 0..n {
+            let off = (s * t + p) * d;
+            self.tok[s * d..(s + 1) * d].copy_from_slice(&self.x[off..off + d]);
+        }
+        if self.guided {
+            self.tok.copy_within(0..n * d, n * d);
+        }
+        let (mut a, mut b) = std::mem::take(&mut self.ab);
+        self.decoder.step(&self.tok, p, &mut a, &mut b);
+        Ok((a, b))
+    }
+
+    fn guide(&self, mut v: Vec<f32>, g: f64) -> Result<Vec<f32>> {
+        let (cond, uncond) = v.split_at_mut(self.n * self.d);
+        cond.iter_mut().zip(uncond.iter()).for_each(|(c, u)| *c += (*c - u) * g as f32);
+        Ok(v)
+    }
+
+    fn update(&mut self, i: usize, a: Vec<f32>, b: Vec<f32>) -> Result<()> {
+        let (t, d, p) = (self.t, self.d, self.pos(i + 1));
+        for s in 0..self.n {
+            let off = (s * t + p) * d;
+            for j in 0..d {
+                let xv = &mut self.x[off + j];
+                *xv = *xv * a[s * d + j].exp() + b[s * d + j];
+            }
+        }
+        self.ab = (a, b);
+        Ok(())
+    }
+}
+
+/// Decoding with candle ops on the model's device: tokens (N, 1, D) each, in the block's order.
+struct DeviceDecoding<'a> {
+    block: &'a FlowBlock,
+    class: Option<Tensor>,
+    caches: Vec<KvCache>,
+    tokens: Vec<Tensor>,
+    /// The attention scale of every row.
+    scale: &'a Tensor,
+    dtype: DType,
+    n: usize,
+    guided: bool,
+}
+
+impl BlockDecoding for DeviceDecoding<'_> {
+    type Rows = Tensor;
+
+    fn step(&mut self, i: usize) -> Result<(Tensor, Tensor)> {
+        let tok = if self.guided { Tensor::cat(&[&self.tokens[i], &self.tokens[i]], 0)? } else { self.tokens[i].clone() };
+        let (a, b) = self.block.step(&tok.to_dtype(self.dtype)?, i, self.class.as_ref(), &mut self.caches, self.scale)?;
+        Ok((a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?))
+    }
+
+    fn guide(&self, v: Tensor, g: f64) -> Result<Tensor> {
+        let (c, u) = (v.narrow(0, 0, self.n)?, v.narrow(0, self.n, self.n)?);
+        Ok((&c + ((&c - u)? * g)?)?)
+    }
+
+    fn update(&mut self, i: usize, a: Tensor, b: Tensor) -> Result<()> {
+        self.tokens[i + 1] = self.tokens[i + 1].broadcast_mul(&a.exp()?.unsqueeze(1)?)?.broadcast_add(&b.unsqueeze(1)?)?;
+        Ok(())
     }
 }
