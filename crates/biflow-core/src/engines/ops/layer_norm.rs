@@ -1,15 +1,15 @@
 //! LayerNorm over the last dimension, forward and backward in one pass over memory each.
 
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
+use candle_core::{Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{fused, slice};
+use super::{fused, Kernel3, Op3};
 
 /// (x - mean) / sqrt(var + eps) * w + b over the last dimension (biased variance).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     if fused(x) {
-        Ok(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNormOp { eps: eps as f32 })?)
+        Ok(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Op3(LayerNormOp { eps: eps as f32 }))?)
     } else {
         layer_norm_reference(x, w, b, eps)
     }
@@ -120,39 +120,21 @@ struct LayerNormOp {
     eps: f32,
 }
 
-impl CustomOp3 for LayerNormOp {
-    fn name(&self) -> &'static str {
-        "biflow-layer-norm"
-    }
+impl Kernel3 for LayerNormOp {
+    const NAME: &'static str = "biflow-layer-norm";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+    fn cpu(&self, [x, w, b]: [&[f32]; 3], [lx, _, _]: [&Layout; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let mut out = vec![0f32; x.len()];
         layer_norm_fwd(x, w, b, self.eps, &mut out);
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((out, lx.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, [x, w, _]: [&Tensor; 3], grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
         let c = w.dim(0)?;
         let n = x.elem_count();
-        let packed = x.apply_op3_no_bwd(&w.contiguous()?, &grad.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        let packed = x.apply_op3_no_bwd(&w.contiguous()?, &grad.contiguous()?, &Op3(LayerNormBwd { eps: self.eps }))?;
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        Ok((Some(dx), Some(packed.narrow(0, n, c)?), Some(packed.narrow(0, n + c, c)?)))
+        Ok([Some(dx), Some(packed.narrow(0, n, c)?), Some(packed.narrow(0, n + c, c)?)])
     }
 }
 
@@ -161,26 +143,15 @@ struct LayerNormBwd {
     eps: f32,
 }
 
-impl CustomOp3 for LayerNormBwd {
-    fn name(&self) -> &'static str {
-        "biflow-layer-norm-bwd"
-    }
+impl Kernel3 for LayerNormBwd {
+    const NAME: &'static str = "biflow-layer-norm-bwd";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w, g) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+    fn cpu(&self, [x, w, g]: [&[f32]; 3], _: [&Layout; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let (n, c) = (x.len(), w.len());
         let mut out = vec![0f32; n + 2 * c];
         let (dx, rest) = out.split_at_mut(n);
         let (dw, db) = rest.split_at_mut(c);
         layer_norm_bwd(x, w, g, self.eps, dx, dw, db);
-        Ok((CpuStorage::F32(out), Shape::from(n + 2 * c)))
+        Ok((out, Shape::from(n + 2 * c)))
     }
 }

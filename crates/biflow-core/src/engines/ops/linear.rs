@@ -3,18 +3,18 @@
 //! for transposed copies and a broadcast reduction.
 
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Threads, View};
 pub(crate) use super::gemm::transpose;
 use super::packed::{linear_packed, pack};
-use super::{fused, slice};
+use super::{fused, Kernel3, Op3};
 
 /// x (..., in), W (out, in), b (out) -> (..., out).
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     if fused(x) {
-        Ok(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Linear)?)
+        Ok(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Op3(Linear))?)
     } else {
         linear_reference(x, w, b)
     }
@@ -74,76 +74,47 @@ pub(crate) fn linear_bwd(x: &[f32], w: &[f32], g: &[f32], dx: Option<&mut [f32]>
 
 struct Linear;
 
-impl CustomOp3 for Linear {
-    fn name(&self) -> &'static str {
-        "biflow-linear"
-    }
+impl Kernel3 for Linear {
+    const NAME: &'static str = "biflow-linear";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let (d_out, d_in) = l2.shape().dims2()?;
-        if l1.dims().last() != Some(&d_in) || b.len() != d_out {
-            candle_core::bail!("linear: input {:?}, weight {:?}, bias {:?} do not fit", l1.dims(), l2.dims(), l3.dims());
+    fn cpu(&self, [x, w, b]: [&[f32]; 3], [lx, lw, lb]: [&Layout; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (d_out, d_in) = lw.shape().dims2()?;
+        if lx.dims().last() != Some(&d_in) || b.len() != d_out {
+            candle_core::bail!("linear: input {:?}, weight {:?}, bias {:?} do not fit", lx.dims(), lw.dims(), lb.dims());
         }
         let mut y = vec![0f32; x.len() / d_in * d_out];
         linear_fwd(x, w, b, &mut y);
-        let mut dims = l1.dims().to_vec();
+        let mut dims = lx.dims().to_vec();
         *dims.last_mut().unwrap() = d_out;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        Ok((y, Shape::from(dims)))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, [x, w, _]: [&Tensor; 3], grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
         let (d_out, d_in) = w.dims2()?;
         let rows = x.elem_count() / d_in;
-        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LinearBwd)?;
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &Op3(LinearBwd))?;
         let dx = packed.narrow(0, 0, rows * d_in)?.reshape(x.shape())?;
         let dw = packed.narrow(0, rows * d_in, d_out * d_in)?.reshape((d_out, d_in))?;
         let db = packed.narrow(0, (rows + d_out) * d_in, d_out)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok([Some(dx), Some(dw), Some(db)])
     }
 }
 
 /// (x, W, g) -> [dx = g W | dW = g^T x | db = column sums of g], packed in one buffer.
 struct LinearBwd;
 
-impl CustomOp3 for LinearBwd {
-    fn name(&self) -> &'static str {
-        "biflow-linear-bwd"
-    }
+impl Kernel3 for LinearBwd {
+    const NAME: &'static str = "biflow-linear-bwd";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w, g) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let (d_out, d_in) = l2.shape().dims2()?;
+    fn cpu(&self, [x, w, g]: [&[f32]; 3], [_, lw, _]: [&Layout; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (d_out, d_in) = lw.shape().dims2()?;
         let dx_len = x.len();
         let mut out = vec![0f32; dx_len + d_out * d_in + d_out];
         let (dx, rest) = out.split_at_mut(dx_len);
         let (dw, db) = rest.split_at_mut(d_out * d_in);
         linear_bwd(x, w, g, Some(dx), false, dw, db);
         let n = out.len();
-        Ok((CpuStorage::F32(out), Shape::from(n)))
+        Ok((out, Shape::from(n)))
     }
 }
 

@@ -54,7 +54,7 @@ pub(crate) use {
 };
 
 use anyhow::Result;
-use candle_core::{CpuStorage, DType, Layout, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 /// Keep freed tensor buffers in the heap instead of returning them to the kernel.
 ///
@@ -80,6 +80,45 @@ pub fn tune_allocator() {
 
 fn fused(t: &Tensor) -> bool {
     crate::device::mode::current().fused && t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// A fused CPU kernel over three f32 tensors (LayerNorm and the linear layer, forward and
+/// backward). candle's [`CustomOp3`] is implemented once for all of them, by [`Op3`].
+trait Kernel3 {
+    const NAME: &'static str;
+    /// The output values and shape from the inputs' contiguous values and layouts.
+    fn cpu(&self, values: [&[f32]; 3], layouts: [&Layout; 3]) -> candle_core::Result<(Vec<f32>, Shape)>;
+    /// The inputs' gradients from the output's (`grad`), for kernels that have a backward.
+    fn backward(&self, _inputs: [&Tensor; 3], _grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
+        Err(candle_core::Error::BackwardNotSupported { op: Self::NAME })
+    }
+}
+
+/// candle's custom op of a [`Kernel3`].
+struct Op3<K>(K);
+
+impl<K: Kernel3> CustomOp3 for Op3<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (out, shape) = self.0.cpu([slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?], [l1, l2, l3])?;
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, c: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [da, db, dc] = self.0.backward([a, b, c], grad)?;
+        Ok((da, db, dc))
+    }
 }
 
 /// The contiguous f32 slice of a storage/layout pair.

@@ -9,8 +9,11 @@ use crate::models::layers::KvCache;
 use crate::device::mode::Backend;
 use crate::engines;
 
-/// Progress and the guidance schedule of one causal decoding.
+/// One causal decoding: its rows (labels; the attention scale of each row, guiding rows after the
+/// conditional ones when guided), the guidance schedule and the progress.
 struct Steps<'a> {
+    labels: Option<&'a Tensor>,
+    scales: Vec<f32>,
     guided: bool,
     opts: &'a ReverseOptions,
     done: usize,
@@ -86,12 +89,12 @@ impl TarFlow {
         if guided {
             scales.extend(std::iter::repeat((base_scale / opts.attn_temp) as f32).take(n));
         }
-        let steps = Steps { guided, opts, done: 0, total: self.blocks.len() * (t - 1) };
+        let steps = Steps { labels, scales, guided, opts, done: 0, total: self.blocks.len() * (t - 1) };
         // CPU f32: the host decoder; elsewhere candle ops with the KV caches and tokens on the device.
         if Backend::of(&self.device) == Backend::Fused && dtype == DType::F32 {
-            self.decode_on_host(&z, labels, scales, steps, on_step)
+            self.decode_on_host(&z, steps, on_step)
         } else {
-            self.decode_on_device(&z, labels, scales, steps, on_step)
+            self.decode_on_device(&z, steps, on_step)
         }
     }
 
@@ -105,22 +108,15 @@ impl TarFlow {
     }
 
     /// Causal decoding with the host decoder (engines/decode.rs), one token of every sample at a time.
-    fn decode_on_host(
-        &self,
-        z: &Tensor,
-        labels: Option<&Tensor>,
-        scales: Vec<f32>,
-        mut steps: Steps,
-        mut on_step: impl FnMut(usize, usize) -> Result<()>,
-    ) -> Result<Tensor> {
+    fn decode_on_host(&self, z: &Tensor, mut steps: Steps, mut on_step: impl FnMut(usize, usize) -> Result<()>) -> Result<Tensor> {
         let (n, t, d) = z.dims3()?;
-        let rows = scales.len();
+        let rows = steps.scales.len();
         let mut x: Vec<f32> = z.flatten_all()?.to_vec1()?;
         for block in self.blocks.iter().rev() {
-            let class = self.decoding_class(block, labels, n, steps.guided)?;
+            let class = self.decoding_class(block, steps.labels, n, steps.guided)?;
             let host_block = block.host_decoder(class.as_ref())?;
             let mut dec = HostDecoding {
-                decoder: engines::BlockDecoder::new(&host_block, scales.clone())?,
+                decoder: engines::BlockDecoder::new(&host_block, steps.scales.clone())?,
                 x: &mut x,
                 tok: vec![0f32; rows * d],
                 ab: (vec![0f32; rows * d], vec![0f32; rows * d]),
@@ -137,18 +133,11 @@ impl TarFlow {
 
     /// Causal decoding with candle ops: the KV caches, tokens and guidance stay on the model's device
     /// (no host round trip per step, which would stall a GPU B*(T-1) times).
-    fn decode_on_device(
-        &self,
-        z: &Tensor,
-        labels: Option<&Tensor>,
-        scales: Vec<f32>,
-        mut steps: Steps,
-        mut on_step: impl FnMut(usize, usize) -> Result<()>,
-    ) -> Result<Tensor> {
+    fn decode_on_device(&self, z: &Tensor, mut steps: Steps, mut on_step: impl FnMut(usize, usize) -> Result<()>) -> Result<Tensor> {
         let (n, t, _) = z.dims3()?;
-        let rows = scales.len();
+        let rows = steps.scales.len();
         let dtype = self.blocks[0].pos_embed.dtype();
-        let scale = Tensor::from_vec(scales, rows, &self.device)?.to_dtype(dtype)?;
+        let scale = Tensor::from_vec(steps.scales.clone(), rows, &self.device)?.to_dtype(dtype)?;
         let heads = self.cfg.num_heads();
         let mut x = z.clone();
         for block in self.blocks.iter().rev() {
@@ -160,7 +149,7 @@ impl TarFlow {
             let xp = block.permute(&x, 1)?;
             let mut dec = DeviceDecoding {
                 block,
-                class: self.decoding_class(block, labels, n, steps.guided)?,
+                class: self.decoding_class(block, steps.labels, n, steps.guided)?,
                 caches: (0..block.layers.len()).map(|_| cache()).collect::<Result<_>>()?,
                 tokens: (0..t).map(|i| xp.narrow(1, i, 1)).collect::<candle_core::Result<_>>()?,
                 scale: &scale,
@@ -175,13 +164,7 @@ impl TarFlow {
     }
 
     /// The exact inverse to images: z tokens (N, T, D) -> (N, C, H, W).
-    pub fn reverse(
-        &self,
-        z: &Tensor,
-        labels: Option<&Tensor>,
-        opts: &ReverseOptions,
-        on_step: impl FnMut(usize, usize) -> Result<()>,
-    ) -> Result<Tensor> {
+    pub fn reverse(&self, z: &Tensor, labels: Option<&Tensor>, opts: &ReverseOptions, on_step: impl FnMut(usize, usize) -> Result<()>) -> Result<Tensor> {
         self.unpatchify(&self.reverse_tokens(z, labels, opts, on_step)?)
     }
 }
