@@ -166,20 +166,20 @@ pub fn import_tarflow(o: ImportOptions, ctx: &JobCtx) -> Result<Value> {
         }
     }
     let cfg = infer_config(&tensors, o.img_size, o.in_channels)?;
-    // Every tensor must belong to the model: build it, then look for leftovers.
-    let expected = crate::models::flow::initial_parameters(&cfg, 0, &Device::Cpu)?;
-    for (name, t) in &expected {
-        let got = tensors.get(name).with_context(|| format!("the checkpoint lacks '{name}' for the inferred configuration"))?;
-        ensure!(got.dims() == t.dims(), "'{name}' has shape {:?}, expected {:?}", got.dims(), t.dims());
+    // Every tensor must belong to the model: check its parameter list, then look for leftovers.
+    let expected = TarFlow::parameters(&cfg)?;
+    for p in &expected {
+        let got = tensors.get(&p.name).with_context(|| format!("the checkpoint lacks '{}' for the inferred configuration", p.name))?;
+        ensure!(got.dims() == p.shape, "'{}' has shape {:?}, expected {:?}", p.name, got.dims(), p.shape);
     }
     for name in tensors.keys() {
-        ensure!(name == "var" || expected.contains_key(name), "unexpected tensor '{name}' in the checkpoint: not a TARFlow state_dict this importer knows");
+        ensure!(name == "var" || expected.iter().any(|p| &p.name == name), "unexpected tensor '{name}' in the checkpoint: not a TARFlow state_dict this importer knows");
     }
     if let Some(v) = tensors.get("var") {
         ensure!(v.dims() == [cfg.num_tokens(), cfg.token_dim()], "'var' has shape {:?}, expected {:?}", v.dims(), [cfg.num_tokens(), cfg.token_dim()]);
     }
     TarFlow::new(VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu), &cfg)?;
-    let params: usize = expected.values().map(|t| t.elem_count()).sum();
+    let params: usize = expected.iter().map(|p| p.shape.iter().product::<usize>()).sum();
 
     // Write into a sibling temp folder, then rename it into place.
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));

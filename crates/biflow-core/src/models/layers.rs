@@ -4,9 +4,10 @@
 
 use anyhow::{bail, Result};
 use candle_core::{DType, IndexOp, Tensor};
-use candle_nn::VarBuilder;
+use candle_nn::{Init, VarBuilder};
 
 use crate::engines::ops;
+use crate::models::params::fan_in_uniform;
 use crate::models::flow::config::{HEAD_DIM, LN_EPS, MLP_EXPANSION};
 
 /// y = x W^T + b over the last dimension, for inputs of any rank.
@@ -17,20 +18,23 @@ pub struct Linear {
 
 impl Linear {
     pub(crate) fn new(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
-        Ok(Linear { weight: vb.get((d_out, d_in), "weight")?, bias: vb.get(d_out, "bias")? })
+        Self::with_weight_init(vb, d_in, d_out, fan_in_uniform(d_in))
+    }
+
+    /// A layer whose weight starts at zero (F's `proj_out`: each block starts as the identity).
+    pub(crate) fn zero(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
+        Self::with_weight_init(vb, d_in, d_out, Init::Const(0.0))
+    }
+
+    fn with_weight_init(vb: VarBuilder, d_in: usize, d_out: usize, init: Init) -> Result<Self> {
+        let weight = vb.get_with_hints((d_out, d_in), "weight", init)?;
+        Ok(Linear { weight, bias: vb.get_with_hints(d_out, "bias", fan_in_uniform(d_in))? })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::linear(x, &self.weight, &self.bias)
     }
-    pub(crate) fn named(&self, prefix: &str, out: &mut Named) {
-        out.push((format!("{prefix}.weight"), self.weight.clone()));
-        out.push((format!("{prefix}.bias"), self.bias.clone()));
-    }
 }
-
-/// A model's parameters with their checkpoint names (for the hand-written CPU passes).
-pub(crate) type Named = Vec<(String, Tensor)>;
 
 /// LayerNorm over the last dimension with an affine weight and bias (differentiable).
 pub struct LayerNorm {
@@ -40,14 +44,10 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub(crate) fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
-        Ok(LayerNorm { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")? })
+        Ok(LayerNorm { weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?, bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))? })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::layer_norm(x, &self.weight, &self.bias, LN_EPS)
-    }
-    pub(crate) fn named(&self, prefix: &str, out: &mut Named) {
-        out.push((format!("{prefix}.weight"), self.weight.clone()));
-        out.push((format!("{prefix}.bias"), self.bias.clone()));
     }
 }
 
@@ -141,14 +141,6 @@ impl AttentionBlock {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = (x + self.attention.forward(x)?)?;
         Ok((&x + self.mlp.forward(&x)?)?)
-    }
-    pub(crate) fn named(&self, prefix: &str, out: &mut Named) {
-        self.attention.norm.named(&format!("{prefix}.attention.norm"), out);
-        self.attention.qkv.named(&format!("{prefix}.attention.qkv"), out);
-        self.attention.proj.named(&format!("{prefix}.attention.proj"), out);
-        self.mlp.norm.named(&format!("{prefix}.mlp.norm"), out);
-        self.mlp.fc1.named(&format!("{prefix}.mlp.main.0"), out);
-        self.mlp.fc2.named(&format!("{prefix}.mlp.main.2"), out);
     }
     pub(crate) fn step(&self, x: &Tensor, cache: &mut KvCache, scale: &Tensor) -> Result<Tensor> {
         let x = (x + self.attention.step(x, cache, scale)?)?;

@@ -4,6 +4,6 @@
 //! [`crate::engines`] and [`crate::engines::ops`].
 
 pub mod flow;
-pub mod init;
+pub mod params;
 pub mod layers;
 pub mod reverse;

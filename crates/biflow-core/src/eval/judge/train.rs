@@ -64,7 +64,7 @@ pub fn judge_train(o: JudgeTrainOptions, on: &DeviceArgs, ctx: &JobCtx) -> Resul
 
     // Parameters live on the host (the project's AdamW); candle variables mirror them for autograd.
     let mut params: Vec<(String, HostTensor)> = config.init(o.seed);
-    let varmap = crate::models::init::varmap_of(
+    let varmap = crate::models::params::varmap_of(
         params.iter().map(|(n, t)| Ok((n.clone(), Tensor::from_vec(t.data.clone(), t.shape.clone(), device)?))).collect::<Result<HashMap<_, _>>>()?,
     )?;
     let judge = Judge::new(&config, VarBuilder::from_varmap(&varmap, candle_core::DType::F32, device))?;

@@ -17,8 +17,8 @@ use candle_nn::{VarBuilder, VarMap};
 
 use crate::engines::{self, Frozen, NllGrad};
 use crate::engines::ops;
-use crate::models::init::{varmap_of, ParamInit};
-use crate::models::layers::{label_indices, AttentionBlock, KvCache, LayerNorm, Linear, Named};
+use crate::models::layers::{label_indices, AttentionBlock, KvCache, LayerNorm, Linear};
+use crate::models::params::{self, varmap_of, Named, Param, EMBEDDING};
 
 pub mod config;
 mod inverse;
@@ -41,16 +41,13 @@ pub struct FlowBlock {
 impl FlowBlock {
     fn new(vb: VarBuilder, cfg: &FlowConfig, index: usize) -> Result<Self> {
         let (t, d, c) = (cfg.num_tokens(), cfg.token_dim(), cfg.channels);
-        let class_embed = if cfg.num_classes > 0 { Some(vb.get((cfg.num_classes, 1, c), "class_embed")?) } else { None };
-        let layers = (0..cfg.layers_per_block)
-            .map(|j| AttentionBlock::new(vb.pp(format!("attn_blocks.{j}")), c, true))
-            .collect::<Result<Vec<_>>>()?;
+        // In the reference's order: the parameter list, and so the seeded initialisation, follow it.
         Ok(FlowBlock {
             proj_in: Linear::new(vb.pp("proj_in"), d, c)?,
-            pos_embed: vb.get((t, c), "pos_embed")?,
-            class_embed,
-            layers,
-            proj_out: Linear::new(vb.pp("proj_out"), c, 2 * d)?,
+            pos_embed: vb.get_with_hints((t, c), "pos_embed", EMBEDDING)?,
+            class_embed: if cfg.num_classes > 0 { Some(vb.get_with_hints((cfg.num_classes, 1, c), "class_embed", EMBEDDING)?) } else { None },
+            layers: (0..cfg.layers_per_block).map(|j| AttentionBlock::new(vb.pp(format!("attn_blocks.{j}")), c, true)).collect::<Result<_>>()?,
+            proj_out: Linear::zero(vb.pp("proj_out"), c, 2 * d)?,
             flip: index % 2 == 1,
             token_dim: d,
             clip_scale: cfg.clip_scale,
@@ -189,6 +186,8 @@ pub struct TarFlow {
     blocks: Vec<FlowBlock>,
     /// The reference's prior variance buffer `var` (T, D), used to scale z before decoding.
     var: Option<Tensor>,
+    /// Every parameter with its name, as [`TarFlow::parameters`] lists them.
+    params: Named,
     device: Device,
     /// The CPU's hand-written forward pass over host copies of the weights, made on first use.
     host: OnceLock<Option<Frozen<NllGrad>>>,
@@ -197,32 +196,23 @@ pub struct TarFlow {
 impl TarFlow {
     /// Build the model with parameters from `vb` (reference state_dict names).
     pub fn new(vb: VarBuilder, cfg: &FlowConfig) -> Result<TarFlow> {
-        cfg.validate()?;
         ops::tune_allocator();
-        let blocks = (0..cfg.num_blocks)
-            .map(|i| FlowBlock::new(vb.pp(format!("blocks.{i}")), cfg, i))
-            .collect::<Result<Vec<_>>>()
-            .context("the weights do not match the model configuration")?;
+        cfg.validate()?;
+        let (blocks, params) = params::load(&vb, |vb| Self::blocks(vb, cfg)).context("the weights do not match the model configuration")?;
         let var = if vb.contains_tensor("var") { Some(vb.get((cfg.num_tokens(), cfg.token_dim()), "var")?) } else { None };
-        Ok(TarFlow { cfg: cfg.clone(), blocks, var, device: vb.device().clone(), host: OnceLock::new() })
+        Ok(TarFlow { cfg: cfg.clone(), blocks, var, params, device: vb.device().clone(), host: OnceLock::new() })
     }
 
-    /// Every parameter with its reference name (the prior's `var` buffer excepted).
-    fn named_parameters(&self) -> Named {
-        let mut out = Named::new();
-        for (i, block) in self.blocks.iter().enumerate() {
-            let b = format!("blocks.{i}");
-            block.proj_in.named(&format!("{b}.proj_in"), &mut out);
-            out.push((format!("{b}.pos_embed"), block.pos_embed.clone()));
-            if let Some(table) = &block.class_embed {
-                out.push((format!("{b}.class_embed"), table.clone()));
-            }
-            for (j, layer) in block.layers.iter().enumerate() {
-                layer.named(&format!("{b}.attn_blocks.{j}"), &mut out);
-            }
-            block.proj_out.named(&format!("{b}.proj_out"), &mut out);
-        }
-        out
+    /// The modules: B flow blocks.
+    fn blocks(vb: VarBuilder, cfg: &FlowConfig) -> Result<Vec<FlowBlock>> {
+        (0..cfg.num_blocks).map(|i| FlowBlock::new(vb.pp(format!("blocks.{i}")), cfg, i)).collect()
+    }
+
+    /// F's parameter list (reference names, shapes, initialisation), read off its modules; the
+    /// prior's `var` buffer is not a parameter.
+    pub fn parameters(cfg: &FlowConfig) -> Result<Vec<Param>> {
+        cfg.validate()?;
+        params::parameter_list(|vb| Self::blocks(vb, cfg))
     }
 
     pub fn config(&self) -> &FlowConfig {
@@ -265,7 +255,7 @@ impl TarFlow {
         }
         let labels = if self.cfg.num_classes == 0 { None } else { labels };
         if !tokens.track_op() && tokens.dtype() == DType::F32 {
-            let frozen = Frozen::get_or_make(&self.host, || self.named_parameters(), |names, sizes, values| NllGrad::new(&self.cfg, names, sizes)?.frozen(values))?;
+            let frozen = Frozen::get_or_make(&self.host, || self.params.clone(), |names, sizes, values| NllGrad::new(&self.cfg, names, sizes)?.frozen(values))?;
             if let Some(host) = frozen {
                 let (t, d) = (self.cfg.num_tokens(), self.cfg.token_dim());
                 ensure!(tokens.dims() == [n, t, d], "the flow takes tokens N,{t},{d}, got {:?}", tokens.dims());
@@ -327,22 +317,7 @@ pub fn bits_per_dim(out: &FlowOutput, cfg: &FlowConfig) -> Result<Tensor> {
 /// Linear weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)), embeddings N(0, 0.01^2),
 /// LayerNorm weight 1 and bias 0, proj_out weight 0.
 pub fn initial_parameters(cfg: &FlowConfig, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
-    cfg.validate()?;
-    let (t, d, c) = (cfg.num_tokens(), cfg.token_dim(), cfg.channels);
-    let mut init = ParamInit::new(seed, device);
-    for i in 0..cfg.num_blocks {
-        let p = format!("blocks.{i}");
-        init.linear(&format!("{p}.proj_in"), d, c)?;
-        init.embedding(&format!("{p}.pos_embed"), &[t, c])?;
-        if cfg.num_classes > 0 {
-            init.embedding(&format!("{p}.class_embed"), &[cfg.num_classes, 1, c])?;
-        }
-        for j in 0..cfg.layers_per_block {
-            init.transformer_layer(&format!("{p}.attn_blocks.{j}"), c)?;
-        }
-        init.zero_linear(&format!("{p}.proj_out"), c, 2 * d)?;
-    }
-    Ok(init.params)
+    params::initial_parameters(&TarFlow::parameters(cfg)?, seed, device)
 }
 
 /// A trainable model: a VarMap holding seeded initial parameters, and the model built over it.

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use std::sync::OnceLock;
 
 use crate::models::flow::{FlowConfig, HEAD_DIM};
-use crate::models::init::{varmap_of, ParamInit};
-use crate::models::layers::{label_indices, AttentionBlock, LayerNorm, Linear, Named};
+use crate::models::layers::{label_indices, AttentionBlock, LayerNorm, Linear};
+use crate::models::params::{self, varmap_of, Named, Param, EMBEDDING};
 use crate::engines::{Frozen, ReverseGrad};
 
 /// Sine/cosine features of the guidance scale fed to `cfg_embed`.
@@ -109,6 +109,8 @@ pub struct ReverseModel {
     denoise: Vec<AttentionBlock>,
     norm_out: LayerNorm,
     proj_out: Linear,
+    /// Every parameter with its name, as [`ReverseModel::parameters`] lists them.
+    params: Named,
     /// The CPU's hand-written sampling pass over host copies of the weights, made on first use.
     host: OnceLock<Option<Frozen<ReverseGrad>>>,
 }
@@ -116,65 +118,59 @@ pub struct ReverseModel {
 impl ReverseModel {
     pub fn new(vb: VarBuilder, cfg: &ReverseConfig) -> Result<ReverseModel> {
         cfg.validate()?;
+        let (model, params) = params::load(&vb, |vb| Self::modules(vb, cfg)).context("the weights do not match the reverse model's configuration")?;
+        Ok(ReverseModel { params, ..model })
+    }
+
+    /// G's parameter list (checkpoint names, shapes, initialisation), read off its modules.
+    pub fn parameters(cfg: &ReverseConfig) -> Result<Vec<Param>> {
+        cfg.validate()?;
+        params::parameter_list(|vb| Self::modules(vb, cfg))
+    }
+
+    /// The modules over `vb`, in the order of the parameter list (stage j, then its head).
+    fn modules(vb: VarBuilder, cfg: &ReverseConfig) -> Result<ReverseModel> {
         let (t, d, c) = (cfg.num_tokens, cfg.token_dim, cfg.channels);
         let layers = |vb: VarBuilder, n: usize| (0..n).map(|l| AttentionBlock::new(vb.pp(l), c, false)).collect::<Result<Vec<_>>>();
-        let build = || -> Result<ReverseModel> {
-            Ok(ReverseModel {
-                cfg: cfg.clone(),
-                proj_in: Linear::new(vb.pp("proj_in"), d, c)?,
-                pos_embed: vb.get((t, c), "pos_embed")?,
-                class_embed: if cfg.guided() { Some(vb.get((cfg.num_classes, c), "class_embed")?) } else { None },
-                cfg_embed: if cfg.guided() { Some(Linear::new(vb.pp("cfg_embed"), CFG_FEATURES, c)?) } else { None },
-                stages: (0..cfg.stages).map(|j| layers(vb.pp("stages").pp(j), cfg.layers_per_stage)).collect::<Result<_>>()?,
-                heads: (0..if cfg.heads { cfg.stages } else { 0 })
-                    .map(|j| {
-                        let vb = vb.pp("heads").pp(j);
-                        Ok(Head { norm: LayerNorm::new(vb.pp("norm"), c)?, proj: Linear::new(vb.pp("proj"), c, d)? })
-                    })
-                    .collect::<Result<_>>()?,
-                denoise: layers(vb.pp("denoise"), cfg.denoise_layers)?,
-                norm_out: LayerNorm::new(vb.pp("norm_out"), c)?,
-                proj_out: Linear::new(vb.pp("proj_out"), c, d)?,
-                host: OnceLock::new(),
-            })
+        let proj_in = Linear::new(vb.pp("proj_in"), d, c)?;
+        let pos_embed = vb.get_with_hints((t, c), "pos_embed", EMBEDDING)?;
+        let (class_embed, cfg_embed) = if cfg.guided() {
+            (Some(vb.get_with_hints((cfg.num_classes, c), "class_embed", EMBEDDING)?), Some(Linear::new(vb.pp("cfg_embed"), CFG_FEATURES, c)?))
+        } else {
+            (None, None)
         };
-        build().context("the weights do not match the reverse model's configuration")
+        let (mut stages, mut heads) = (Vec::new(), Vec::new());
+        for j in 0..cfg.stages {
+            stages.push(layers(vb.pp("stages").pp(j), cfg.layers_per_stage)?);
+            if cfg.heads {
+                let vb = vb.pp("heads").pp(j);
+                heads.push(Head { norm: LayerNorm::new(vb.pp("norm"), c)?, proj: Linear::new(vb.pp("proj"), c, d)? });
+            }
+        }
+        Ok(ReverseModel {
+            cfg: cfg.clone(),
+            proj_in,
+            pos_embed,
+            class_embed,
+            cfg_embed,
+            stages,
+            heads,
+            denoise: layers(vb.pp("denoise"), cfg.denoise_layers)?,
+            norm_out: LayerNorm::new(vb.pp("norm_out"), c)?,
+            proj_out: Linear::new(vb.pp("proj_out"), c, d)?,
+            params: Named::new(),
+            host: OnceLock::new(),
+        })
     }
 
     pub fn config(&self) -> &ReverseConfig {
         &self.cfg
     }
 
-    /// Every parameter with its checkpoint name.
-    fn named_parameters(&self) -> Named {
-        let mut out = Named::new();
-        self.proj_in.named("proj_in", &mut out);
-        out.push(("pos_embed".into(), self.pos_embed.clone()));
-        if let (Some(table), Some(cfg_embed)) = (&self.class_embed, &self.cfg_embed) {
-            out.push(("class_embed".into(), table.clone()));
-            cfg_embed.named("cfg_embed", &mut out);
-        }
-        for (j, stage) in self.stages.iter().enumerate() {
-            for (l, layer) in stage.iter().enumerate() {
-                layer.named(&format!("stages.{j}.{l}"), &mut out);
-            }
-        }
-        for (j, head) in self.heads.iter().enumerate() {
-            head.norm.named(&format!("heads.{j}.norm"), &mut out);
-            head.proj.named(&format!("heads.{j}.proj"), &mut out);
-        }
-        for (l, layer) in self.denoise.iter().enumerate() {
-            layer.named(&format!("denoise.{l}"), &mut out);
-        }
-        self.norm_out.named("norm_out", &mut out);
-        self.proj_out.named("proj_out", &mut out);
-        out
-    }
-
     /// x' = G(z | y, w) (N, T, D): one evaluation, for sampling. On the CPU this is the hand-written
     /// pass (engines::ReverseGrad, in cache-sized groups of samples); elsewhere [`Self::forward`].
     pub fn sample(&self, z: &Tensor, labels: Option<&Tensor>, guidance: Option<&[f32]>) -> Result<Tensor> {
-        let frozen = Frozen::get_or_make(&self.host, || self.named_parameters(), |names, sizes, values| ReverseGrad::new(&self.cfg, names, sizes)?.frozen(values));
+        let frozen = Frozen::get_or_make(&self.host, || self.params.clone(), |names, sizes, values| ReverseGrad::new(&self.cfg, names, sizes)?.frozen(values));
         let Some(host) = frozen? else {
             return Ok(self.forward(z, labels, guidance, false)?.x);
         };
@@ -251,30 +247,7 @@ pub(crate) fn guidance_features(w: &[f32]) -> Vec<f32> {
 
 /// Fresh parameters: PyTorch-style linears and LayerNorms, N(0, 0.01^2) embeddings.
 pub fn initial_parameters(cfg: &ReverseConfig, seed: u64, device: &Device) -> Result<std::collections::HashMap<String, Tensor>> {
-    cfg.validate()?;
-    let (t, d, c) = (cfg.num_tokens, cfg.token_dim, cfg.channels);
-    let mut init = ParamInit::new(seed, device);
-    init.linear("proj_in", d, c)?;
-    init.embedding("pos_embed", &[t, c])?;
-    if cfg.guided() {
-        init.embedding("class_embed", &[cfg.num_classes, c])?;
-        init.linear("cfg_embed", CFG_FEATURES, c)?;
-    }
-    for j in 0..cfg.stages {
-        for l in 0..cfg.layers_per_stage {
-            init.transformer_layer(&format!("stages.{j}.{l}"), c)?;
-        }
-        if cfg.heads {
-            init.layer_norm(&format!("heads.{j}.norm"), c)?;
-            init.linear(&format!("heads.{j}.proj"), c, d)?;
-        }
-    }
-    for l in 0..cfg.denoise_layers {
-        init.transformer_layer(&format!("denoise.{l}"), c)?;
-    }
-    init.layer_norm("norm_out", c)?;
-    init.linear("proj_out", c, d)?;
-    Ok(init.params)
+    params::initial_parameters(&ReverseModel::parameters(cfg)?, seed, device)
 }
 
 /// A trainable G: its variables and the model built over them.
