@@ -5,17 +5,18 @@ import {tmpdir} from 'node:os'
 import {basename, dirname, join, posix, resolve} from 'node:path'
 import * as tar from 'tar'
 
-/** What a bundle may contain: the core's list (bundle.rs ALLOWED) plus bundle.json and the forward/ folder. */
-export const BUNDLE_FILES = new Set([
-  'bundle.json',
-  'README.md',
-  'config.json',
-  'weights.safetensors',
-  'preview.png',
-  'forward/config.json',
-  'forward/weights.safetensors',
-])
-const BUNDLE_DIRS = new Set(['forward'])
+import {native} from './native.js'
+
+/** What a bundle may contain: the core's list (bundle.json and jobs/bundle.rs ALLOWED), and their folders. */
+let layout: {files: Set<string>; dirs: Set<string>} | undefined
+function bundleLayout(): {files: Set<string>; dirs: Set<string>} {
+  if (!layout) {
+    const files = JSON.parse(native().bundleFiles()) as string[]
+    layout = {files: new Set(files), dirs: new Set(files.filter((f) => f.includes('/')).map((f) => posix.dirname(f)))}
+  }
+
+  return layout
+}
 
 /** A temporary folder next to `near` (same file system, so a rename can move it into place). */
 export function tempNear(near: string, tag: string): string {
@@ -41,9 +42,10 @@ export function entryProblem(path: string, type: string): string | undefined {
   const parts = path.split(/[\\/]+/)
   if (parts.includes('..')) return `a path leaving the bundle ('${path}')`
   const clean = posix.normalize(path.replaceAll('\\', '/')).replace(/\/$/, '').replace(/^\.\//, '')
-  if (type === 'Directory') return BUNDLE_DIRS.has(clean) || clean === '.' ? undefined : `an unexpected folder ('${path}')`
+  const {files, dirs} = bundleLayout()
+  if (type === 'Directory') return dirs.has(clean) || clean === '.' ? undefined : `an unexpected folder ('${path}')`
   if (type !== 'File' && type !== 'OldFile' && type !== 'ContiguousFile') return `a ${type} entry ('${path}'): only plain files are allowed`
-  if (!BUNDLE_FILES.has(clean)) return `an unexpected file ('${path}')`
+  if (!files.has(clean)) return `an unexpected file ('${path}')`
   return undefined
 }
 

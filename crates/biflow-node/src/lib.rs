@@ -132,3 +132,11 @@ pub fn option_specs(job: String) -> Result<String> {
     let specs = biflow_core::jobs::option_specs(&job).map_err(|e| Error::from_reason(format!("{e:#}")))?;
     serde_json::to_string(&specs).map_err(|e| Error::from_reason(e.to_string()))
 }
+
+/// Every file a model bundle may hold (JSON list of paths), for the CLI's check of a bundle's
+/// entries before it unpacks anything.
+#[napi]
+pub fn bundle_files() -> String {
+    let files: Vec<&str> = std::iter::once(biflow_core::jobs::bundle::MANIFEST).chain(biflow_core::jobs::bundle::ALLOWED.iter().copied()).collect();
+    serde_json::to_string(&files).expect("a list of strings")
+}
