@@ -1,7 +1,7 @@
-import {Flags} from '@oclif/core'
 
 import {builtin} from '../lib/builtin.js'
 import {BiflowCommand} from '../lib/command.js'
+import {optionFlags} from '../lib/options.js'
 import {deviceFlags} from '../lib/device.js'
 import type {EvalQualityResult} from './eval-quality.js'
 
@@ -49,25 +49,16 @@ minutes on two cores, plus about 3 for judging; --quick: under a minute).`
   ]
 
   static flags = {
-    out: Flags.string({description: 'folder for the dataset, both runs and the report', default: 'demo'}),
-    quick: Flags.boolean({description: 'a tiny version (16x16 digits, a few hundred steps): about a minute'}),
-    steps: Flags.integer({description: "F's training steps [default: 3000; --quick 300]", min: 1}),
-    'distill-steps': Flags.integer({description: "G's distillation steps [default: 2500, where G's grid first matches exact decoding's by the judge; --quick 200]", min: 1}),
-    judge: Flags.string({description: 'judge both samplers with this judge (trained into the folder first when it holds none)'}),
+    ...optionFlags('demo', {mnist: 'given', 'command-line': 'given', device: 'given'}),
     device: deviceFlags.device,
   }
 
   async run(): Promise<DemoResult> {
     const {flags} = await this.parse(Demo)
     const r = await this.job<DemoResult>('demo', {
-      out: flags.out,
+      ...this.options('demo', flags),
       mnist: builtin('mnist').input,
-      quick: flags.quick,
-      steps: flags.steps,
-      distillSteps: flags['distill-steps'],
       commandLine: this.commandLine(),
-      device: flags.device,
-      judge: flags.judge,
     })
     const e = r.evaluation
     const f = (v: number | null | undefined, d = 3) => (v === null || v === undefined ? '?' : v.toFixed(d))

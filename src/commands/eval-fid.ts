@@ -1,7 +1,6 @@
-import {Args} from '@oclif/core'
 
 import {BiflowCommand} from '../lib/command.js'
-import {optionFlags} from '../lib/options.js'
+import {optionArgs, optionFlags} from '../lib/options.js'
 import {deviceFlags, deviceOptions} from '../lib/device.js'
 
 interface SideInfo {
@@ -45,10 +44,7 @@ BIFLOW_INCEPTION_WEIGHTS variable, then ~/.cache/biflow/pt_inception-2015-12-05-
     '<%= config.bin %> eval-fid runs/mnist-g data/mnist --num 10000 --method reverse --json',
   ]
 
-  static args = {
-    source: Args.string({description: 'images to score: folder, .npz (images or mu/sigma), dataset DIR, or model RUN (with --num)', required: true}),
-    reference: Args.string({description: 'what to compare with (same kinds); optional with --save-stats or --is'}),
-  }
+  static args = optionArgs('fid.eval', ['source', 'reference'])
 
   static flags = {
     ...deviceFlags,

@@ -1,7 +1,6 @@
-import {Args} from '@oclif/core'
 
 import {BiflowCommand} from '../lib/command.js'
-import {optionFlags} from '../lib/options.js'
+import {optionArgs, optionFlags} from '../lib/options.js'
 import {deviceFlags, deviceOptions} from '../lib/device.js'
 
 export interface EvalQualityResult {
@@ -47,9 +46,7 @@ Samples are quantised to 8 bits as saved PNGs are, so a run and the PNGs sampled
     '<%= config.bin %> eval-quality samples/samples.npz --judge judges/mnist32 --data data/mnist32',
   ]
 
-  static args = {
-    images: Args.string({description: 'images to judge instead of a --model: a folder, an .npz or a prepared dataset'}),
-  }
+  static args = optionArgs('eval-quality', ['images'])
 
   static flags = {
     ...deviceFlags,

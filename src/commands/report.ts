@@ -1,7 +1,6 @@
-import {Args} from '@oclif/core'
 
 import {BiflowCommand} from '../lib/command.js'
-import {optionFlags} from '../lib/options.js'
+import {optionArgs, optionFlags} from '../lib/options.js'
 
 interface ReportResult {
   report: string
@@ -24,9 +23,7 @@ nothing when opened. train and distill write one (without the comparison) when t
     '<%= config.bin %> report runs/mnist-g --guidance 2 --temperature 0.6',
   ]
 
-  static args = {
-    run: Args.string({description: 'the run folder (forward, distilled or imported)', required: true}),
-  }
+  static args = optionArgs('report', ['run'])
 
   static flags = optionFlags('report', {run: 'argument'})
 

@@ -1,6 +1,6 @@
-import {Args, Flags} from '@oclif/core'
 
 import {BiflowCommand} from '../lib/command.js'
+import {optionArgs, optionFlags} from '../lib/options.js'
 
 export interface RunInfo {
   dir: string
@@ -28,17 +28,13 @@ status (complete, interrupted, failed, running), steps trained, best bits/dim, l
 
   static examples = ['<%= config.bin %> runs', '<%= config.bin %> runs demo', '<%= config.bin %> runs runs/ --depth 1 --json']
 
-  static args = {
-    dir: Args.string({description: 'folder holding runs (or a run folder itself)', default: '.'}),
-  }
+  static args = optionArgs('runs', ['dir'])
 
-  static flags = {
-    depth: Flags.integer({description: 'how many folder levels below DIR to search', min: 0, default: 3}),
-  }
+  static flags = optionFlags('runs', {dir: 'argument'})
 
   async run(): Promise<RunsResult> {
     const {args, flags} = await this.parse(Runs)
-    const r = await this.job<RunsResult>('runs', {dir: args.dir, depth: flags.depth})
+    const r = await this.job<RunsResult>('runs', {...args, ...this.options('runs', flags)})
     if (r.runs.length === 0) {
       this.log(`no biflow runs under ${r.dir}`)
       return r

@@ -1,7 +1,7 @@
 // A job's options come from the core, where each is declared once (crates/biflow-core/src/jobs/options.rs):
 // the flags, their help and "[default: ...]" are built from that declaration, and the parsed flags go back
 // to the job under the declared keys, so a default lives in one place and a key cannot be misspelt here.
-import {Flags, Interfaces} from '@oclif/core'
+import {Args, Flags, Interfaces} from '@oclif/core'
 
 import {native} from './native.js'
 
@@ -29,22 +29,34 @@ const kebab = (key: string) => key.replaceAll(/[A-Z]/g, (c) => `-${c.toLowerCase
 /** A switch whose declared default is on: `--no-NAME` turns it off. */
 const onByDefault = (s: OptionSpec) => s.kind === 'flag' && s.default === 'true'
 
+/** Positional arguments of a command: declared options of `job`, in order (see `optionFlags`' `'argument'`). */
+export function optionArgs(job: string, keys: string[]) {
+  const args: Record<string, ReturnType<typeof Args.string>> = {}
+  for (const key of keys) {
+    const s = specs(job).find((x) => x.key === key)
+    if (!s) throw new Error(`job '${job}' declares no option '${key}'`)
+    args[key] = Args.string({description: s.help, required: s.required, ...(s.default === null ? {} : {default: s.default})})
+  }
+
+  return args
+}
+
 /**
  * The oclif flags of a job's declared options. `cli` adds what only the command line knows, by flag
- * name: relations between flags (`exactlyOne`, ...), or `'argument'` for an option given as a
- * positional argument (the command declares it in its `args`).
+ * name: relations between flags (`exactlyOne`, ...), a short name; `'argument'` for an option given
+ * as a positional argument (`optionArgs`), `'given'` for one the command works out itself.
  */
-export function optionFlags(job: string, cli: Record<string, 'argument' | Record<string, unknown>> = {}) {
+export function optionFlags(job: string, cli: Record<string, 'argument' | 'given' | Record<string, unknown>> = {}) {
   const flags: Record<string, AnyFlag> = {}
   for (const s of specs(job)) {
     const name = kebab(s.key)
     const extra = cli[name] ?? {}
-    if (extra === 'argument') continue
+    if (extra === 'argument' || extra === 'given') continue
     const description = s.default === null || s.kind === 'flag' ? s.help : `${s.help} [default: ${s.default}]`
     const common = {description, ...(s.required ? {required: true} : {}), ...extra}
     const flag =
       s.kind === 'integer' || s.kind === 'count'
-        ? Flags.integer({...common, min: s.kind === 'count' ? 1 : 0})
+        ? Flags.integer({...common, min: s.kind === 'count' ? 1 : 0, ...(s.choices.length > 0 ? {options: s.choices} : {})})
         : s.kind === 'flag'
           ? Flags.boolean({...common, ...(onByDefault(s) ? {allowNo: true, default: true} : {})})
           : Flags.string({...common, ...(s.choices.length > 0 ? {options: s.choices} : {})})

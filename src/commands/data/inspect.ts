@@ -1,6 +1,6 @@
-import {Args, Flags} from '@oclif/core'
 
 import {BiflowCommand} from '../../lib/command.js'
+import {optionArgs, optionFlags} from '../../lib/options.js'
 
 export interface InspectResult {
   dir: string
@@ -29,26 +29,13 @@ export default class DataInspect extends BiflowCommand {
     '<%= config.bin %> data inspect data/afhq64 --grid afhq.png --per-row 12 --verify',
   ]
 
-  static args = {
-    dir: Args.string({description: 'a dataset folder made by `biflow data prepare`', required: true}),
-  }
+  static args = optionArgs('data.inspect', ['dir'])
 
-  static flags = {
-    grid: Flags.string({description: 'where to write the PNG grid (default: DIR/preview.png)'}),
-    'per-row': Flags.integer({description: 'images per row of the grid', default: 8, min: 1, max: 256}),
-    rows: Flags.integer({description: 'rows of the grid at most (one per class when labelled)', default: 10, min: 1, max: 1000}),
-    verify: Flags.boolean({description: 'recompute the content checksum and compare it with the manifest'}),
-  }
+  static flags = optionFlags('data.inspect', {dir: 'argument'})
 
   async run(): Promise<InspectResult> {
     const {args, flags} = await this.parse(DataInspect)
-    const r = await this.job<InspectResult>('data.inspect', {
-      dir: args.dir,
-      grid: flags.grid,
-      perRow: flags['per-row'],
-      rows: flags.rows,
-      verify: flags.verify,
-    })
+    const r = await this.job<InspectResult>('data.inspect', {...args, ...this.options('data.inspect', flags)})
     const shown = r.classes.slice(0, 10).map((c) => `${c.name} (${c.count})`)
     if (r.classes.length > 10) shown.push(`... ${r.classes.length - 10} more`)
     const lines = [

@@ -1,8 +1,8 @@
-import {Args, Errors, Flags} from '@oclif/core'
 import {join} from 'node:path'
 
 import {builtin} from '../../lib/builtin.js'
 import {BiflowCommand} from '../../lib/command.js'
+import {optionArgs, optionFlags} from '../../lib/options.js'
 
 export interface PrepareResult {
   out: string
@@ -18,12 +18,6 @@ export interface PrepareResult {
   checksum: string
   seconds: number
   imagesPerSec: number
-}
-
-function fraction(input: string): number {
-  const v = Number(input)
-  if (!Number.isFinite(v) || v < 0 || v >= 1) throw new Errors.CLIError(`--val-fraction must be a number in [0, 1), got '${input}'`, {exit: 1})
-  return v
 }
 
 export default class DataPrepare extends BiflowCommand {
@@ -44,46 +38,18 @@ export default class DataPrepare extends BiflowCommand {
     '<%= config.bin %> data prepare photos.tar.gz --out data/photos --size 32 --skip-bad --force',
   ]
 
-  static args = {
-    input: Args.string({description: 'image folder, .tar/.tar.gz/.tgz, .npz, MNIST idx folder, or builtin:mnist', required: true}),
-  }
+  static args = optionArgs('data.prepare', ['input'])
 
-  static flags = {
-    out: Flags.string({char: 'o', description: 'the dataset folder to create', required: true}),
-    format: Flags.string({description: 'the input kind, when detection is not wanted', options: ['folder', 'tar', 'npz', 'idx']}),
-    size: Flags.integer({description: 'resize the shorter side to N, then center crop to N x N', min: 1}),
-    channels: Flags.integer({description: 'output channels, 1 (grey) or 3 (RGB); default: as the input', options: ['1', '3']}),
-    limit: Flags.integer({description: 'use only the first N images of the input', min: 1}),
-    'val-fraction': Flags.string({description: 'fraction of images held out as the val split, chosen from --seed', default: '0'}),
-    seed: Flags.integer({description: 'seed of the val split choice', default: 0, min: 0}),
-    force: Flags.boolean({description: 'replace DIR if it exists (only once the new dataset is complete)'}),
-    'skip-bad': Flags.boolean({description: 'leave out unreadable images (listed in the manifest) instead of stopping'}),
-  }
+  static flags = optionFlags('data.prepare', {input: 'argument', out: {char: 'o'}, 'source-name': 'given', 'records-per-shard': 'given'})
 
   async run(): Promise<PrepareResult> {
     const {args, flags} = await this.parse(DataPrepare)
-    let input = args.input
-    let format = flags.format
-    let sourceName: string | undefined
-    if (input.startsWith('builtin:')) {
-      const b = builtin(input.slice('builtin:'.length))
-      sourceName = input
-      input = b.input
-      format = b.format
-    }
-
+    // builtin:NAME is a dataset shipped with the CLI: the core reads its files under their own kind.
+    const input = args.input as string // required: oclif refuses a missing one
+    const given = input.startsWith('builtin:') ? builtin(input.slice('builtin:'.length)) : undefined
     const r = await this.job<PrepareResult>('data.prepare', {
-      input,
-      out: flags.out,
-      format,
-      sourceName,
-      size: flags.size,
-      channels: flags.channels,
-      limit: flags.limit,
-      valFraction: fraction(flags['val-fraction']),
-      seed: flags.seed,
-      force: flags.force,
-      skipBad: flags['skip-bad'],
+      ...this.options('data.prepare', flags),
+      ...(given ? {input: given.input, format: given.format, sourceName: input} : {input}),
     })
     const labels = r.classes > 0 ? `${r.classes} classes` : 'unlabelled'
     this.log(

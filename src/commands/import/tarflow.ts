@@ -1,6 +1,6 @@
-import {Args, Flags} from '@oclif/core'
 
 import {BiflowCommand} from '../../lib/command.js'
+import {optionArgs, optionFlags} from '../../lib/options.js'
 
 interface ImportResult {
   run: string
@@ -15,25 +15,12 @@ export default class ImportTarflow extends BiflowCommand {
     '<%= config.bin %> import tarflow afhq_model.pth --out runs/afhq --img-size 256',
     '<%= config.bin %> import tarflow tiny.pth --out runs/tiny --in-channels 3 --force',
   ]
-  static args = {
-    checkpoint: Args.string({description: 'the reference TARFlow state_dict (.pth, PyTorch zip format)', required: true}),
-  }
-  static flags = {
-    out: Flags.string({description: 'the run folder to create', required: true}),
-    'img-size': Flags.integer({description: 'image size in pixels, when the shapes cannot tell it', min: 1}),
-    'in-channels': Flags.integer({description: 'image channels, when the shapes cannot tell them (default 3)', min: 1}),
-    force: Flags.boolean({description: 'replace an existing run folder'}),
-  }
+  static args = optionArgs('import-tarflow', ['checkpoint'])
+  static flags = optionFlags('import-tarflow', {checkpoint: 'argument'})
 
   async run(): Promise<ImportResult> {
     const {args, flags} = await this.parse(ImportTarflow)
-    const result = await this.job<ImportResult>('import-tarflow', {
-      checkpoint: args.checkpoint,
-      out: flags.out,
-      imgSize: flags['img-size'],
-      inChannels: flags['in-channels'],
-      force: flags.force,
-    })
+    const result = await this.job<ImportResult>('import-tarflow', {...args, ...this.options('import-tarflow', flags)})
     const m = result.model as {imgSize: number; inChannels: number; patchSize: number; channels: number; numBlocks: number; layersPerBlock: number; numClasses: number}
     this.log(
       `imported ${result.run}: ${m.inChannels}x${m.imgSize}x${m.imgSize} images, patch ${m.patchSize}, ${m.channels} channels, ` +

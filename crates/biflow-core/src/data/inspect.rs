@@ -4,28 +4,24 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::Dataset;
 use crate::job::JobCtx;
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct InspectOptions {
-    pub dir: String,
-    /// The grid PNG (default DIR/preview.png).
-    #[serde(default)]
-    pub grid: Option<String>,
-    /// Images per row (default 8).
-    #[serde(default)]
-    pub per_row: Option<usize>,
-    /// Rows at most (classes shown when labelled; default 10).
-    #[serde(default)]
-    pub rows: Option<usize>,
-    /// Recompute the checksum.
-    #[serde(default)]
-    pub verify: bool,
+crate::options! {
+    pub struct InspectOptions {
+        /// a dataset folder made by `biflow data prepare`
+        dir: String,
+        /// where to write the PNG grid (default: DIR/preview.png)
+        grid: Option<String>,
+        /// images per row of the grid (at most 256)
+        per_row: usize = 8,
+        /// rows of the grid at most (one per class when labelled; at most 1000)
+        rows: usize = 10,
+        /// recompute the content checksum and compare it with the manifest
+        verify: bool,
+    }
 }
 
 const GAP: usize = 2;
@@ -83,8 +79,7 @@ fn write_grid(ds: &Dataset, rows: &[Vec<usize>], per_row: usize, path: &Path) ->
 pub fn inspect(o: InspectOptions, ctx: &JobCtx) -> Result<Value> {
     let dir = PathBuf::from(&o.dir);
     let ds = Dataset::open(&dir)?;
-    let per_row = o.per_row.unwrap_or(8);
-    let rows = o.rows.unwrap_or(10);
+    let (per_row, rows) = (o.per_row, o.rows);
     ensure!((1..=256).contains(&per_row), "--per-row must be between 1 and 256");
     ensure!((1..=1000).contains(&rows), "--rows must be between 1 and 1000");
     if o.verify {

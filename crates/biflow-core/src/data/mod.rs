@@ -16,8 +16,8 @@
 
 pub mod bench;
 mod decode;
-mod inspect;
-mod prepare;
+pub mod inspect;
+pub mod prepare;
 mod resize;
 mod rng;
 mod shard;

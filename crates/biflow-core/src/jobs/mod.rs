@@ -56,6 +56,11 @@ pub fn option_specs(name: &str) -> Result<Vec<options::OptionSpec>> {
         "judge.train" => crate::eval::judge::train::JudgeTrainOptions::specs(),
         "report" => report::ReportOptions::specs(),
         "eval-bpd" => crate::eval::bpd::BpdOptions::specs(),
+        "data.prepare" => crate::data::prepare::PrepareOptions::specs(),
+        "data.inspect" => crate::data::inspect::InspectOptions::specs(),
+        "import-tarflow" => import::ImportOptions::specs(),
+        "runs" => runs::RunsOptions::specs(),
+        "demo" => demo::DemoOptions::specs(),
         _ => bail!("job '{name}' declares no options"),
     })
 }
@@ -64,8 +69,8 @@ pub fn option_specs(name: &str) -> Result<Vec<options::OptionSpec>> {
 pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
     match name {
         "echo" => echo(opts(name, options)?, ctx),
-        "data.prepare" => crate::data::prepare(opts(name, options)?, ctx),
-        "data.inspect" => crate::data::inspect(opts(name, options)?, ctx),
+        "data.prepare" => crate::data::prepare(declared(name, options)?, ctx),
+        "data.inspect" => crate::data::inspect(declared(name, options)?, ctx),
         "data.synth" => crate::data::bench::synth(opts(name, options)?),
         "data.benchRead" => crate::data::bench::bench_read(opts(name, options)?),
         "fid.eval" => {
@@ -84,7 +89,7 @@ pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
             let (o, on) = opts_on(name, options)?;
             crate::jobs::edit::edit(o, &on, ctx)
         }
-        "import-tarflow" => crate::jobs::import::import_tarflow(opts(name, options)?, ctx),
+        "import-tarflow" => crate::jobs::import::import_tarflow(declared(name, options)?, ctx),
         "sample" => {
             let (o, on) = opts_on(name, options)?;
             crate::jobs::sample::sample(o, &on, ctx)
@@ -101,9 +106,9 @@ pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
             let (o, on) = opts_on(name, options)?;
             crate::eval::bpd::eval_bpd(o, &on, ctx)
         }
-        "runs" => crate::jobs::runs::runs(opts(name, options)?),
+        "runs" => crate::jobs::runs::runs(declared(name, options)?),
         "doctor" => Ok(crate::device::doctor()),
-        "demo" => crate::jobs::demo::demo(opts(name, options)?, ctx),
+        "demo" => crate::jobs::demo::demo(declared(name, options)?, ctx),
         "report" => crate::jobs::report::report(declared(name, options)?, ctx),
         "bundle.stage" => crate::jobs::bundle::stage(opts(name, options)?, ctx),
         "bundle.verify" => crate::jobs::bundle::verify(opts(name, options)?, ctx),

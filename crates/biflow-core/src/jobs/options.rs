@@ -123,7 +123,7 @@ macro_rules! __option_spec {
             default: None
                 $(.or(Some($text.to_string())))?
                 $(.or(Some(stringify!($default).trim_matches('"').to_string())))?,
-            choices: vec![$($($choice),+)?],
+            choices: vec![$($(stringify!($choice).trim_matches('"')),+)?],
             required: !<$ty as $crate::jobs::options::OptionKind>::OPTIONAL $(&& { let _ = stringify!($default); false })?,
         }
     };
@@ -302,7 +302,7 @@ mod tests {
             serde_json::from_value::<T>(v).expect("every declared option is accepted");
             T::default();
         }
-        for job in ["train", "distill", "sample", "edit", "eval-reverse", "fid.eval", "eval-quality", "judge.train", "report", "eval-bpd"] {
+        for job in ["train", "distill", "sample", "edit", "eval-reverse", "fid.eval", "eval-quality", "judge.train", "report", "eval-bpd", "data.prepare", "data.inspect", "import-tarflow", "runs", "demo"] {
             let specs = crate::jobs::option_specs(job).unwrap();
             let all = every_option(&specs);
             let n = all.as_object().unwrap().len();
@@ -325,6 +325,11 @@ mod tests {
                 "judge.train" => accepts::<JudgeTrainOptions>(all),
                 "report" => accepts::<ReportOptions>(all),
                 "eval-bpd" => accepts::<BpdOptions>(all),
+                "data.prepare" => accepts::<crate::data::prepare::PrepareOptions>(all),
+                "data.inspect" => accepts::<crate::data::inspect::InspectOptions>(all),
+                "import-tarflow" => accepts::<crate::jobs::import::ImportOptions>(all),
+                "runs" => accepts::<crate::jobs::runs::RunsOptions>(all),
+                "demo" => accepts::<crate::jobs::demo::DemoOptions>(all),
                 _ => unreachable!(),
             }
         }

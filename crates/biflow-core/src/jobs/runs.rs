@@ -5,24 +5,20 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Result};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::run::{Run, CONFIG_FILE};
 use crate::train::{lock_holder, STATUS_FILE};
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RunsOptions {
-    pub dir: String,
-    /// How many folder levels below DIR to look for runs.
-    #[serde(default = "default_depth")]
-    pub depth: usize,
+crate::options! {
+    pub struct RunsOptions {
+        /// folder holding runs (or a run folder itself)
+        dir: String = ".",
+        /// how many folder levels below DIR to search
+        depth: usize = 3,
+    }
 }
 
-fn default_depth() -> usize {
-    3
-}
 
 /// The run folders at or under `dir` (a run's own subfolders are not searched, except `forward/`
 /// of a bundle-imported distilled run).
