@@ -1,8 +1,9 @@
 //! One parameter list per model, read off its candle modules. Building a model over a
 //! [`Recorder`] lists each parameter's checkpoint name, shape and initialisation in the order the
-//! modules ask for them; loading (every name and shape checked), seeded initialisation and the
-//! named parameters the CPU engines index all derive from that list, so the modules are the one
-//! specification of a model's parameters.
+//! modules ask for them (seeded initialisation and import's checks use the list); building it over
+//! a [`Loader`] takes the same parameters from a checkpoint or a VarMap, checked by name and shape,
+//! and keeps each with its name (what the CPU engines are given). Either way the modules are the
+//! one specification of a model's parameters.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
