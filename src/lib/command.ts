@@ -9,14 +9,6 @@ import {optionValues} from './options.js'
 export abstract class BiflowCommand extends Command {
   static enableJsonFlag = true
 
-  /** A flag given as text that must be a number (oclif has no float flag); undefined stays undefined. */
-  protected number(name: string, v: string | undefined): number | undefined {
-    if (v === undefined) return undefined
-    const x = Number(v)
-    if (v.trim() === '' || !Number.isFinite(x)) this.error(`--${name} must be a number, got '${v}'`)
-    return x
-  }
-
   /** The options of `job` declared in the core, from the parsed flags (a malformed value stops the command). */
   protected options(job: string, flags: Record<string, unknown>): Record<string, unknown> {
     return optionValues(job, flags, (m) => this.error(m))

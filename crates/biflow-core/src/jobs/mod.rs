@@ -35,11 +35,17 @@ fn declared<T: DeserializeOwned + Declared>(name: &str, options: Value) -> Resul
     opts(name, options)
 }
 
-/// A job's declared options and, taken out of them, where it runs (`device`, `precision`).
-fn opts_on<T: DeserializeOwned + Declared>(name: &str, options: Value) -> Result<(T, DeviceArgs)> {
+/// Run a job that takes its declared options and, taken out of them, where it runs (`device`,
+/// `precision`).
+fn placed<T: DeserializeOwned + Declared>(
+    name: &str,
+    options: Value,
+    ctx: &JobCtx,
+    job: fn(T, &DeviceArgs, &JobCtx) -> Result<Value>,
+) -> Result<Value> {
     let Value::Object(mut map) = options else { bail!("invalid options for job '{name}': not an object") };
     let on = DeviceArgs::take(&mut map)?;
-    Ok((declared(name, Value::Object(map))?, on))
+    job(declared(name, Value::Object(map))?, &on, ctx)
 }
 
 /// The options of the job called `name` as the CLI shows them (jobs that declare them with
@@ -73,39 +79,18 @@ pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
         "data.inspect" => crate::data::inspect(declared(name, options)?, ctx),
         "data.synth" => crate::data::bench::synth(opts(name, options)?),
         "data.benchRead" => crate::data::bench::bench_read(opts(name, options)?),
-        "fid.eval" => {
-            let (o, on) = opts_on(name, options)?;
-            crate::eval::fid::eval::eval(o, &on, ctx)
-        }
+        "fid.eval" => placed(name, options, ctx, crate::eval::fid::eval::eval),
         "fid.convertWeights" => crate::eval::fid::eval::convert_weights(opts(name, options)?, ctx),
         "fid.formulaWeights" => crate::eval::fid::eval::formula_weights(opts(name, options)?, ctx),
         "train" => crate::jobs::train::train_job(options, ctx),
         "distill" => crate::jobs::distill::distill_job(options, ctx),
-        "eval-reverse" => {
-            let (o, on) = opts_on(name, options)?;
-            crate::eval::reverse::eval_reverse(o, &on, ctx)
-        }
-        "edit" => {
-            let (o, on) = opts_on(name, options)?;
-            crate::jobs::edit::edit(o, &on, ctx)
-        }
+        "eval-reverse" => placed(name, options, ctx, crate::eval::reverse::eval_reverse),
+        "edit" => placed(name, options, ctx, crate::jobs::edit::edit),
         "import-tarflow" => crate::jobs::import::import_tarflow(declared(name, options)?, ctx),
-        "sample" => {
-            let (o, on) = opts_on(name, options)?;
-            crate::jobs::sample::sample(o, &on, ctx)
-        }
-        "judge.train" => {
-            let (o, on) = opts_on(name, options)?;
-            crate::eval::judge::train::judge_train(o, &on, ctx)
-        }
-        "eval-quality" => {
-            let (o, on) = opts_on(name, options)?;
-            crate::eval::judge::quality::eval_quality(o, &on, ctx)
-        }
-        "eval-bpd" => {
-            let (o, on) = opts_on(name, options)?;
-            crate::eval::bpd::eval_bpd(o, &on, ctx)
-        }
+        "sample" => placed(name, options, ctx, crate::jobs::sample::sample),
+        "judge.train" => placed(name, options, ctx, crate::eval::judge::train::judge_train),
+        "eval-quality" => placed(name, options, ctx, crate::eval::judge::quality::eval_quality),
+        "eval-bpd" => placed(name, options, ctx, crate::eval::bpd::eval_bpd),
         "runs" => crate::jobs::runs::runs(declared(name, options)?),
         "doctor" => Ok(crate::device::doctor()),
         "demo" => crate::jobs::demo::demo(declared(name, options)?, ctx),

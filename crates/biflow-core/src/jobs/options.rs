@@ -298,40 +298,44 @@ mod tests {
     fn specs_name_the_fields_and_defaults_have_their_types() {
         use crate::eval::{bpd::BpdOptions, fid::eval::EvalOptions, judge::quality::QualityOptions, judge::train::JudgeTrainOptions, reverse::EvalReverseOptions};
         use crate::jobs::{edit::EditOptions, report::ReportOptions, sample::SampleOptions};
+        use crate::jobs::{demo::DemoOptions, import::ImportOptions, runs::RunsOptions};
+        use crate::data::{inspect::InspectOptions, prepare::PrepareOptions};
+        /// Options: every key accepted, and the declared defaults (`Default`) of the fields' types.
         fn accepts<T: serde::de::DeserializeOwned + Default>(v: Value) {
             serde_json::from_value::<T>(v).expect("every declared option is accepted");
             T::default();
         }
-        for job in ["train", "distill", "sample", "edit", "eval-reverse", "fid.eval", "eval-quality", "judge.train", "report", "eval-bpd", "data.prepare", "data.inspect", "import-tarflow", "runs", "demo"] {
-            let specs = crate::jobs::option_specs(job).unwrap();
-            let all = every_option(&specs);
-            let n = all.as_object().unwrap().len();
-            match job {
-                "train" => {
-                    let t: TrainSettings = serde_json::from_value(all).unwrap();
-                    assert_eq!(serde_json::to_value(t).unwrap().as_object().unwrap().len(), n);
-                    TrainSettings::defaults();
-                }
-                "distill" => {
-                    let d: DistillSettings = serde_json::from_value(all).unwrap();
-                    assert_eq!(serde_json::to_value(d).unwrap().as_object().unwrap().len(), n);
-                    DistillSettings::defaults();
-                }
-                "sample" => accepts::<SampleOptions>(all),
-                "edit" => accepts::<EditOptions>(all),
-                "eval-reverse" => accepts::<EvalReverseOptions>(all),
-                "fid.eval" => accepts::<EvalOptions>(all),
-                "eval-quality" => accepts::<QualityOptions>(all),
-                "judge.train" => accepts::<JudgeTrainOptions>(all),
-                "report" => accepts::<ReportOptions>(all),
-                "eval-bpd" => accepts::<BpdOptions>(all),
-                "data.prepare" => accepts::<crate::data::prepare::PrepareOptions>(all),
-                "data.inspect" => accepts::<crate::data::inspect::InspectOptions>(all),
-                "import-tarflow" => accepts::<crate::jobs::import::ImportOptions>(all),
-                "runs" => accepts::<crate::jobs::runs::RunsOptions>(all),
-                "demo" => accepts::<crate::jobs::demo::DemoOptions>(all),
-                _ => unreachable!(),
-            }
+        /// Settings: every key accepted and kept (serialised back whole).
+        fn keeps<T: serde::de::DeserializeOwned + Serialize>(v: Value) {
+            let n = v.as_object().unwrap().len();
+            let t: T = serde_json::from_value(v).unwrap();
+            assert_eq!(serde_json::to_value(t).unwrap().as_object().unwrap().len(), n);
+        }
+        let jobs: [(&str, fn(Value)); 15] = [
+            ("train", |v| {
+                keeps::<TrainSettings>(v);
+                TrainSettings::defaults();
+            }),
+            ("distill", |v| {
+                keeps::<DistillSettings>(v);
+                DistillSettings::defaults();
+            }),
+            ("sample", accepts::<SampleOptions>),
+            ("edit", accepts::<EditOptions>),
+            ("eval-reverse", accepts::<EvalReverseOptions>),
+            ("fid.eval", accepts::<EvalOptions>),
+            ("eval-quality", accepts::<QualityOptions>),
+            ("judge.train", accepts::<JudgeTrainOptions>),
+            ("report", accepts::<ReportOptions>),
+            ("eval-bpd", accepts::<BpdOptions>),
+            ("data.prepare", accepts::<PrepareOptions>),
+            ("data.inspect", accepts::<InspectOptions>),
+            ("import-tarflow", accepts::<ImportOptions>),
+            ("runs", accepts::<RunsOptions>),
+            ("demo", accepts::<DemoOptions>),
+        ];
+        for (job, check) in jobs {
+            check(every_option(&crate::jobs::option_specs(job).unwrap()));
         }
         let lr = DistillSettings::specs().into_iter().find(|s| s.key == "lr").unwrap();
         assert_eq!((lr.kind, lr.default.as_deref()), (Kind::Number, Some("1e-3")));
