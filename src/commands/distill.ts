@@ -1,8 +1,6 @@
-import {Flags} from '@oclif/core'
-
 import {BiflowCommand} from '../lib/command.js'
-import {deviceFlags, deviceOptions} from '../lib/device.js'
-import {optionFlags, optionValues} from '../lib/options.js'
+import {deviceFlags} from '../lib/device.js'
+import {optionFlags} from '../lib/options.js'
 
 interface DistillResult {
   run: string
@@ -45,18 +43,14 @@ same way. Ablations of the paper: --loss naive|hidden, --align-norm none, --deno
 
   static flags = {
     ...deviceFlags,
-    out: Flags.string({required: true, description: 'run folder to create (or to continue with --resume)'}),
-    resume: Flags.boolean({description: 'continue the distilled run in --out from its newest checkpoint'}),
-    ...optionFlags('distill'),
+    ...optionFlags('distill', {'debug-nan-at-step': 'given', 'command-line': 'given'}),
   }
 
   async run(): Promise<DistillResult> {
     const {flags} = await this.parse(Distill)
     const result = await this.job<DistillResult>('distill', {
-      ...deviceOptions(flags),
-      out: flags.out,
-      resume: flags.resume || undefined,
-      ...optionValues('distill', flags, (m) => this.error(m)),
+      ...this.options('device', flags),
+      ...this.options('distill', flags),
       commandLine: this.commandLine(),
     })
     const fmt = (v: number | null | undefined) => (v === null || v === undefined ? '?' : v.toFixed(4))

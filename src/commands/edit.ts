@@ -1,6 +1,6 @@
 import {BiflowCommand} from '../lib/command.js'
 import {optionFlags} from '../lib/options.js'
-import {deviceFlags, deviceOptions} from '../lib/device.js'
+import {deviceFlags} from '../lib/device.js'
 
 interface EditResult {
   out: string
@@ -28,7 +28,7 @@ input.png, edit-NNN.png and grid.png (the input first).`
 
   async run(): Promise<EditResult> {
     const {flags} = await this.parse(Edit)
-    const r = await this.job<EditResult>('edit', {...deviceOptions(flags), ...this.options('edit', flags)})
+    const r = await this.job<EditResult>('edit', {...this.options('device', flags), ...this.options('edit', flags)})
     this.log(`wrote ${r.num} ${r.kind === 'inpaint' ? 'inpainted' : 'class-edited'} variants to ${r.out} (grid.png shows the input first)`)
     return r
   }

@@ -1,6 +1,6 @@
 import {BiflowCommand} from '../lib/command.js'
 import {optionFlags} from '../lib/options.js'
-import {deviceFlags, deviceOptions} from '../lib/device.js'
+import {deviceFlags} from '../lib/device.js'
 
 interface BpdResult {
   bpd: number
@@ -22,7 +22,7 @@ export default class EvalBpd extends BiflowCommand {
 
   async run(): Promise<BpdResult> {
     const {flags} = await this.parse(EvalBpd)
-    const result = await this.job<BpdResult>('eval-bpd', {...deviceOptions(flags), ...this.options('eval-bpd', flags)})
+    const result = await this.job<BpdResult>('eval-bpd', {...this.options('device', flags), ...this.options('eval-bpd', flags)})
     this.log(`${result.bpd.toFixed(4)} bits/dim over ${result.num} images`)
     if (result.perSampleBpd && !this.jsonEnabled()) for (const [i, b] of result.perSampleBpd.entries()) this.log(`${i}\t${b.toFixed(4)}`)
     return result

@@ -1,7 +1,7 @@
 
 import {BiflowCommand} from '../lib/command.js'
 import {optionArgs, optionFlags} from '../lib/options.js'
-import {deviceFlags, deviceOptions} from '../lib/device.js'
+import {deviceFlags} from '../lib/device.js'
 
 interface SideInfo {
   path: string
@@ -56,7 +56,7 @@ BIFLOW_INCEPTION_WEIGHTS variable, then ~/.cache/biflow/pt_inception-2015-12-05-
     if (!args.reference && !flags['save-stats'] && !flags.is) {
       this.error('give a REFERENCE to compute the FID, or --save-stats OUT.npz, or --is', {exit: 2})
     }
-    const r = await this.job<EvalFidResult>('fid.eval', {...deviceOptions(flags), ...args, ...this.options('fid.eval', flags)})
+    const r = await this.job<EvalFidResult>('fid.eval', {...this.options('device', flags), ...args, ...this.options('fid.eval', flags)})
     if (r.fid !== undefined) this.log(`FID: ${r.fid.toFixed(4)}`)
     if (r.is !== undefined) this.log(`IS: ${r.is.toFixed(4)} ± ${(r.isStd ?? 0).toFixed(4)}`)
     if (r.savedStats) this.log(`statistics saved to ${r.savedStats}`)

@@ -1,7 +1,7 @@
 
 import {BiflowCommand} from '../lib/command.js'
 import {optionArgs, optionFlags} from '../lib/options.js'
-import {deviceFlags, deviceOptions} from '../lib/device.js'
+import {deviceFlags} from '../lib/device.js'
 
 export interface EvalQualityResult {
   source: string
@@ -56,7 +56,7 @@ Samples are quantised to 8 bits as saved PNGs are, so a run and the PNGs sampled
   async run(): Promise<EvalQualityResult> {
     const {args, flags} = await this.parse(EvalQuality)
     if (!args.images === !flags.model) this.error('give either --model RUN or IMAGES (not both, not neither)', {exit: 2})
-    const r = await this.job<EvalQualityResult>('eval-quality', {...deviceOptions(flags), ...args, ...this.options('eval-quality', flags)})
+    const r = await this.job<EvalQualityResult>('eval-quality', {...this.options('device', flags), ...args, ...this.options('eval-quality', flags)})
     const f = (v: number | null, d = 3) => (v === null ? 'n/a' : v.toFixed(d))
     this.log(`${r.source}: ${r.num} images against ${r.numRef} held-out`)
     this.log(`  FD_J ${f(r.fd, 2)}   label accuracy ${r.labelAccuracy === null ? 'n/a' : (100 * r.labelAccuracy).toFixed(1) + '%'}   precision ${f(r.precision)}   recall ${f(r.recall)}`)

@@ -1,6 +1,6 @@
 import {BiflowCommand} from '../lib/command.js'
 import {optionFlags} from '../lib/options.js'
-import {deviceFlags, deviceOptions} from '../lib/device.js'
+import {deviceFlags} from '../lib/device.js'
 
 interface EvalReverseResult {
   num: number
@@ -33,7 +33,7 @@ Reports the MSE and PSNR of G(F(x + sigma*eps)) against x, the distance between 
 
   async run(): Promise<EvalReverseResult> {
     const {flags} = await this.parse(EvalReverse)
-    const r = await this.job<EvalReverseResult>('eval-reverse', {...deviceOptions(flags), ...this.options('eval-reverse', flags)})
+    const r = await this.job<EvalReverseResult>('eval-reverse', {...this.options('device', flags), ...this.options('eval-reverse', flags)})
     this.log(`reconstruction of ${r.num} ${r.split} images: MSE ${r.reconstructionMse.toFixed(5)}, PSNR ${r.reconstructionPsnr.toFixed(2)} dB`)
     this.log(`G(z) vs exact inverse of the same z (${r.numExact} draws): MSE ${r.reverseVsExactMse.toFixed(5)}`)
     this.log(`bits/dim under F: reverse samples ${r.bpdReverseSamples.toFixed(3)}, exact samples ${r.bpdExactSamples.toFixed(3)}, data ${r.bpdData.toFixed(3)}`)

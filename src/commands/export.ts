@@ -1,9 +1,8 @@
 import {rmSync} from 'node:fs'
 
-import {Args, Flags} from '@oclif/core'
-
-import {nonEmpty, pack, tempNear} from '../lib/bundle.js'
+import {pack} from '../lib/bundle.js'
 import {BiflowCommand} from '../lib/command.js'
+import {optionArgs, optionFlags} from '../lib/options.js'
 
 interface StageResult {
   staging: string
@@ -27,27 +26,19 @@ forward flow it needs (forward/), a README model card (provenance, configuration
     '<%= config.bin %> export runs/mnist --out mnist-flow.tar.gz --no-preview --json',
   ]
 
-  static args = {
-    run: Args.string({description: 'the run folder to export (forward, distilled or imported)', required: true}),
-  }
-
-  static flags = {
-    out: Flags.string({description: 'the bundle file to write (.tar.gz)', required: true}),
-    preview: Flags.boolean({description: 'include preview.png (16 samples)', default: true, allowNo: true}),
-    force: Flags.boolean({description: 'replace an existing --out file'}),
-  }
+  static args = optionArgs('export', ['run'])
+  static flags = optionFlags('export', {run: 'argument'})
 
   async run(): Promise<ExportResult> {
     const {args, flags} = await this.parse(Export)
-    if (nonEmpty(flags.out) && !flags.force) this.error(`${flags.out} exists; choose another --out or add --force to replace it`, {exit: 1})
-    const staging = tempNear(flags.out, 'export')
+    // The core stages the files in a folder beside --out; the archive is npm tar's.
+    const staged = await this.job<StageResult>('export', {...args, ...this.options('export', flags)})
     try {
-      const staged = await this.job<StageResult>('bundle.stage', {run: args.run, staging, preview: flags.preview ? 16 : 0})
-      await this.spin(`packing ${flags.out}`, () => pack(staging, staged.files, flags.out))
+      await this.spin(`packing ${flags.out}`, () => pack(staged.staging, staged.files, flags.out))
       this.log(`exported ${args.run} (${staged.kind}) to ${flags.out}: ${staged.files.join(', ')}`)
       return {bundle: flags.out, kind: staged.kind, files: staged.files}
     } finally {
-      rmSync(staging, {recursive: true, force: true})
+      rmSync(staged.staging, {recursive: true, force: true})
     }
   }
 }

@@ -1,6 +1,6 @@
 import {BiflowCommand} from '../lib/command.js'
 import {optionFlags} from '../lib/options.js'
-import {deviceFlags, deviceOptions} from '../lib/device.js'
+import {deviceFlags} from '../lib/device.js'
 
 interface SampleResult {
   out: string
@@ -37,7 +37,7 @@ after loading) and imagesPerSecond.`
 
   async run(): Promise<SampleResult> {
     const {flags} = await this.parse(Sample)
-    const result = await this.job<SampleResult>('sample', {...deviceOptions(flags), ...this.options('sample', flags)})
+    const result = await this.job<SampleResult>('sample', {...this.options('device', flags), ...this.options('sample', flags)})
     this.log(
       `wrote ${result.num} ${result.method} samples to ${result.out} (${result.format}${result.denoised ? ', denoised' : ''}, ${result.samplingSeconds.toFixed(2)} s, ${result.imagesPerSecond.toFixed(2)} images/s)`,
     )

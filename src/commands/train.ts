@@ -1,8 +1,6 @@
-import {Flags} from '@oclif/core'
-
 import {BiflowCommand} from '../lib/command.js'
-import {deviceFlags, deviceOptions} from '../lib/device.js'
-import {optionFlags, optionValues} from '../lib/options.js'
+import {deviceFlags} from '../lib/device.js'
+import {optionFlags} from '../lib/options.js'
 
 interface TrainResult {
   run: string
@@ -39,21 +37,15 @@ from --config FILE.json (same names in camelCase), then the defaults.`
 
   static flags = {
     ...deviceFlags,
-    out: Flags.string({required: true, description: 'run folder to create (or to continue with --resume)'}),
-    resume: Flags.boolean({description: 'continue the run in --out from its newest checkpoint'}),
-    config: Flags.string({description: 'JSON file with training options (camelCase flag names, or a run\'s config.json); flags override it'}),
-    ...optionFlags('train'),
+    ...optionFlags('train', {'debug-nan-at-step': 'given', 'command-line': 'given'}),
   }
 
   async run(): Promise<TrainResult> {
     const {flags} = await this.parse(Train)
 
     const result = await this.job<TrainResult>('train', {
-      ...deviceOptions(flags),
-      out: flags.out,
-      resume: flags.resume || undefined,
-      config: flags.config,
-      ...optionValues('train', flags, (m) => this.error(m)),
+      ...this.options('device', flags),
+      ...this.options('train', flags),
       commandLine: this.commandLine(),
     })
     const fmt = (v: number | null) => (v === null ? '?' : v.toFixed(4))

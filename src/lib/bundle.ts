@@ -99,8 +99,3 @@ export async function checkAndUnpack(file: string): Promise<{staging: (near: str
     },
   }
 }
-
-/** Whether `dir` exists and holds anything. */
-export function nonEmpty(dir: string): boolean {
-  return existsSync(dir) && (!statSync(dir).isDirectory() || readdirSync(dir).length > 0)
-}

@@ -21,7 +21,6 @@ use biflow_core::job::JobCtx;
 use biflow_core::run::{write_safetensors, HostTensor, Run, RunConfig};
 use biflow_core::train::MemData;
 use biflow_core::models::reverse::loss::{implied_conditional, LossConfig, LossKind, Targets};
-use biflow_core::engines::ReverseGrad;
 use biflow_core::models::reverse::{self, ReverseConfig, ReverseModel, ReverseOutput};
 use biflow_core::models::flow::denoise;
 use candle_core::{DType, Device, Tensor, Var};
@@ -227,7 +226,8 @@ fn main() -> anyhow::Result<()> {
             let g_values: Vec<Vec<f32>> = g_names.iter().map(|k| g_params[k].flatten_all()?.to_vec1::<f32>()).collect::<Result<_, _>>()?;
             let sizes: Vec<usize> = g_values.iter().map(Vec::len).collect();
             let params: Vec<&[f32]> = g_values.iter().map(Vec::as_slice).collect();
-            let mut engine = ReverseGrad::new(&g_cfg, &g_names, &sizes)?;
+            let g = ReverseModel::new(VarBuilder::from_tensors(g_params.clone(), DType::F32, &dev), &g_cfg)?;
+            let mut engine = g.engine(&g_names, &sizes)?;
             let mut grads: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![0f32; s]).collect();
             let u = Uniform::new(-1.0f32, 1.0);
             let mut phase = [0f64; 6];

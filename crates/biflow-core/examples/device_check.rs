@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use biflow_core::device::{self, DeviceArgs};
+use biflow_core::device;
+use biflow_core::jobs::DeviceArgs;
 use biflow_core::jobs::distill::{distill_with, DistillSettings};
 use biflow_core::jobs::training::SessionArgs;
 use biflow_core::models::flow::{FlowConfig, ReverseOptions, TarFlow};
@@ -326,7 +327,7 @@ fn losses(run: &Path) -> Result<Vec<f64>> {
 fn train_once(c: &Check, cfg: &FlowConfig, batch: usize, steps: u64, lr: f64, precision: &str, out: &Path) -> Result<Value> {
     let data = synthetic(cfg, batch * 8, 1);
     let s = settings(cfg, batch, steps, lr);
-    let on = DeviceArgs { device: Some(c.name.clone()), precision: Some(precision.into()) };
+    let on = DeviceArgs { device: c.name.clone(), precision: precision.into() };
     let args = SessionArgs { out: out.to_path_buf(), on, ..Default::default() };
     let r = train_with(&args, &s, "synthetic", &data, &JobCtx::silent())?;
     let l = losses(out)?;
@@ -373,7 +374,7 @@ fn distill(c: &mut Check) -> Result<Value> {
     let steps = if c.quick { 20 } else { 60 };
     let settings = DistillSettings { forward: Some(f_dir.display().to_string()), batch_size: Some(64), steps: Some(steps), save_every: Some(1_000_000), lr: Some(1e-3), ..Default::default() };
     let out = dir.path().join("g");
-    let on = DeviceArgs { device: Some(c.name.clone()), precision: None };
+    let on = DeviceArgs { device: c.name.clone(), ..DeviceArgs::default() };
     let args = SessionArgs { out: out.clone(), on, ..Default::default() };
     let r = distill_with(&args, &settings, "synthetic", &data, &JobCtx::silent())?;
     let l = losses(&out)?;

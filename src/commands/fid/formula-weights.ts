@@ -1,6 +1,5 @@
-import {Args} from '@oclif/core'
-
 import {BiflowCommand} from '../../lib/command.js'
+import {optionArgs} from '../../lib/options.js'
 
 export default class FormulaWeights extends BiflowCommand {
   static description = `Write the deterministic stand-in FID Inception weights of the parity fixture (.safetensors)
@@ -11,13 +10,11 @@ reproduces the fixture's features. For tests and benchmarks only: these are NOT 
   static examples = ['<%= config.bin %> fid formula-weights /tmp/formula.safetensors']
   static hidden = true
 
-  static args = {
-    output: Args.string({description: '.safetensors file to write', required: true}),
-  }
+  static args = optionArgs('fid.formulaWeights', ['output'])
 
   async run(): Promise<{output: string; tensors: number}> {
     const {args} = await this.parse(FormulaWeights)
-    const r = await this.job<{output: string; tensors: number}>('fid.formulaWeights', {output: args.output})
+    const r = await this.job<{output: string; tensors: number}>('fid.formulaWeights', args)
     this.log(`wrote ${r.tensors} tensors to ${r.output}`)
     return r
   }

@@ -1,14 +1,8 @@
-import {existsSync, renameSync, rmSync} from 'node:fs'
+import {existsSync, rmSync} from 'node:fs'
 
-import {Args, Flags} from '@oclif/core'
-
-import {checkAndUnpack, nonEmpty} from '../../lib/bundle.js'
+import {checkAndUnpack} from '../../lib/bundle.js'
 import {BiflowCommand} from '../../lib/command.js'
-
-interface VerifyResult {
-  kind: string
-  files: number
-}
+import {optionArgs, optionFlags} from '../../lib/options.js'
 
 interface ImportBundleResult {
   run: string
@@ -27,30 +21,22 @@ into place; an existing --out is replaced only with --force.`
     '<%= config.bin %> import bundle model.tar.gz --out runs/model --force --json',
   ]
 
-  static args = {
-    bundle: Args.string({description: 'the bundle (.tar.gz from biflow export)', required: true}),
-  }
-
-  static flags = {
-    out: Flags.string({description: 'the run folder to create', required: true}),
-    force: Flags.boolean({description: 'replace an existing --out folder'}),
-  }
+  static args = optionArgs('import-bundle', ['bundle'])
+  static flags = optionFlags('import-bundle', {bundle: 'argument', unpacked: 'given'})
 
   async run(): Promise<ImportBundleResult> {
     const {args, flags} = await this.parse(ImportBundle)
-    if (!existsSync(args.bundle)) this.error(`${args.bundle} does not exist`, {exit: 1})
-    if (nonEmpty(flags.out) && !flags.force) this.error(`${flags.out} exists and is not empty; choose another --out or add --force to replace it`, {exit: 1})
-    const checked = await this.spin('checking the bundle entries', () => checkAndUnpack(args.bundle))
-    const staging = await this.spin('unpacking', () => checked.staging(flags.out))
+    const bundle = args.bundle as string // required: oclif has checked it is there
+    if (!existsSync(bundle)) this.error(`${bundle} does not exist`, {exit: 1})
+    // npm tar checks and unpacks beside --out; the core verifies and moves the folder into place.
+    const checked = await this.spin('checking the bundle entries', () => checkAndUnpack(bundle))
+    const unpacked = await this.spin('unpacking', () => checked.staging(flags.out))
     try {
-      const v = await this.job<VerifyResult>('bundle.verify', {dir: staging})
-      if (existsSync(flags.out)) rmSync(flags.out, {recursive: true, force: true})
-      renameSync(staging, flags.out)
-      this.log(`imported ${args.bundle} (${v.kind}, ${v.files} files, checksums verified) into ${flags.out}`)
-      return {run: flags.out, kind: v.kind, files: v.files}
-    } catch (error) {
-      rmSync(staging, {recursive: true, force: true})
-      throw error
+      const r = await this.job<ImportBundleResult>('import-bundle', {...args, ...this.options('import-bundle', flags), unpacked})
+      this.log(`imported ${bundle} (${r.kind}, ${r.files} files, checksums verified) into ${r.run}`)
+      return r
+    } finally {
+      rmSync(unpacked, {recursive: true, force: true})
     }
   }
 }

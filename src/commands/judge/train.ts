@@ -1,6 +1,6 @@
 import {BiflowCommand} from '../../lib/command.js'
 import {optionFlags} from '../../lib/options.js'
-import {deviceFlags, deviceOptions} from '../../lib/device.js'
+import {deviceFlags} from '../../lib/device.js'
 
 interface JudgeTrainResult {
   out: string
@@ -35,7 +35,7 @@ minutes on two cores for MNIST. Never train a model against the judge: its numbe
 
   async run(): Promise<JudgeTrainResult> {
     const {flags} = await this.parse(JudgeTrain)
-    const r = await this.job<JudgeTrainResult>('judge.train', {...deviceOptions(flags), ...this.options('judge.train', flags)})
+    const r = await this.job<JudgeTrainResult>('judge.train', {...this.options('device', flags), ...this.options('judge.train', flags)})
     const pct = (v: number) => `${(100 * v).toFixed(2)}%`
     this.log(`judge ${r.out}: ${pct(r.heldOutAccuracy)} held-out accuracy on ${r.heldOutCount} images (floor ${pct(r.floor)}), ${r.steps} steps in ${r.seconds.toFixed(0)} s`)
     if (!r.usable) this.warn('below its floor: eval-quality will refuse this judge')

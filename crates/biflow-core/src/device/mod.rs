@@ -138,33 +138,6 @@ pub struct Placement {
     _mode: ModeGuard,
 }
 
-/// A job's `device` and `precision` options: taken out of its options before they are read (the job
-/// table, the training shell), declared once here.
-#[derive(Debug, Clone, Default)]
-pub struct DeviceArgs {
-    pub device: Option<String>,
-    pub precision: Option<String>,
-}
-
-impl DeviceArgs {
-    /// Take `device` and `precision` out of a job's options.
-    pub fn take(map: &mut serde_json::Map<String, Value>) -> Result<DeviceArgs> {
-        let mut get = |key: &str| match map.remove(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(v) => bail!("{key} must be a string, got {v}"),
-        };
-        Ok(DeviceArgs {
-            device: get("device")?,
-            precision: get("precision")?,
-        })
-    }
-
-    pub fn place(&self) -> Result<Placement> {
-        place(self.device.as_deref(), self.precision.as_deref())
-    }
-}
-
 /// The placement for a job's `device` and `precision` options (auto and f32 when absent).
 pub fn place(device: Option<&str>, precision: Option<&str>) -> Result<Placement> {
     let device = select(device)?;

@@ -4,17 +4,19 @@
 
 use anyhow::{ensure, Context, Result};
 
-use super::layer::{check_labels, check_sizes, GROUP_TOKENS, add_assign, class_table_bwd, layer_backward, layer_forward, linear, linear_bwd, mean_row, pair_mut, Index, LayerActs, LayerParams, LayerScratch, LayerShape, Pair};
+use super::layer::{check_labels, check_sizes, GROUP_TOKENS, add_assign, class_table_bwd, layer_backward, layer_forward, linear, linear_bwd, mean_row, pair_mut, LayerActs, LayerParams, LayerScratch, LayerShape, Pair};
 use crate::models::flow::config::{soft_clip, soft_clip_slope, FlowConfig, HEAD_DIM, LN_EPS};
 use crate::engines::ops::{self, AttentionDims};
 
-struct BlockParams {
-    proj_in: Pair,
-    pos: usize,
-    class: Option<usize>,
-    layers: Vec<LayerParams>,
-    proj_out: Pair,
-    flip: bool,
+/// Where one flow block's parameters sit in the list the passes receive (the model's
+/// `FlowBlock::places` says).
+pub(crate) struct BlockParams {
+    pub proj_in: Pair,
+    pub pos: usize,
+    pub class: Option<usize>,
+    pub layers: Vec<LayerParams>,
+    pub proj_out: Pair,
+    pub flip: bool,
 }
 
 /// What one flow block keeps: its layers', the last hidden state, and (token-sized, so made afresh
@@ -69,23 +71,11 @@ pub struct NllGrad {
 }
 
 impl NllGrad {
-    /// `names` and `sizes`: the parameter list in the order `run` receives it (reference names).
-    pub fn new(cfg: &FlowConfig, names: &[String], sizes: &[usize]) -> Result<NllGrad> {
+    /// `blocks`: where each block's parameters sit in the list `run` receives, of `sizes`
+    /// (the model gives them: `TarFlow::engine`).
+    pub(crate) fn new(cfg: &FlowConfig, blocks: Vec<BlockParams>, sizes: &[usize]) -> Result<NllGrad> {
         cfg.validate()?;
-        ensure!(names.len() == sizes.len(), "{} parameter names for {} sizes", names.len(), sizes.len());
-        let index = Index(names);
-        let mut blocks = Vec::new();
-        for i in 0..cfg.num_blocks {
-            let b = format!("blocks.{i}");
-            blocks.push(BlockParams {
-                proj_in: index.pair(&format!("{b}.proj_in"))?,
-                pos: index.of(format!("{b}.pos_embed"))?,
-                class: if cfg.num_classes > 0 { Some(index.of(format!("{b}.class_embed"))?) } else { None },
-                layers: (0..cfg.layers_per_block).map(|j| index.layer(&format!("{b}.attn_blocks.{j}"))).collect::<Result<_>>()?,
-                proj_out: index.pair(&format!("{b}.proj_out"))?,
-                flip: i % 2 == 1,
-            });
-        }
+        ensure!(blocks.len() == cfg.num_blocks, "{} blocks for a model of {}", blocks.len(), cfg.num_blocks);
         Ok(NllGrad { cfg: cfg.clone(), blocks, sizes: sizes.to_vec(), packed: false, work: None })
     }
 
@@ -322,7 +312,6 @@ fn position_and_class_bwd(dh: &[f32], bp: &BlockParams, labels: Option<&[i64]>, 
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::engines::max_abs_diff;
     use crate::models::flow::{new_trainable, nll_loss, patchify, FlowConfig};
     use candle_core::{Device, Tensor};
@@ -355,7 +344,7 @@ mod tests {
             names.sort();
             let values: Vec<Vec<f32>> = names.iter().map(|n| vars[n].flatten_all().unwrap().to_vec1().unwrap()).collect();
             let sizes: Vec<usize> = values.iter().map(Vec::len).collect();
-            let mut engine = NllGrad::new(&cfg, &names, &sizes).unwrap();
+            let mut engine = model.engine(&names, &sizes).unwrap();
             let tokens: Vec<f32> = patchify(&x, cfg.patch_size).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let params: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
             let mut grads: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![f32::NAN; s]).collect();
@@ -371,7 +360,7 @@ mod tests {
             assert!(ldd < 1e-5, "logdets differ by {ldd}");
             // The frozen forward (packed weights, nothing kept) gives the same trajectory and logdets.
             let mut frozen_values = values.clone();
-            let frozen = NllGrad::new(&cfg, &names, &sizes).unwrap().frozen(&mut frozen_values).unwrap();
+            let frozen = model.engine(&names, &sizes).unwrap().frozen(&mut frozen_values).unwrap();
             let frozen_params: Vec<&[f32]> = frozen_values.iter().map(Vec::as_slice).collect();
             let (trajectory, logdets) = frozen.forward(&frozen_params, &tokens, labels.as_deref()).unwrap();
             assert_eq!(trajectory.len(), out.trajectory.len());

@@ -1,7 +1,10 @@
 //! The pre-LN transformer layer F and G share, by hand: its parameters' places in a parameter list,
 //! what its forward keeps for the backward, and both passes over the fused kernels of [`crate::engines::ops`].
 
+use std::collections::HashMap;
+
 use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Tensor, TensorId};
 
 use crate::models::flow::config::MLP_EXPANSION;
 use crate::engines::ops::{self, AttentionDims};
@@ -17,36 +20,35 @@ pub(crate) struct Pair {
     pub b: usize,
 }
 
-/// Finds parameters by name in the list a hand-written pass receives.
-pub(crate) struct Index<'a>(pub &'a [String]);
+/// Where a model's parameters sit in the list a hand-written pass receives. The model walks its
+/// own modules and asks for each tensor (found by identity, so no parameter name is spelt twice):
+/// the candle modules stay the one description of the network.
+pub(crate) struct Places(HashMap<TensorId, usize>);
 
-impl Index<'_> {
-    pub fn of(&self, name: String) -> Result<usize> {
-        self.0.iter().position(|n| *n == name).with_context(|| format!("the model has no parameter {name}"))
+impl Places {
+    /// `named`: the model's parameters with their names; `order`: the names in the pass's order.
+    pub fn new(named: &[(String, Tensor)], order: &[String]) -> Result<Places> {
+        ensure!(named.len() == order.len(), "the pass receives {} parameters, the model has {}", order.len(), named.len());
+        let at: HashMap<&str, usize> = order.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+        let places = named.iter().map(|(name, t)| Ok((t.id(), *at.get(name.as_str()).with_context(|| format!("the pass is given no parameter {name}"))?))).collect::<Result<_>>()?;
+        Ok(Places(places))
     }
-    pub fn pair(&self, prefix: &str) -> Result<Pair> {
-        Ok(Pair { w: self.of(format!("{prefix}.weight"))?, b: self.of(format!("{prefix}.bias"))? })
+    pub fn of(&self, t: &Tensor) -> Result<usize> {
+        self.0.get(&t.id()).copied().context("a tensor of the model is not among its parameters")
     }
-    /// The layer under `prefix` (the names [`crate::models::flow::AttentionBlock`] gives its parameters).
-    pub fn layer(&self, prefix: &str) -> Result<LayerParams> {
-        Ok(LayerParams {
-            norm1: self.pair(&format!("{prefix}.attention.norm"))?,
-            qkv: self.pair(&format!("{prefix}.attention.qkv"))?,
-            proj: self.pair(&format!("{prefix}.attention.proj"))?,
-            norm2: self.pair(&format!("{prefix}.mlp.norm"))?,
-            fc1: self.pair(&format!("{prefix}.mlp.main.0"))?,
-            fc2: self.pair(&format!("{prefix}.mlp.main.2"))?,
-        })
+    pub fn pair(&self, weight: &Tensor, bias: &Tensor) -> Result<Pair> {
+        Ok(Pair { w: self.of(weight)?, b: self.of(bias)? })
     }
 }
 
+/// Where one layer's parameters sit (see [`crate::models::layers::AttentionBlock::places`]).
 pub(crate) struct LayerParams {
-    norm1: Pair,
-    qkv: Pair,
-    proj: Pair,
-    norm2: Pair,
-    fc1: Pair,
-    fc2: Pair,
+    pub norm1: Pair,
+    pub qkv: Pair,
+    pub proj: Pair,
+    pub norm2: Pair,
+    pub fc1: Pair,
+    pub fc2: Pair,
 }
 
 /// What one transformer layer keeps for its backward pass, each (N, T, width); `h` is its input.

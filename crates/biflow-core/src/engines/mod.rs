@@ -11,6 +11,9 @@ pub mod ops;
 mod reverse;
 
 pub(crate) use decode::{BlockDecoder, HostBlock, HostLayer, HostLinear, HostNorm};
+pub(crate) use flow::BlockParams;
+pub(crate) use layer::{LayerParams, Pair, Places};
+pub(crate) use reverse::ReverseParams;
 
 pub use flow::{NllGrad, NllOutput};
 pub use reverse::{HostOutputs, ReverseGrad};

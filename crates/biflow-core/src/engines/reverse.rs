@@ -6,23 +6,23 @@
 
 use anyhow::{ensure, Context, Result};
 
-use super::layer::{check_labels, check_sizes, GROUP_TOKENS, add_assign, class_table_bwd, layer_backward, layer_forward, layer_norm_bwd, linear, linear_bwd, mean_row, Index, LayerActs, LayerParams, LayerScratch, LayerShape, Pair};
+use super::layer::{check_labels, check_sizes, GROUP_TOKENS, add_assign, class_table_bwd, layer_backward, layer_forward, layer_norm_bwd, linear, linear_bwd, mean_row, LayerActs, LayerParams, LayerScratch, LayerShape, Pair};
 use crate::models::flow::config::{HEAD_DIM, LN_EPS};
 use crate::engines::ops::{self, AttentionDims};
 use crate::models::reverse::{guidance_features, ReverseConfig, CFG_FEATURES};
 
-/// Where G's parameters sit in the list the passes receive.
-struct ReverseParams {
-    proj_in: Pair,
-    pos: usize,
+/// Where G's parameters sit in the list the passes receive (the model's `ReverseModel::engine` says).
+pub(crate) struct ReverseParams {
+    pub proj_in: Pair,
+    pub pos: usize,
     /// The class table and `cfg_embed` (class-conditional G only).
-    class: Option<(usize, Pair)>,
+    pub class: Option<(usize, Pair)>,
     /// The stages' layers, then the denoising block's, in the order they run.
-    layers: Vec<LayerParams>,
+    pub layers: Vec<LayerParams>,
     /// Per stage: the head's LayerNorm and projection.
-    heads: Vec<(Pair, Pair)>,
-    norm_out: Pair,
-    proj_out: Pair,
+    pub heads: Vec<(Pair, Pair)>,
+    pub norm_out: Pair,
+    pub proj_out: Pair,
 }
 
 /// G's outputs, host-side: x' (N, T, D), the heads' outputs (N, T, D each) and, when asked for,
@@ -61,32 +61,11 @@ pub struct ReverseGrad {
 }
 
 impl ReverseGrad {
-    /// `names` and `sizes`: the parameter list in the order the passes receive it.
-    pub fn new(cfg: &ReverseConfig, names: &[String], sizes: &[usize]) -> Result<ReverseGrad> {
+    /// `p`: where G's parameters sit in the list the passes receive, of `sizes`.
+    pub(crate) fn new(cfg: &ReverseConfig, p: ReverseParams, sizes: &[usize]) -> Result<ReverseGrad> {
         cfg.validate()?;
-        ensure!(names.len() == sizes.len(), "{} parameter names for {} sizes", names.len(), sizes.len());
-        let index = Index(names);
-        let mut layers = Vec::new();
-        for j in 0..cfg.stages {
-            for l in 0..cfg.layers_per_stage {
-                layers.push(index.layer(&format!("stages.{j}.{l}"))?);
-            }
-        }
-        for l in 0..cfg.denoise_layers {
-            layers.push(index.layer(&format!("denoise.{l}"))?);
-        }
-        let heads = (0..if cfg.heads { cfg.stages } else { 0 })
-            .map(|j| Ok((index.pair(&format!("heads.{j}.norm"))?, index.pair(&format!("heads.{j}.proj"))?)))
-            .collect::<Result<_>>()?;
-        let p = ReverseParams {
-            proj_in: index.pair("proj_in")?,
-            pos: index.of("pos_embed".into())?,
-            class: if cfg.guided() { Some((index.of("class_embed".into())?, index.pair("cfg_embed")?)) } else { None },
-            layers,
-            heads,
-            norm_out: index.pair("norm_out")?,
-            proj_out: index.pair("proj_out")?,
-        };
+        let layers = cfg.stages * cfg.layers_per_stage + cfg.denoise_layers;
+        ensure!(p.layers.len() == layers && p.heads.len() == if cfg.heads { cfg.stages } else { 0 }, "the parameter places do not fit the configuration");
         let dims = AttentionDims::of(cfg.num_tokens, cfg.channels, cfg.channels / HEAD_DIM, false).context("channels must be a multiple of the head size")?;
         let shape = LayerShape { dims, scale: 1.0 / (HEAD_DIM as f32).sqrt(), eps: LN_EPS as f32, packed: false };
         Ok(ReverseGrad { cfg: cfg.clone(), p, sizes: sizes.to_vec(), shape, work: None })
@@ -388,7 +367,7 @@ mod tests {
             let (names, values) = named_values(&varmap);
             let sizes: Vec<usize> = values.iter().map(Vec::len).collect();
             let params: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
-            let mut engine = ReverseGrad::new(&cfg, &names, &sizes).unwrap();
+            let mut engine = g.engine(&names, &sizes).unwrap();
             let mut grads: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![f32::NAN; s]).collect();
             let (dx, dh, ds) = (host(&rx), rh.iter().map(host).collect::<Vec<_>>(), rs.iter().map(host).collect::<Vec<_>>());
             // Twice, with a throw-away pass between: kept buffers are reused and must give the same.
@@ -408,7 +387,7 @@ mod tests {
             let (y_many, w_many): (Option<Vec<i64>>, Vec<f32>) = (labels.as_ref().map(|_| (0..300).map(|i| i % 3 - 1).collect()), (0..300).map(|i| if cfg.guided() { (i % 4) as f32 } else { 0.0 }).collect());
             let whole = engine.forward(&params, &host(&many), y_many.as_deref(), &w_many, false, false).unwrap();
             let mut sampling_values = values.clone();
-            let sampler = ReverseGrad::new(&cfg, &names, &sizes).unwrap().frozen(&mut sampling_values).unwrap();
+            let sampler = g.engine(&names, &sizes).unwrap().frozen(&mut sampling_values).unwrap();
             let sampling_params: Vec<&[f32]> = sampling_values.iter().map(Vec::as_slice).collect();
             let grouped = sampler.sample(&sampling_params, &host(&many), y_many.as_deref(), &w_many).unwrap();
             assert!(max_abs_diff(&whole.x, &grouped) < 1e-5, "grouped sampling differs by {}", max_abs_diff(&whole.x, &grouped));
@@ -426,11 +405,11 @@ mod tests {
     #[test]
     fn missing_gradients_are_zero_and_order_is_checked() {
         let cfg = ReverseConfig { num_tokens: 4, token_dim: 2, num_classes: 2, channels: 64, stages: 2, layers_per_stage: 1, denoise_layers: 1, heads: true };
-        let (varmap, _) = new_trainable(&cfg, 1, &Device::Cpu).unwrap();
+        let (varmap, g) = new_trainable(&cfg, 1, &Device::Cpu).unwrap();
         let (names, values) = named_values(&varmap);
         let sizes: Vec<usize> = values.iter().map(Vec::len).collect();
         let params: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
-        let mut engine = ReverseGrad::new(&cfg, &names, &sizes).unwrap();
+        let mut engine = g.engine(&names, &sizes).unwrap();
         let mut grads: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![f32::NAN; s]).collect();
         let z = vec![0.5f32; 2 * 4 * 2];
         assert!(engine.backward(&params, &z, &[], &[], &mut grads).is_err());

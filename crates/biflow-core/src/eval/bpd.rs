@@ -13,7 +13,7 @@ use rand_distr::Distribution;
 use crate::data::{Dataset, Split};
 use crate::models::flow::{bits_per_dim, FlowConfig, TarFlow};
 use crate::io::npy::read_npy;
-use crate::device::DeviceArgs;
+use crate::jobs::options::DeviceArgs;
 use crate::job::JobCtx;
 
 crate::options! {

@@ -15,7 +15,7 @@ use rand_distr::{Distribution, StandardNormal};
 use serde_json::{json, Value};
 
 use crate::models::flow::{ReverseOptions, TarFlow};
-use crate::device::DeviceArgs;
+use crate::jobs::options::DeviceArgs;
 use crate::job::JobCtx;
 use crate::models::reverse::ReverseModel;
 use crate::run::Run;

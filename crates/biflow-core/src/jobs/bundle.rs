@@ -10,7 +10,7 @@
 //! ```
 //!
 //! The archive itself (tar.gz) is written and read by the CLI with npm `tar`; the core stages the
-//! files (`bundle.stage`) and checks an unpacked bundle before it becomes a run (`bundle.verify`).
+//! files (`export`) and checks an unpacked bundle before it becomes a run (`import-bundle`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Device;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::job::JobCtx;
@@ -35,18 +34,37 @@ pub const ALLOWED: &[&str] = &[
     "forward/weights.safetensors",
 ];
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct StageOptions {
-    pub run: String,
-    /// An empty folder to write the bundle's files into.
-    pub staging: String,
-    #[serde(default = "default_preview")]
-    pub preview: usize,
+crate::options! {
+    pub struct ExportOptions {
+        /// the run folder to export (forward, distilled or imported)
+        run: String,
+        /// the bundle file to write (.tar.gz)
+        out: String,
+        /// include preview.png (16 samples)
+        preview: bool = true,
+        /// replace an existing --out file
+        force: bool,
+    }
 }
 
-fn default_preview() -> usize {
-    16
+/// Images in a bundle's preview grid.
+const PREVIEW: usize = 16;
+
+/// A new empty folder beside `near` (the same file system, so that what is staged there can be
+/// renamed into place).
+fn staging_near(near: &Path, tag: &str) -> Result<PathBuf> {
+    let near = std::path::absolute(near)?;
+    let parent = near.parent().filter(|p| p.is_dir()).map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
+    let name = near.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    for attempt in 0..100u32 {
+        let dir = parent.join(format!(".{name}.{tag}-{}-{attempt}", std::process::id()));
+        match fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot create a staging folder in {}", parent.display())),
+        }
+    }
+    bail!("cannot create a staging folder in {}", parent.display())
 }
 
 fn copy_checked(from: &Path, to: &Path) -> Result<()> {
@@ -64,12 +82,19 @@ fn with_source(config: &crate::run::RunConfig, run: &Path) -> Result<Value> {
     Ok(v)
 }
 
-/// Stage the files of RUN's bundle into `staging`; returns the file list (bundle.json last).
-pub fn stage(o: StageOptions, ctx: &JobCtx) -> Result<Value> {
+/// Stage the files of RUN's bundle in a new folder beside `out`, for the CLI to pack there; returns
+/// the folder and its file list (bundle.json last). Nothing is left behind when it fails.
+pub fn stage(o: ExportOptions, ctx: &JobCtx) -> Result<Value> {
+    let out = Path::new(&o.out);
+    ensure!(o.force || !out.exists(), "{} exists; choose another --out or add --force to replace it", out.display());
     let run = Run::open(Path::new(&o.run))?;
-    let staging = PathBuf::from(&o.staging);
-    fs::create_dir_all(&staging)?;
-    ensure!(fs::read_dir(&staging)?.next().is_none(), "the staging folder {} is not empty", staging.display());
+    let staging = staging_near(out, "export")?;
+    stage_into(&run, &staging, &o, ctx).inspect_err(|_| {
+        let _ = fs::remove_dir_all(&staging);
+    })
+}
+
+fn stage_into(run: &Run, staging: &Path, o: &ExportOptions, ctx: &JobCtx) -> Result<Value> {
     ctx.start("stage", None);
     let mut files: Vec<String> = Vec::new();
 
@@ -88,13 +113,13 @@ pub fn stage(o: StageOptions, ctx: &JobCtx) -> Result<Value> {
     files.extend([CONFIG_FILE.to_string(), WEIGHTS_FILE.to_string()]);
 
     // A preview grid: the run's default sampler (G for a distilled run, causal decoding otherwise).
-    if o.preview > 0 {
-        ctx.message(format!("sampling a preview of {} images", o.preview));
-        let mut s = crate::jobs::sample::Sampler::new(&crate::jobs::sample::SampleOptions::streaming(&o.run, None, o.preview, 0, 0.0), &candle_core::Device::Cpu)?;
+    if o.preview {
+        ctx.message(format!("sampling a preview of {PREVIEW} images"));
+        let mut s = crate::jobs::sample::Sampler::new(&crate::jobs::sample::SampleOptions::streaming(&o.run, None, PREVIEW, 0, 0.0), &candle_core::Device::Cpu)?;
         let c = s.config().clone();
-        if let Some(x) = s.next_batch(o.preview, |_| ctx.check_cancelled())? {
+        if let Some(x) = s.next_batch(PREVIEW, |_| ctx.check_cancelled())? {
             let v = x.flatten_all()?.to_vec1::<f32>()?;
-            if let Ok(img) = crate::io::image::grid(&v, o.preview, c.in_channels, c.img_size, c.img_size) {
+            if let Ok(img) = crate::io::image::grid(&v, PREVIEW, c.in_channels, c.img_size, c.img_size) {
                 crate::io::atomic::write_png(&staging.join("preview.png"), &img)?;
                 files.push("preview.png".into());
             }
@@ -191,16 +216,38 @@ pub fn dataset_checksum(dir: &Path) -> Option<String> {
     v.get("checksum")?.get("value")?.as_str().map(str::to_string)
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct VerifyOptions {
-    pub dir: String,
+crate::options! {
+    pub struct ImportBundleOptions {
+        /// the bundle (.tar.gz from biflow export)
+        bundle: String,
+        /// the run folder to create
+        out: String,
+        /// replace an existing --out folder
+        force: bool,
+        /// the folder the CLI unpacked the bundle into, beside --out
+        unpacked: String,
+    }
+}
+
+/// Make an unpacked bundle the run `out`, once [`verify`] passes (an existing `out` is replaced
+/// only with `force`).
+pub fn install(o: ImportBundleOptions, ctx: &JobCtx) -> Result<Value> {
+    let (out, unpacked) = (Path::new(&o.out), Path::new(&o.unpacked));
+    crate::io::atomic::ensure_empty_out(out, o.force)?;
+    ensure!(o.force || !out.is_file(), "{} is a file: choose another --out, or add --force to replace it", out.display());
+    let v = verify(unpacked, ctx)?;
+    if out.is_dir() {
+        fs::remove_dir_all(out).with_context(|| format!("cannot replace {}", out.display()))?;
+    } else if out.exists() {
+        fs::remove_file(out).with_context(|| format!("cannot replace {}", out.display()))?;
+    }
+    fs::rename(unpacked, out).with_context(|| format!("cannot move the unpacked bundle to {}", out.display()))?;
+    Ok(json!({"run": o.out, "kind": v["kind"], "files": v["files"]}))
 }
 
 /// Check an unpacked bundle: exactly the files its manifest lists, each with its checksum, and a
 /// run that opens and whose weights load.
-pub fn verify(o: VerifyOptions, ctx: &JobCtx) -> Result<Value> {
-    let dir = PathBuf::from(&o.dir);
+fn verify(dir: &Path, ctx: &JobCtx) -> Result<Value> {
     ctx.start("verify", None);
     let text = fs::read_to_string(dir.join(MANIFEST)).context("not a biflow bundle: it has no bundle.json")?;
     let m: Value = serde_json::from_str(&text).context("not a biflow bundle: bundle.json is not valid JSON")?;

@@ -380,7 +380,7 @@ fn step_by_hand(
 
 /// The `distill` job: open the data named in the options (or the resumed run's), then [`distill_with`].
 pub fn distill_job(options: Value, ctx: &JobCtx) -> Result<Value> {
-    let (args, map) = SessionArgs::split("distill", options, "--out RUN2 (the folder of the distilled run)")?;
+    let (args, map) = SessionArgs::split("distill", options)?;
     let settings: DistillSettings = serde_json::from_value(Value::Object(map)).context("invalid distill options")?;
     let data_dir = match (&settings.data, args.resume) {
         (Some(d), _) => d.clone(),
@@ -483,7 +483,7 @@ impl TrainingJob for Distilling {
         let engine = match backend {
             Backend::Fused => {
                 let (names, sizes) = train::slot_layout(&slots);
-                Some(ReverseGrad::new(g_cfg, &names, &sizes)?)
+                Some(g.engine(&names, &sizes)?)
             }
             Backend::Composed => None,
         };
@@ -557,7 +557,7 @@ mod tests {
                 assert_eq!(slots.iter().any(|s| s.name.starts_with("heads.")), kind == LossKind::Align);
                 let engine = by_hand.then(|| {
                     let (names, sizes) = train::slot_layout(&slots);
-                    ReverseGrad::new(&g_cfg, &names, &sizes).unwrap()
+                    g.engine(&names, &sizes).unwrap()
                 });
                 let (_fm, flow) = crate::models::flow::new_trainable(&f_cfg, 1, &dev).unwrap();
                 let mut obj = Distillation { flow, g, engine, opts: options(kind, learned), perceptual: Vec::new() };

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::eval::reverse::Pair;
 use crate::models::flow::FlowConfig;
-use crate::device::DeviceArgs;
+use crate::jobs::options::DeviceArgs;
 use crate::job::JobCtx;
 use crate::run::Run;
 use crate::io::atomic::ensure_empty_out;

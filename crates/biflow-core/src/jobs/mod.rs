@@ -17,8 +17,8 @@ use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::device::DeviceArgs;
 use crate::job::JobCtx;
+pub use options::DeviceArgs;
 use options::Declared;
 
 fn opts<T: DeserializeOwned>(name: &str, options: Value) -> Result<T> {
@@ -52,8 +52,8 @@ fn placed<T: DeserializeOwned + Declared>(
 /// [`crate::options!`] or [`crate::settings!`]).
 pub fn option_specs(name: &str) -> Result<Vec<options::OptionSpec>> {
     Ok(match name {
-        "train" => train::TrainSettings::specs(),
-        "distill" => distill::DistillSettings::specs(),
+        "train" => [training::SessionOptions::specs(), train::ConfigFile::specs(), train::TrainSettings::specs()].concat(),
+        "distill" => [training::SessionOptions::specs(), distill::DistillSettings::specs()].concat(),
         "sample" => sample::SampleOptions::specs(),
         "edit" => edit::EditOptions::specs(),
         "eval-reverse" => crate::eval::reverse::EvalReverseOptions::specs(),
@@ -67,6 +67,12 @@ pub fn option_specs(name: &str) -> Result<Vec<options::OptionSpec>> {
         "import-tarflow" => import::ImportOptions::specs(),
         "runs" => runs::RunsOptions::specs(),
         "demo" => demo::DemoOptions::specs(),
+        "device" => DeviceArgs::specs(),
+        "echo" => EchoOptions::specs(),
+        "fid.convertWeights" => crate::eval::fid::eval::ConvertOptions::specs(),
+        "fid.formulaWeights" => crate::eval::fid::eval::FormulaOptions::specs(),
+        "export" => bundle::ExportOptions::specs(),
+        "import-bundle" => bundle::ImportBundleOptions::specs(),
         _ => bail!("job '{name}' declares no options"),
     })
 }
@@ -74,14 +80,14 @@ pub fn option_specs(name: &str) -> Result<Vec<options::OptionSpec>> {
 /// Run the job called `name`.
 pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
     match name {
-        "echo" => echo(opts(name, options)?, ctx),
+        "echo" => echo(declared(name, options)?, ctx),
         "data.prepare" => crate::data::prepare(declared(name, options)?, ctx),
         "data.inspect" => crate::data::inspect(declared(name, options)?, ctx),
         "data.synth" => crate::data::bench::synth(opts(name, options)?),
         "data.benchRead" => crate::data::bench::bench_read(opts(name, options)?),
         "fid.eval" => placed(name, options, ctx, crate::eval::fid::eval::eval),
-        "fid.convertWeights" => crate::eval::fid::eval::convert_weights(opts(name, options)?, ctx),
-        "fid.formulaWeights" => crate::eval::fid::eval::formula_weights(opts(name, options)?, ctx),
+        "fid.convertWeights" => crate::eval::fid::eval::convert_weights(declared(name, options)?, ctx),
+        "fid.formulaWeights" => crate::eval::fid::eval::formula_weights(declared(name, options)?, ctx),
         "train" => crate::jobs::train::train_job(options, ctx),
         "distill" => crate::jobs::distill::distill_job(options, ctx),
         "eval-reverse" => placed(name, options, ctx, crate::eval::reverse::eval_reverse),
@@ -95,22 +101,23 @@ pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
         "doctor" => Ok(crate::device::doctor()),
         "demo" => crate::jobs::demo::demo(declared(name, options)?, ctx),
         "report" => crate::jobs::report::report(declared(name, options)?, ctx),
-        "bundle.stage" => crate::jobs::bundle::stage(opts(name, options)?, ctx),
-        "bundle.verify" => crate::jobs::bundle::verify(opts(name, options)?, ctx),
+        "export" => crate::jobs::bundle::stage(declared(name, options)?, ctx),
+        "import-bundle" => crate::jobs::bundle::install(declared(name, options)?, ctx),
         _ => bail!("unknown job '{name}'"),
     }
 }
 
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct EchoOptions {
-    steps: u64,
-    #[serde(default)]
-    panic: bool,
-    #[serde(default)]
-    fail: Option<String>,
-    #[serde(default)]
-    sleep_ms: u64,
+crate::options! {
+    pub struct EchoOptions {
+        /// number of steps to count
+        steps: u64 = 20,
+        /// milliseconds per step
+        sleep_ms: u64 = 10,
+        /// make the job fail with this message
+        fail: Option<String>,
+        /// make the job panic (the panic must become an error)
+        panic: bool,
+    }
 }
 
 /// A self-test of the bridge: counts to `steps` with progress, can fail, panic or be cancelled.

@@ -5,7 +5,11 @@
 //! recorded settings take the place of. Both give the [`OptionSpec`]s the CLI builds its flags and
 //! `--help` from (`optionSpecs`).
 
+use anyhow::{Context, Result};
 use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::device::Placement;
 
 /// How the CLI reads an option.
 #[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,6 +272,29 @@ macro_rules! __declare {
     };
 }
 
+crate::options! {
+    /// Where a job runs, `device` and `precision`: taken out of its options before the rest are
+    /// read (by the job table and the training shell), declared once here for every such job.
+    pub struct DeviceArgs {
+        /// where the maths runs: auto (the first GPU on a CUDA build that sees one, else the CPU), cpu, cuda or cuda:N
+        device: String = "auto",
+        /// matrix products in f32, or bf16 with f32 weights, optimizer state and reductions (CUDA only)
+        precision: String {"f32", "bf16"} = "f32",
+    }
+}
+
+impl DeviceArgs {
+    /// Take `device` and `precision` out of a job's options.
+    pub fn take(map: &mut Map<String, Value>) -> Result<DeviceArgs> {
+        let mine: Map<String, Value> = Self::specs().into_iter().filter_map(|s| map.remove(&s.key).filter(|v| !v.is_null()).map(|v| (s.key, v))).collect();
+        serde_json::from_value(Value::Object(mine)).context("invalid device options")
+    }
+
+    pub fn place(&self) -> Result<Placement> {
+        crate::device::place(Some(&self.device), Some(&self.precision))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::{json, Map, Value};
@@ -311,15 +338,28 @@ mod tests {
             let t: T = serde_json::from_value(v).unwrap();
             assert_eq!(serde_json::to_value(t).unwrap().as_object().unwrap().len(), n);
         }
-        let jobs: [(&str, fn(Value)); 15] = [
+        /// A training job's options: the session's, taken out first, then its settings.
+        fn session(job: &str, v: Value) -> Value {
+            let (args, mut rest) = crate::jobs::training::SessionArgs::split(job, v).unwrap();
+            assert!(args.resume && args.debug_nan_at_step == Some(5) && args.command.is_some());
+            rest.remove("config");
+            Value::Object(rest)
+        }
+        let jobs: [(&str, fn(Value)); 21] = [
             ("train", |v| {
-                keeps::<TrainSettings>(v);
+                keeps::<TrainSettings>(session("train", v));
                 TrainSettings::defaults();
             }),
             ("distill", |v| {
-                keeps::<DistillSettings>(v);
+                keeps::<DistillSettings>(session("distill", v));
                 DistillSettings::defaults();
             }),
+            ("device", accepts::<crate::jobs::DeviceArgs>),
+            ("echo", accepts::<crate::jobs::EchoOptions>),
+            ("fid.convertWeights", accepts::<crate::eval::fid::eval::ConvertOptions>),
+            ("fid.formulaWeights", accepts::<crate::eval::fid::eval::FormulaOptions>),
+            ("export", accepts::<crate::jobs::bundle::ExportOptions>),
+            ("import-bundle", accepts::<crate::jobs::bundle::ImportBundleOptions>),
             ("sample", accepts::<SampleOptions>),
             ("edit", accepts::<EditOptions>),
             ("eval-reverse", accepts::<EvalReverseOptions>),

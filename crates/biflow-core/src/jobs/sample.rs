@@ -18,7 +18,7 @@ use crate::models::reverse::ReverseModel;
 use crate::io::npy::{read_npy, write_npy, write_npz, Array};
 use crate::io::atomic::ensure_empty_out;
 use crate::io::image::{grid, image_buffer, to_u8};
-use crate::device::DeviceArgs;
+use crate::jobs::options::DeviceArgs;
 use crate::job::JobCtx;
 use crate::models::flow::denoise;
 

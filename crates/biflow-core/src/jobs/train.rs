@@ -5,7 +5,7 @@
 //! loop the trainer's (train/), both shared with `distill`.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
@@ -359,18 +359,21 @@ pub(crate) fn host_gradients(loss: &Tensor, slots: &[Slot]) -> Result<Vec<Vec<f3
 // ---------------------------------------------------------------------------------------------
 // The job
 
+crate::options! {
+    pub struct ConfigFile {
+        /// JSON file with training options (camelCase flag names, or a run's config.json); flags override it
+        config: Option<String>,
+    }
+}
+
 /// The `train` job: its settings (a `--config` file under the command line's), the data named in
 /// them (or the resumed run's), then [`train_with`].
 pub fn train_job(options: Value, ctx: &JobCtx) -> Result<Value> {
-    let (args, mut map) = SessionArgs::split("train", options, "--out RUN (the run folder)")?;
-    let config = match map.remove("config") {
-        None => None,
-        Some(Value::String(s)) => Some(PathBuf::from(s)),
-        Some(v) => bail!("config must be a file path, got {v}"),
-    };
+    let (args, mut map) = SessionArgs::split("train", options)?;
+    let config: ConfigFile = serde_json::from_value(Value::Object(map.remove("config").map(|v| ("config".to_string(), v)).into_iter().collect())).context("invalid train options")?;
     let given: TrainSettings = serde_json::from_value(Value::Object(map)).context("invalid train options")?;
-    let file = match &config {
-        Some(p) => read_config_file(p)?,
+    let file = match &config.config {
+        Some(p) => read_config_file(Path::new(p))?,
         None => TrainSettings::default(),
     };
     let settings = given.or(file);
@@ -464,7 +467,7 @@ impl TrainingJob for Training {
         let engine = match backend {
             Backend::Fused => {
                 let (names, sizes) = train::slot_layout(&slots);
-                Some(NllGrad::new(cfg, &names, &sizes)?)
+                Some(model.engine(&names, &sizes)?)
             }
             Backend::Composed => None,
         };

@@ -13,20 +13,33 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::device::mode::Backend;
-use crate::device::DeviceArgs;
+use crate::jobs::options::Declared;
+use crate::jobs::options::DeviceArgs;
 use crate::job::JobCtx;
 use crate::run::{Run, RunConfig};
 use crate::train::{self, load_checkpoint, Fit, Limited, Objective, RunLock, Schedule, Slot, TrainData};
 
-/// What every training session is given besides the job's own settings.
+crate::options! {
+    /// What every training session is given besides the job's own settings.
+    pub struct SessionOptions {
+        /// run folder to create (or to continue with --resume)
+        out: String,
+        /// continue the run in --out from its newest checkpoint
+        resume: bool,
+        /// testing hook: pretend the loss is NaN at this step
+        debug_nan_at_step: Option<u64>,
+        /// the command line, recorded in RUN/history.jsonl
+        command_line: Option<String>,
+    }
+}
+
+/// A training session: [`SessionOptions`] and where it runs.
 #[derive(Clone, Debug, Default)]
 pub struct SessionArgs {
     /// The run folder to create, or to continue with `resume`.
     pub out: PathBuf,
     pub resume: bool,
-    /// Testing hook: pretend the loss is NaN at this step.
     pub debug_nan_at_step: Option<u64>,
-    /// The command line, recorded in RUN/history.jsonl.
     pub command: Option<String>,
     /// `--device` and `--precision`: where this session runs (not part of the run's config).
     pub on: DeviceArgs,
@@ -34,23 +47,14 @@ pub struct SessionArgs {
 
 impl SessionArgs {
     /// Split a job's JSON options (camelCase) into the session's arguments and the job's settings.
-    /// `out_help` names `--out` in the error when it is missing.
-    pub fn split(job: &str, options: Value, out_help: &str) -> Result<(SessionArgs, Map<String, Value>)> {
+    pub fn split(job: &str, options: Value) -> Result<(SessionArgs, Map<String, Value>)> {
         let Value::Object(mut map) = options else { bail!("{job} options must be an object") };
-        let out = match map.remove("out") {
-            Some(Value::String(s)) => PathBuf::from(s),
-            _ => bail!("{job} needs {out_help}"),
-        };
-        let resume = match map.remove("resume") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => b,
-            Some(v) => bail!("resume must be true or false, got {v}"),
-        };
-        let debug_nan_at_step = map.remove("debugNanAtStep").and_then(|v| v.as_u64());
-        let command = map.remove("commandLine").and_then(|v| v.as_str().map(str::to_string));
         let on = DeviceArgs::take(&mut map)?;
+        let mine: Map<String, Value> = SessionOptions::specs().into_iter().filter_map(|s| map.remove(&s.key).filter(|v| !v.is_null()).map(|v| (s.key, v))).collect();
+        ensure!(mine.contains_key("out"), "{job} needs --out RUN (the run folder)");
+        let o: SessionOptions = serde_json::from_value(Value::Object(mine)).with_context(|| format!("invalid {job} options"))?;
         map.retain(|_, v| !v.is_null());
-        Ok((SessionArgs { out, resume, debug_nan_at_step, command, on }, map))
+        Ok((SessionArgs { out: PathBuf::from(o.out), resume: o.resume, debug_nan_at_step: o.debug_nan_at_step, command: o.command_line, on }, map))
     }
 }
 

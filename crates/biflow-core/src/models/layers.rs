@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, IndexOp, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use crate::engines::ops;
+use crate::engines::{ops, LayerParams, Pair, Places};
 use crate::models::params::fan_in_uniform;
 use crate::models::flow::config::{HEAD_DIM, LN_EPS, MLP_EXPANSION};
 
@@ -34,6 +34,10 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::linear(x, &self.weight, &self.bias)
     }
+
+    pub(crate) fn places(&self, p: &Places) -> Result<Pair> {
+        p.pair(&self.weight, &self.bias)
+    }
 }
 
 /// LayerNorm over the last dimension with an affine weight and bias (differentiable).
@@ -48,6 +52,10 @@ impl LayerNorm {
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::layer_norm(x, &self.weight, &self.bias, LN_EPS)
+    }
+
+    pub(crate) fn places(&self, p: &Places) -> Result<Pair> {
+        p.pair(&self.weight, &self.bias)
     }
 }
 
@@ -135,6 +143,12 @@ pub struct AttentionBlock {
 }
 
 impl AttentionBlock {
+    /// Where the hand-written layer ([`crate::engines`]) finds this layer's parameters.
+    pub(crate) fn places(&self, p: &Places) -> Result<LayerParams> {
+        let (a, m) = (&self.attention, &self.mlp);
+        Ok(LayerParams { norm1: a.norm.places(p)?, qkv: a.qkv.places(p)?, proj: a.proj.places(p)?, norm2: m.norm.places(p)?, fc1: m.fc1.places(p)?, fc2: m.fc2.places(p)? })
+    }
+
     pub(crate) fn new(vb: VarBuilder, channels: usize, causal: bool) -> Result<Self> {
         Ok(AttentionBlock { attention: Attention::new(vb.pp("attention"), channels, causal)?, mlp: Mlp::new(vb.pp("mlp"), channels)? })
     }

@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Device;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::frechet::{frechet_distance, Gaussian};
@@ -14,7 +13,7 @@ use super::inception::{FeatureNet, FEATURES};
 use super::preprocess::preprocess_image;
 use super::source::{ArraySource, FolderSource, ImageSource, Limited, RunSource};
 use super::stats::{is_stats_npz, load_stats, save_stats, StatsAccumulator};
-use crate::device::DeviceArgs;
+use crate::jobs::options::DeviceArgs;
 use crate::job::JobCtx;
 
 crate::options! {
@@ -249,11 +248,13 @@ pub fn eval(o: EvalOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
     Ok(result)
 }
 
-#[derive(Deserialize, Debug)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ConvertOptions {
-    pub input: String,
-    pub output: String,
+crate::options! {
+    pub struct ConvertOptions {
+        /// weights to read (.pth, legacy or zip format, or .safetensors)
+        input: String,
+        /// .safetensors file to write
+        output: String,
+    }
 }
 
 pub fn convert_weights(o: ConvertOptions, ctx: &JobCtx) -> Result<Value> {
@@ -266,10 +267,11 @@ pub fn convert_weights(o: ConvertOptions, ctx: &JobCtx) -> Result<Value> {
     Ok(json!({ "input": o.input, "output": o.output, "tensors": n }))
 }
 
-#[derive(Deserialize, Debug)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct FormulaOptions {
-    pub output: String,
+crate::options! {
+    pub struct FormulaOptions {
+        /// .safetensors file to write
+        output: String,
+    }
 }
 
 /// Write the deterministic formula weights of the parity fixture as `.safetensors` (tests, benchmarks).

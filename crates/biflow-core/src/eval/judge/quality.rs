@@ -18,7 +18,7 @@ use crate::data::{Dataset, Split};
 use crate::eval::fid::preprocess::Image;
 use crate::eval::fid::source::{ArraySource, FolderSource, ImageSource};
 use crate::io::npy::Npz;
-use crate::device::DeviceArgs;
+use crate::jobs::options::DeviceArgs;
 use crate::job::JobCtx;
 use crate::io::image::to_u8;
 use crate::jobs::sample::{SampleOptions, Sampler};

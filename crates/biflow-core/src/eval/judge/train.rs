@@ -19,7 +19,7 @@ use super::net::{save_weights, Judge, JudgeConfig, JudgeFile, JUDGE_FILE};
 use super::quality::{judge_dataset, labelled_dataset};
 use crate::data::Split;
 use crate::io::tensors::HostTensor;
-use crate::device::DeviceArgs;
+use crate::jobs::options::DeviceArgs;
 use crate::job::JobCtx;
 use crate::train::optim::{lr_at, AdamW, AdamWConfig, Moments};
 

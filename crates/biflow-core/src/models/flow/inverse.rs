@@ -177,10 +177,47 @@ trait BlockDecoding {
     type Rows;
     /// a and b of token i+1, from the tokens up to i (in this block's order).
     fn step(&mut self, i: usize) -> Result<(Self::Rows, Self::Rows)>;
-    /// Classifier-free guidance: each conditional row c becomes `c + g (c - u)`, u its guiding row.
+    /// Each conditional row c becomes [`guided`] by its guiding row u.
     fn guide(&self, v: Self::Rows, g: f64) -> Result<Self::Rows>;
     /// Token i+1 <- token i+1 * exp(a) + b: F's affine step undone.
     fn update(&mut self, i: usize, a: Self::Rows, b: Self::Rows) -> Result<()>;
+}
+
+/// Classifier-free guidance: the conditional prediction c pushed away from its guiding one u,
+/// `c + g (c - u)`; written once for host values and for tensors.
+fn guided<P: Prediction>(c: &P, u: &P, g: f64) -> Result<P> {
+    c.add(&c.sub(u)?.scale(g)?)
+}
+
+/// The arithmetic [`guided`] needs, where a decoding keeps its predictions.
+trait Prediction: Sized {
+    fn add(&self, other: &Self) -> Result<Self>;
+    fn sub(&self, other: &Self) -> Result<Self>;
+    fn scale(&self, g: f64) -> Result<Self>;
+}
+
+impl Prediction for f32 {
+    fn add(&self, other: &f32) -> Result<f32> {
+        Ok(self + other)
+    }
+    fn sub(&self, other: &f32) -> Result<f32> {
+        Ok(self - other)
+    }
+    fn scale(&self, g: f64) -> Result<f32> {
+        Ok(self * g as f32)
+    }
+}
+
+impl Prediction for Tensor {
+    fn add(&self, other: &Tensor) -> Result<Tensor> {
+        Ok((self + other)?)
+    }
+    fn sub(&self, other: &Tensor) -> Result<Tensor> {
+        Ok((self - other)?)
+    }
+    fn scale(&self, g: f64) -> Result<Tensor> {
+        Ok((self * g)?)
+    }
 }
 
 /// Decode one block's T tokens: token 0 stays, each next one from those before it.
@@ -238,7 +275,9 @@ impl BlockDecoding for HostDecoding<'_, '_> {
 
     fn guide(&self, mut v: Vec<f32>, g: f64) -> Result<Vec<f32>> {
         let (cond, uncond) = v.split_at_mut(self.n * self.d);
-        cond.iter_mut().zip(uncond.iter()).for_each(|(c, u)| *c += (*c - u) * g as f32);
+        for (c, u) in cond.iter_mut().zip(uncond.iter()) {
+            *c = guided(c, u, g)?;
+        }
         Ok(v)
     }
 
@@ -279,8 +318,7 @@ impl BlockDecoding for DeviceDecoding<'_> {
     }
 
     fn guide(&self, v: Tensor, g: f64) -> Result<Tensor> {
-        let (c, u) = (v.narrow(0, 0, self.n)?, v.narrow(0, self.n, self.n)?);
-        Ok((&c + ((&c - u)? * g)?)?)
+        guided(&v.narrow(0, 0, self.n)?, &v.narrow(0, self.n, self.n)?, g)
     }
 
     fn update(&mut self, i: usize, a: Tensor, b: Tensor) -> Result<()> {

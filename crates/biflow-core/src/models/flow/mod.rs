@@ -15,7 +15,7 @@ use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::engines::{self, Frozen, NllGrad};
+use crate::engines::{self, BlockParams, Frozen, NllGrad, Places};
 use crate::engines::ops;
 use crate::models::layers::{label_indices, AttentionBlock, KvCache, LayerNorm, Linear};
 use crate::models::params::{self, varmap_of, Named, Param, EMBEDDING};
@@ -136,6 +136,18 @@ impl FlowBlock {
         Ok((a, b))
     }
 
+    /// Where the hand-written passes find this block's parameters.
+    fn places(&self, p: &Places) -> Result<BlockParams> {
+        Ok(BlockParams {
+            proj_in: self.proj_in.places(p)?,
+            pos: p.of(&self.pos_embed)?,
+            class: self.class_embed.as_ref().map(|t| p.of(t)).transpose()?,
+            layers: self.layers.iter().map(|l| l.places(p)).collect::<Result<_>>()?,
+            proj_out: self.proj_out.places(p)?,
+            flip: self.flip,
+        })
+    }
+
     /// Host copies of this block's parameters for the CPU f32 decoder ([`engines::BlockDecoder`]), with
     /// the class embedding rows `class` (N, 1, C) of the batch being decoded.
     fn host_decoder(&self, class: Option<&Tensor>) -> Result<engines::HostBlock> {
@@ -215,6 +227,14 @@ impl TarFlow {
         params::parameter_list(|vb| Self::blocks(vb, cfg))
     }
 
+    /// F's hand-written passes (loss gradient, frozen forward) over a parameter list holding this
+    /// model's parameters in the order of `order`, of `sizes`.
+    pub fn engine(&self, order: &[String], sizes: &[usize]) -> Result<NllGrad> {
+        let places = Places::new(&self.params, order)?;
+        let blocks = self.blocks.iter().map(|b| b.places(&places)).collect::<Result<_>>()?;
+        NllGrad::new(&self.cfg, blocks, sizes)
+    }
+
     pub fn config(&self) -> &FlowConfig {
         &self.cfg
     }
@@ -255,7 +275,7 @@ impl TarFlow {
         }
         let labels = if self.cfg.num_classes == 0 { None } else { labels };
         if !tokens.track_op() && tokens.dtype() == DType::F32 {
-            let frozen = Frozen::get_or_make(&self.host, || self.params.clone(), |names, sizes, values| NllGrad::new(&self.cfg, names, sizes)?.frozen(values))?;
+            let frozen = Frozen::get_or_make(&self.host, || self.params.clone(), |names, sizes, values| self.engine(names, sizes)?.frozen(values))?;
             if let Some(host) = frozen {
                 let (t, d) = (self.cfg.num_tokens(), self.cfg.token_dim());
                 ensure!(tokens.dims() == [n, t, d], "the flow takes tokens N,{t},{d}, got {:?}", tokens.dims());

@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 use crate::models::flow::{FlowConfig, HEAD_DIM};
 use crate::models::layers::{label_indices, AttentionBlock, LayerNorm, Linear};
 use crate::models::params::{self, varmap_of, Named, Param, EMBEDDING};
-use crate::engines::{Frozen, ReverseGrad};
+use crate::engines::{Frozen, Places, ReverseGrad, ReverseParams};
 
 /// Sine/cosine features of the guidance scale fed to `cfg_embed`.
 pub(crate) const CFG_FEATURES: usize = 16;
@@ -163,6 +163,20 @@ impl ReverseModel {
         })
     }
 
+    /// G's hand-written passes over a parameter list holding this model's parameters in the order
+    /// of `order`, of `sizes`.
+    pub fn engine(&self, order: &[String], sizes: &[usize]) -> Result<ReverseGrad> {
+        let p = Places::new(&self.params, order)?;
+        let layers = self.stages.iter().flatten().chain(&self.denoise).map(|l| l.places(&p)).collect::<Result<_>>()?;
+        let heads = self.heads.iter().map(|h| Ok((h.norm.places(&p)?, h.proj.places(&p)?))).collect::<Result<_>>()?;
+        let class = match (&self.class_embed, &self.cfg_embed) {
+            (Some(table), Some(embed)) => Some((p.of(table)?, embed.places(&p)?)),
+            _ => None,
+        };
+        let places = ReverseParams { proj_in: self.proj_in.places(&p)?, pos: p.of(&self.pos_embed)?, class, layers, heads, norm_out: self.norm_out.places(&p)?, proj_out: self.proj_out.places(&p)? };
+        ReverseGrad::new(&self.cfg, places, sizes)
+    }
+
     pub fn config(&self) -> &ReverseConfig {
         &self.cfg
     }
@@ -170,7 +184,7 @@ impl ReverseModel {
     /// x' = G(z | y, w) (N, T, D): one evaluation, for sampling. On the CPU this is the hand-written
     /// pass (engines::ReverseGrad, in cache-sized groups of samples); elsewhere [`Self::forward`].
     pub fn sample(&self, z: &Tensor, labels: Option<&Tensor>, guidance: Option<&[f32]>) -> Result<Tensor> {
-        let frozen = Frozen::get_or_make(&self.host, || self.params.clone(), |names, sizes, values| ReverseGrad::new(&self.cfg, names, sizes)?.frozen(values));
+        let frozen = Frozen::get_or_make(&self.host, || self.params.clone(), |names, sizes, values| self.engine(names, sizes)?.frozen(values));
         let Some(host) = frozen? else {
             return Ok(self.forward(z, labels, guidance, false)?.x);
         };
