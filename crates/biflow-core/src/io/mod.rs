@@ -1,6 +1,7 @@
 //! File formats shared by every part of biflow.
 
 pub mod atomic;
+pub mod formula;
 pub mod image;
 pub mod npy;
 pub mod pickle;

@@ -51,3 +51,37 @@ pub fn decode_safetensors(bytes: &[u8]) -> Result<Vec<(String, HostTensor)>> {
     Ok(out)
 }
 
+/// Named f32 tensors of a weights file: `.safetensors` (f32, f64, f16, bf16 or i64 values), or a
+/// PyTorch `.pth` (zip or legacy format) through the pickle reader that accepts only tensor rebuilds.
+pub fn read_weights(path: &Path) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if is_safetensors(&bytes) {
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{} is not a valid .safetensors file", path.display()))?;
+        let mut out = Vec::new();
+        for (name, view) in st.tensors() {
+            let data: Vec<f32> = match view.dtype() {
+                safetensors::Dtype::F32 => view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                safetensors::Dtype::F64 => {
+                    view.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect()
+                }
+                safetensors::Dtype::F16 => view.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                safetensors::Dtype::BF16 => {
+                    view.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+                }
+                safetensors::Dtype::I64 => view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+                d => bail!("tensor '{name}' in {} has dtype {d:?}, which is not supported", path.display()),
+            };
+            out.push((name, view.shape().to_vec(), data));
+        }
+        Ok(out)
+    } else {
+        let sd = crate::io::pickle::read_state_dict_bytes(&bytes)?;
+        Ok(sd.into_iter().map(|(n, t)| (n, t.shape, t.data)).collect())
+    }
+}
+
+fn is_safetensors(b: &[u8]) -> bool {
+    b.len() > 9 && !b.starts_with(b"PK") && b[0] != 0x80 && b[8] == b'{'
+}
+

@@ -77,36 +77,7 @@ pub fn read_tensors(path: &Path) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> 
             path.display()
         );
     }
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if is_safetensors(&bytes) {
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .with_context(|| format!("{} is not a valid .safetensors file", path.display()))?;
-        let mut out = Vec::new();
-        for (name, view) in st.tensors() {
-            let data: Vec<f32> = match view.dtype() {
-                safetensors::Dtype::F32 => view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-                safetensors::Dtype::F64 => {
-                    view.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect()
-                }
-                safetensors::Dtype::F16 => view.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                safetensors::Dtype::BF16 => {
-                    view.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-                }
-                safetensors::Dtype::I64 => view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-                d => bail!("tensor '{name}' in {} has dtype {d:?}, which is not supported", path.display()),
-            };
-            out.push((name, view.shape().to_vec(), data));
-        }
-        Ok(out)
-    } else {
-        let sd = crate::io::pickle::read_state_dict_bytes(&bytes)
-            .with_context(|| format!("cannot load the Inception weights {}", path.display()))?;
-        Ok(sd.into_iter().map(|(n, t)| (n, t.shape, t.data)).collect())
-    }
-}
-
-fn is_safetensors(b: &[u8]) -> bool {
-    b.len() > 9 && !b.starts_with(b"PK") && b[0] != 0x80 && b[8] == b'{'
+    crate::io::tensors::read_weights(path).with_context(|| format!("cannot load the Inception weights {}", path.display()))
 }
 
 /// Load the network from a weights file.
@@ -160,19 +131,9 @@ pub fn formula_tensors() -> Vec<(String, Vec<usize>, Vec<f32>)> {
 
 /// The values of one formula tensor.
 pub fn formula_values(name: &str, shape: &[usize]) -> Vec<f32> {
-    let mut seed: u64 = 0xcbf29ce484222325;
-    for b in "biflow-fid-fixture/".bytes().chain(name.bytes()) {
-        seed = (seed ^ b as u64).wrapping_mul(0x100000001b3);
-    }
     let numel: usize = shape.iter().product();
-    (0..numel)
-        .map(|i| {
-            let k = i as u64 + 1;
-            let mut z = seed.wrapping_add(k.wrapping_mul(0x9E3779B97F4A7C15));
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-            z ^= z >> 31;
-            let u = (z >> 11) as f64 * (2f64).powi(-53);
+    crate::io::formula::uniform("biflow-fid-fixture/", name, numel)
+        .map(|u| {
             let v = if name.ends_with("conv.weight") {
                 let fan_in = (shape[1] * shape[2] * shape[3]) as f64;
                 (2.0 * u - 1.0) * (6.0 / fan_in).sqrt()
