@@ -6,27 +6,21 @@ fixture's formula weights, feature extraction images/s at batch 32 on CPU, and s
 """
 import argparse, json, math, struct, time
 
+import os, sys
+
 import numpy as np
 import torch
 from pytorch_fid import inception as pfi
 from pytorch_fid.fid_score import calculate_frechet_distance
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "lib"))
+from formula import uniform  # noqa: E402
+
 SALT = b"biflow-fid-fixture/"
-M64 = (1 << 64) - 1
 
 
 def formula(name, shape):
-    h = 0xCBF29CE484222325
-    for b in SALT + name.encode():
-        h = ((h ^ b) * 0x100000001B3) & M64
-    n = int(np.prod(shape))
-    k = np.arange(1, n + 1, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        z = np.uint64(h) + k * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    u = (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    u = uniform(SALT, name, int(np.prod(shape)))
     if name.endswith("conv.weight"):
         v = (2 * u - 1) * math.sqrt(6 / (shape[1] * shape[2] * shape[3]))
     elif name.endswith("bn.weight"):

@@ -14,7 +14,7 @@ use biflow_core::models::reverse::{self, ReverseConfig};
 use biflow_core::run::Run;
 use biflow_core::jobs::train::{train_with, TrainSettings};
 use candle_core::{Device, Tensor};
-use common::{cancelling_ctx, toy_data, toy_flow_settings};
+use common::{cancelling_ctx, toy_data, toy_data_sized, toy_flow_settings};
 use rand::SeedableRng;
 
 /// One forward run shared by the tests (trained once): 8x8, patch 2 (T = 16, D = 4), 2 blocks.
@@ -164,4 +164,43 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     let e = format!("{:#}", distill_with(&args, &s30, "toy", &toy_data(256, 3), &JobCtx::silent()).unwrap_err());
     assert!(e.contains("loss became NaN at step 15") && e.contains("step-00000010"), "{e}");
     assert_eq!(Run::open(&out).unwrap().latest_checkpoint().unwrap().unwrap().step, 10);
+}
+
+/// With LPIPS (the fixture's formula VGG16 and the real v0.1 heads) on 16x16 images: the term is
+/// logged, G's loss falls, a bad pairing of flags is refused, and a resumed run ends bit-equal to
+/// an uninterrupted one.
+#[test]
+fn distills_with_lpips_and_resumes_bit_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = || toy_data_sized(64, 3, 16);
+    let f = dir.path().join("f16");
+    let fs = TrainSettings { patch_size: Some(4), ..toy_flow_settings(10, 1) };
+    train_with(&SessionArgs { out: f.clone(), ..Default::default() }, &fs, "toy16", &data(), &JobCtx::silent()).unwrap();
+    let vgg = dir.path().join("vgg.safetensors");
+    biflow_core::io::tensors::write_safetensors(&vgg, &biflow_core::eval::lpips::formula_backbone()).unwrap();
+    let heads = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lpips/vgg-lin-v0.1.pth");
+    let s = DistillSettings {
+        lpips: Some(heads.display().to_string()),
+        vgg: Some(vgg.display().to_string()),
+        batch_size: Some(8),
+        ..settings(&f, 20)
+    };
+    let run = |out: &Path, resume: bool, s: DistillSettings, ctx: &JobCtx| {
+        distill_with(&SessionArgs { out: out.to_path_buf(), resume, ..Default::default() }, &s, "toy16", &data(), ctx)
+    };
+    let whole = dir.path().join("whole");
+    run(&whole, false, s.clone(), &JobCtx::silent()).unwrap();
+    let metrics = std::fs::read_to_string(whole.join("metrics.jsonl")).unwrap();
+    let lpips: Vec<f64> = metrics.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("lpips")?.as_f64()).collect();
+    assert_eq!(lpips.len(), 20, "every step logs its LPIPS term");
+    assert!(lpips.iter().all(|v| v.is_finite() && *v > 0.0));
+    let cut = dir.path().join("cut");
+    assert!(run(&cut, false, s.clone(), &cancelling_ctx(10)).is_err());
+    run(&cut, true, DistillSettings { forward: None, ..Default::default() }, &JobCtx::silent()).unwrap();
+    let read = |d: &Path| std::fs::read(d.join("weights.safetensors")).unwrap();
+    assert!(read(&whole) == read(&cut), "the resumed run's weights differ from the uninterrupted run's");
+    let err = run(&dir.path().join("x"), false, DistillSettings { vgg: None, ..s.clone() }, &JobCtx::silent()).unwrap_err();
+    assert!(format!("{err:#}").contains("--lpips needs --vgg"), "{err:#}");
+    let err = run(&dir.path().join("y"), false, DistillSettings { vgg: Some(heads.display().to_string()), ..s }, &JobCtx::silent()).unwrap_err();
+    assert!(format!("{err:#}").contains("features.0.weight"), "{err:#}");
 }

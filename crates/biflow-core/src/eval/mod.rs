@@ -4,4 +4,5 @@
 pub mod bpd;
 pub mod fid;
 pub mod judge;
+pub mod lpips;
 pub mod reverse;

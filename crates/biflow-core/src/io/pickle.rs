@@ -644,8 +644,22 @@ impl<'a> Machine<'a> {
         let a = self.seq(&args, "call arguments")?;
         match &*name {
             "collections.OrderedDict" => {
-                ensure!(a.is_empty(), "OrderedDict with arguments is not supported");
-                Ok(self.arena.dict())
+                // OrderedDict() or, as older torch.save wrote it, OrderedDict([[key, value], ...]).
+                ensure!(a.len() <= 1, "OrderedDict takes at most one argument, got {}", a.len());
+                let d = self.arena.dict();
+                if let Some(pairs) = a.first() {
+                    let pairs = self.seq(pairs, "OrderedDict items")?;
+                    let mut items = Vec::with_capacity(2 * pairs.len());
+                    for pair in &pairs {
+                        let kv = self.seq(pair, "an OrderedDict item")?;
+                        ensure!(kv.len() == 2, "an OrderedDict item must be a (key, value) pair, got {} values", kv.len());
+                        items.extend(kv);
+                    }
+                    if let Value::Dict(dict) = &d {
+                        dict_set_all(dict, items)?;
+                    }
+                }
+                Ok(d)
             }
             "torch._utils._rebuild_tensor" | "torch._utils._rebuild_tensor_v2" => {
                 ensure!(a.len() >= 4, "{name} takes at least 4 arguments, got {}", a.len());
@@ -759,12 +773,24 @@ impl<'a> Machine<'a> {
                     let s = String::from_utf8_lossy(self.line()?).into();
                     self.stack.push(Value::Str(s))
                 }
-                b'T' | b'B' => {
+                // Python 2 strings (BINSTRING, SHORT_BINSTRING), as older torch.save wrote a state_dict's
+                // keys: str, as torch.load reads them (utf-8).
+                b'T' => {
+                    let n = self.u32()? as usize;
+                    let s = String::from_utf8_lossy(self.take(n)?).into();
+                    self.stack.push(Value::Str(s))
+                }
+                b'U' => {
+                    let n = self.u8()? as usize;
+                    let s = String::from_utf8_lossy(self.take(n)?).into();
+                    self.stack.push(Value::Str(s))
+                }
+                b'B' => {
                     let n = self.u32()? as usize;
                     let v = self.take(n)?.into();
                     self.stack.push(Value::Bytes(v))
                 }
-                b'U' | b'C' => {
+                b'C' => {
                     let n = self.u8()? as usize;
                     let v = self.take(n)?.into();
                     self.stack.push(Value::Bytes(v))

@@ -18,6 +18,7 @@ use crate::device::mode::Backend;
 use crate::models::flow::TarFlow;
 use crate::job::JobCtx;
 use crate::engines::ReverseGrad;
+use crate::models::lpips::{Lpips, LpipsTerm};
 use crate::models::reverse::loss::{implied_conditional, LossConfig, LossKind, LossValue, PerceptualTerm, Targets};
 use crate::models::reverse::{self, ReverseConfig, ReverseModel, ReverseOutput};
 use crate::run::{ForwardRef, Run, RunConfig};
@@ -81,7 +82,23 @@ crate::settings! {
         drop_label: f64 ["0.1 with classes"],
         /// write a grid of 16 one-evaluation samples of G (fixed noise and labels, EMA weights) to RUN2/samples/step-N.png every N steps (0: never)
         sample_every: u64 = 0,
+        /// LPIPS's heads (the lpips package's weights/v0.1/vgg.pth, or .safetensors): adds the LPIPS distance between G's clean output and the image to the loss; needs --vgg
+        lpips: String,
+        /// torchvision's VGG16 weights (vgg16-397923af.pth, or .safetensors), the backbone of --lpips
+        vgg: String,
+        /// weight of the LPIPS term, after its adaptive weighting as every term's
+        lpips_weight: f64 = 0.4,
     }
+}
+
+/// The perceptual terms of a distillation (paper §4: LPIPS between G's clean output and the image).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PerceptualOptions {
+    /// LPIPS's heads and its VGG16 backbone, as given.
+    pub lpips: String,
+    pub vgg: String,
+    pub lpips_weight: f64,
 }
 
 /// The resolved options, stored in RUN2/config.json under "train".
@@ -98,6 +115,9 @@ pub struct DistillOptions {
     /// None for an unconditional F (no guidance).
     pub cfg_range: Option<[f64; 2]>,
     pub drop_label: f64,
+    /// None: the BiFlow MSE terms only (and in runs made before perceptual terms existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perceptual: Option<PerceptualOptions>,
 }
 
 impl DistillOptions {
@@ -131,6 +151,9 @@ impl DistillOptions {
             cfg_range: self.cfg_range,
             drop_label: Some(self.drop_label),
             sample_every: Some(self.schedule.sample_every),
+            lpips: self.perceptual.as_ref().map(|p| p.lpips.clone()),
+            vgg: self.perceptual.as_ref().map(|p| p.vgg.clone()),
+            lpips_weight: self.perceptual.as_ref().map(|p| p.lpips_weight),
         }
     }
 }
@@ -210,6 +233,17 @@ fn resolve(s: &DistillSettings, f_run: &Run, forward_dir: &str, data: &dyn Train
     if kind == LossKind::Hidden {
         ensure!(f.token_dim() <= channels, "--loss hidden reads G's states in token space: it needs --channels >= the token size {}", f.token_dim());
     }
+    let perceptual = match (&s.lpips, &s.vgg) {
+        (None, None) => None,
+        (Some(lpips), Some(vgg)) => {
+            let lpips_weight = given(&s.lpips_weight);
+            ensure!(lpips_weight >= 0.0 && lpips_weight.is_finite(), "--lpips-weight must be >= 0, got {lpips_weight}");
+            ensure!(f.img_size >= 16, "--lpips needs images of at least 16x16 pixels (VGG16 halves them four times); these are {0}x{0}", f.img_size);
+            Some(PerceptualOptions { lpips: lpips.clone(), vgg: vgg.clone(), lpips_weight })
+        }
+        (Some(_), None) => bail!("--lpips needs --vgg: torchvision's VGG16 weights (vgg16-397923af.pth), the network whose features LPIPS's heads weigh"),
+        (None, Some(_)) => bail!("--vgg is the backbone of --lpips: give --lpips too (the lpips package's weights/v0.1/vgg.pth)"),
+    };
     let opts = DistillOptions {
         forward: forward_dir.to_string(),
         data: data_dir.to_string(),
@@ -219,6 +253,7 @@ fn resolve(s: &DistillSettings, f_run: &Run, forward_dir: &str, data: &dyn Train
         loss: LossConfig { kind, rms_norm, learned_denoise, adaptive_p, adaptive_eps },
         cfg_range,
         drop_label,
+        perceptual,
     };
     Ok((opts, g))
 }
@@ -488,7 +523,12 @@ impl TrainingJob for Distilling {
             Backend::Composed => None,
         };
         let flow = self.flow.take().expect("resolved");
-        Ok((slots, Box::new(Distillation { flow, g, engine, opts, perceptual: Vec::new() })))
+        let mut perceptual: Vec<Box<dyn PerceptualTerm>> = Vec::new();
+        if let Some(p) = &opts.perceptual {
+            let net = Lpips::load(Path::new(&p.lpips), Path::new(&p.vgg), device)?;
+            perceptual.push(Box::new(LpipsTerm::new(net, p.lpips_weight, flow.config())));
+        }
+        Ok((slots, Box::new(Distillation { flow, g, engine, opts, perceptual })))
     }
 
     fn finish(&self, result: &mut Map<String, Value>) {
@@ -529,6 +569,7 @@ mod tests {
             loss: LossConfig { kind, rms_norm: true, learned_denoise, adaptive_p: 1.0, adaptive_eps: 0.01 },
             cfg_range: Some([0.5, 3.0]),
             drop_label: 0.3,
+            perceptual: None,
         }
     }
 

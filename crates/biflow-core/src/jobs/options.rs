@@ -345,7 +345,8 @@ mod tests {
             rest.remove("config");
             Value::Object(rest)
         }
-        let jobs: [(&str, fn(Value)); 21] = [
+        let jobs: [(&str, fn(Value)); 22] = [
+            ("lpips", accepts::<crate::eval::lpips::LpipsOptions>),
             ("train", |v| {
                 keeps::<TrainSettings>(session("train", v));
                 TrainSettings::defaults();

@@ -6,4 +6,5 @@
 pub mod flow;
 pub mod params;
 pub mod layers;
+pub mod lpips;
 pub mod reverse;

@@ -10,8 +10,14 @@ use rand::{Rng, SeedableRng};
 
 /// 8x8 grey images: a ramp along x (class 0) or y (class 1) with random amplitude and noise.
 pub fn toy_data(n: usize, seed: u64) -> MemData {
+    toy_data_sized(n, seed, 8)
+}
+
+/// [`toy_data`] at `size` x `size` pixels.
+#[allow(dead_code)]
+pub fn toy_data_sized(n: usize, seed: u64, size: usize) -> MemData {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let (size, mut images, mut labels) = (8usize, Vec::new(), Vec::new());
+    let (mut images, mut labels) = (Vec::new(), Vec::new());
     for i in 0..n {
         let class = (i % 2) as i64;
         let amp: f32 = rng.gen_range(0.5..0.9);

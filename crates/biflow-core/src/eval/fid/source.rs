@@ -48,6 +48,17 @@ impl FolderSource {
         files.sort();
         Ok(FolderSource { dir: dir.to_path_buf(), files, pos: 0 })
     }
+
+    /// One image file.
+    pub fn file(path: &Path) -> Result<Self> {
+        ensure!(path.is_file(), "{} does not exist", path.display());
+        Ok(FolderSource { dir: path.to_path_buf(), files: vec![path.to_path_buf()], pos: 0 })
+    }
+
+    /// The images' file names, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.files.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()).collect()
+    }
 }
 
 impl ImageSource for FolderSource {
