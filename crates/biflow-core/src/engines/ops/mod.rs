@@ -34,6 +34,7 @@ macro_rules! simd_kernels {
 pub(crate) use simd_kernels;
 
 mod attention;
+mod conv;
 mod gelu;
 mod gemm;
 mod layer_norm;
@@ -41,6 +42,7 @@ mod linear;
 mod packed;
 
 pub use attention::{attention, attention_reference};
+pub use conv::conv2d;
 pub use gelu::gelu;
 pub use layer_norm::{layer_norm, layer_norm_reference};
 pub use linear::{linear, linear_reference};
