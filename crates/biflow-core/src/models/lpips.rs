@@ -55,8 +55,9 @@ impl Conv3 {
     fn new(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Conv3> {
         Ok(Conv3 { weight: vb.get((c_out, c_in, 3, 3), "weight")?, bias: vb.get(c_out, "bias")? })
     }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::conv2d(x, &self.weight, &self.bias, 1)?)
+    /// The convolution and the ReLU after it.
+    fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::conv2d_relu(x, &self.weight, &self.bias, 1)?)
     }
 }
 
@@ -85,7 +86,7 @@ impl Vgg16 {
                 h = max_pool2(&h)?;
             }
             for conv in stage {
-                h = conv.forward(&h)?.relu()?;
+                h = conv.forward_relu(&h)?;
             }
             outs.push(h.clone());
         }

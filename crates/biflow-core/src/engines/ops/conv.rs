@@ -12,15 +12,26 @@ use super::{fused, Kernel3, Op3};
 
 /// `x` (N, C, H, W) convolved with `w` (C_out, C, k, k), plus `b` (C_out), zero padding `pad`.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, pad: usize) -> candle_core::Result<Tensor> {
+    convolution(x, w, b, pad, false)
+}
+
+/// [`conv2d`] followed by a ReLU, in one op: the backward needs only the output, so a network of
+/// them keeps one tensor per layer, not two.
+pub fn conv2d_relu(x: &Tensor, w: &Tensor, b: &Tensor, pad: usize) -> candle_core::Result<Tensor> {
+    convolution(x, w, b, pad, true)
+}
+
+fn convolution(x: &Tensor, w: &Tensor, b: &Tensor, pad: usize, relu: bool) -> candle_core::Result<Tensor> {
     let (_, c, h, wd) = x.dims4()?;
     let (c_out, c_in, k, k2) = w.dims4()?;
     if c_in != c || k != k2 || h + 2 * pad < k || wd + 2 * pad < k {
         candle_core::bail!("conv2d: input {:?} and kernel {:?} do not fit (padding {pad})", x.dims(), w.dims());
     }
     if !fused(x) {
-        return x.conv2d(w, pad, 1, 1, 1)?.broadcast_add(&b.reshape((1, c_out, 1, 1))?);
+        let y = x.conv2d(w, pad, 1, 1, 1)?.broadcast_add(&b.reshape((1, c_out, 1, 1))?)?;
+        return if relu { y.relu() } else { Ok(y) };
     }
-    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Op3(Conv { pad }))
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Op3(Conv { pad, relu }))
 }
 
 /// The geometry of an unfolding: input (N, C, H, W), k x k windows, output (N, Ho*Wo, C*k*k) with the
@@ -99,9 +110,10 @@ fn geometry(lx: &Layout, lw: &Layout, pad: usize) -> candle_core::Result<Geometr
     Ok(Geometry { n, c, h, w, k, pad })
 }
 
-/// (x, W, b) -> y (N, C_out, Ho, Wo).
+/// (x, W, b) -> y (N, C_out, Ho, Wo), optionally through a ReLU.
 struct Conv {
     pad: usize,
+    relu: bool,
 }
 
 impl Kernel3 for Conv {
@@ -117,13 +129,16 @@ impl Kernel3 for Conv {
             let cols = unfold(xi, image);
             // y_i (C_out, HoWo) = W (C_out, C k k) cols^T.
             matmul(yi, 0, hw, c_out, hw, kk, View::rows(w, 0, kk), View::rows(&cols, 0, kk).t(), false, Threads::All);
-            yi.par_chunks_mut(hw).zip(b).for_each(|(row, bias)| row.iter_mut().for_each(|v| *v += bias));
+            let relu = self.relu;
+            yi.par_chunks_mut(hw).zip(b).for_each(|(row, bias)| row.iter_mut().for_each(|v| *v = if relu { (*v + bias).max(0.0) } else { *v + bias }));
         }
         Ok((y, Shape::from((g.n, c_out, ho, wo))))
     }
 
-    fn backward(&self, [x, w, b]: [&Tensor; 3], grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
+    fn backward(&self, [x, w, b]: [&Tensor; 3], out: &Tensor, grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
         let (need_x, need_w) = (x.track_op(), w.track_op() || b.track_op());
+        // Through the ReLU: the gradient where the output is positive.
+        let grad = if self.relu { (grad * out.gt(0f32)?.to_dtype(grad.dtype())?)? } else { grad.clone() };
         let bwd = ConvBwd { pad: self.pad, need_x, need_w };
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &Op3(bwd))?;
         let (nx, nw, nb) = (if need_x { x.elem_count() } else { 0 }, if need_w { w.elem_count() } else { 0 }, if need_w { b.elem_count() } else { 0 });
@@ -177,7 +192,7 @@ mod tests {
     use candle_core::{Device, Tensor, Var};
 
     /// Output and the gradients of input, weight and bias equal candle's conv2d (the composed
-    /// reference), with and without padding, odd sizes included.
+    /// reference), with and without padding and ReLU, odd sizes included.
     #[test]
     fn conv2d_matches_candle() {
         let dev = Device::Cpu;
@@ -185,8 +200,10 @@ mod tests {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, c, h, w), &dev).unwrap()).unwrap();
             let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (co, c, k, k), &dev).unwrap()).unwrap();
             let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, co, &dev).unwrap()).unwrap();
-            let ours = super::conv2d(x.as_tensor(), wt.as_tensor(), b.as_tensor(), pad).unwrap();
+            let relu = k == 3;
+            let ours = super::convolution(x.as_tensor(), wt.as_tensor(), b.as_tensor(), pad, relu).unwrap();
             let theirs = x.as_tensor().conv2d(wt.as_tensor(), pad, 1, 1, 1).unwrap().broadcast_add(&b.as_tensor().reshape((1, co, 1, 1)).unwrap()).unwrap();
+            let theirs = if relu { theirs.relu().unwrap() } else { theirs };
             let r = Tensor::randn(0f32, 1.0, theirs.dims(), &dev).unwrap();
             let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
             assert!(diff(&ours, &theirs) < 1e-4, "outputs differ by {}", diff(&ours, &theirs));

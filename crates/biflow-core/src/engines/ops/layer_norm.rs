@@ -129,7 +129,7 @@ impl Kernel3 for LayerNormOp {
         Ok((out, lx.shape().clone()))
     }
 
-    fn backward(&self, [x, w, _]: [&Tensor; 3], grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
+    fn backward(&self, [x, w, _]: [&Tensor; 3], _out: &Tensor, grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
         let c = w.dim(0)?;
         let n = x.elem_count();
         let packed = x.apply_op3_no_bwd(&w.contiguous()?, &grad.contiguous()?, &Op3(LayerNormBwd { eps: self.eps }))?;

@@ -89,7 +89,7 @@ impl Kernel3 for Linear {
         Ok((y, Shape::from(dims)))
     }
 
-    fn backward(&self, [x, w, _]: [&Tensor; 3], grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
+    fn backward(&self, [x, w, _]: [&Tensor; 3], _out: &Tensor, grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
         let (d_out, d_in) = w.dims2()?;
         let rows = x.elem_count() / d_in;
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &Op3(LinearBwd))?;

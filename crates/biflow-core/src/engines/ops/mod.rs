@@ -42,7 +42,7 @@ mod linear;
 mod packed;
 
 pub use attention::{attention, attention_reference};
-pub use conv::conv2d;
+pub use conv::{conv2d, conv2d_relu};
 pub use gelu::gelu;
 pub use layer_norm::{layer_norm, layer_norm_reference};
 pub use linear::{linear, linear_reference};
@@ -90,8 +90,9 @@ trait Kernel3 {
     const NAME: &'static str;
     /// The output values and shape from the inputs' contiguous values and layouts.
     fn cpu(&self, values: [&[f32]; 3], layouts: [&Layout; 3]) -> candle_core::Result<(Vec<f32>, Shape)>;
-    /// The inputs' gradients from the output's (`grad`), for kernels that have a backward.
-    fn backward(&self, _inputs: [&Tensor; 3], _grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
+    /// The inputs' gradients from the output (`out`) and its gradient (`grad`), for kernels that
+    /// have a backward.
+    fn backward(&self, _inputs: [&Tensor; 3], _out: &Tensor, _grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
         Err(candle_core::Error::BackwardNotSupported { op: Self::NAME })
     }
 }
@@ -117,8 +118,8 @@ impl<K: Kernel3> CustomOp3 for Op3<K> {
         Ok((CpuStorage::F32(out), shape))
     }
 
-    fn bwd(&self, a: &Tensor, b: &Tensor, c: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [da, db, dc] = self.0.backward([a, b, c], grad)?;
+    fn bwd(&self, a: &Tensor, b: &Tensor, c: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [da, db, dc] = self.0.backward([a, b, c], res, grad)?;
         Ok((da, db, dc))
     }
 }
