@@ -24,8 +24,8 @@ pub fn conv2d_relu(x: &Tensor, w: &Tensor, b: &Tensor, pad: usize) -> candle_cor
 fn convolution(x: &Tensor, w: &Tensor, b: &Tensor, pad: usize, relu: bool) -> candle_core::Result<Tensor> {
     let (_, c, h, wd) = x.dims4()?;
     let (c_out, c_in, k, k2) = w.dims4()?;
-    if c_in != c || k != k2 || h + 2 * pad < k || wd + 2 * pad < k {
-        candle_core::bail!("conv2d: input {:?} and kernel {:?} do not fit (padding {pad})", x.dims(), w.dims());
+    if c_in != c || k != k2 || b.dims() != [c_out] || h + 2 * pad < k || wd + 2 * pad < k {
+        candle_core::bail!("conv2d: input {:?}, kernel {:?} and bias {:?} do not fit (padding {pad})", x.dims(), w.dims(), b.dims());
     }
     if !fused(x) {
         let y = x.conv2d(w, pad, 1, 1, 1)?.broadcast_add(&b.reshape((1, c_out, 1, 1))?)?;
