@@ -4,7 +4,8 @@ import {existsSync, readFileSync, readdirSync} from 'node:fs'
 import {join} from 'node:path'
 import {describe, expect, it} from 'vitest'
 
-import {runCli, runJson, tempDir} from './helpers.js'
+import {native} from '../src/lib/native.js'
+import {fixtures, runCli, runJson, tempDir} from './helpers.js'
 
 interface DemoResult {
   report: string
@@ -30,7 +31,7 @@ describe('biflow demo --quick', () => {
     expect(existsSync(out)).toBe(false)
   })
 
-  it('runs BiFlow end to end and writes the report, grids and runs', () => {
+  it('runs BiFlow end to end and writes the report, grids and runs', async () => {
     const out = join(tempDir('biflow-demo-'), 'demo')
     const r = runJson<DemoResult>(['demo', '--quick', '--out', out, '--judge', join(out, 'judge')])
     console.log(`demo --quick took ${r.seconds.toFixed(1)} s`)
@@ -63,6 +64,15 @@ describe('biflow demo --quick', () => {
       ['biflow', 'distilled', 'complete'],
       ['forward', 'forward', 'complete'],
     ])
+
+    // Reconstruction LPIPS from eval-reverse (the fixture's formula VGG16 and the real v0.1 heads).
+    const vgg = join(out, 'vgg.safetensors')
+    await native().runJob('lpips.formulaWeights', JSON.stringify({output: vgg}))
+    const heads = join(fixtures, 'lpips', 'vgg-lin-v0.1.pth')
+    const data = join(out, 'mnist-16')
+    const ev = runJson<{reconstructionLpips: number}>(['eval-reverse', '--model', r.biflow, '--data', data, '--limit', '16', '--num-exact', '1', '--lpips', heads, '--vgg', vgg, '--json'])
+    expect(ev.reconstructionLpips).toBeGreaterThan(0)
+    expect(runCli(['eval-reverse', '--model', r.biflow, '--data', data, '--lpips', heads]).stderr).toMatch(/--lpips needs --vgg/)
 
     // Again: the complete runs are reused, not retrained.
     const again = runCli(['demo', '--quick', '--out', out])

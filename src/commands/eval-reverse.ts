@@ -7,6 +7,7 @@ interface EvalReverseResult {
   split: string
   reconstructionMse: number
   reconstructionPsnr: number
+  reconstructionLpips?: number | null
   numExact: number
   reverseVsExactMse: number
   bpdReverseSamples: number
@@ -34,7 +35,8 @@ Reports the MSE and PSNR of G(F(x + sigma*eps)) against x, the distance between 
   async run(): Promise<EvalReverseResult> {
     const {flags} = await this.parse(EvalReverse)
     const r = await this.job<EvalReverseResult>('eval-reverse', {...this.options('device', flags), ...this.options('eval-reverse', flags)})
-    this.log(`reconstruction of ${r.num} ${r.split} images: MSE ${r.reconstructionMse.toFixed(5)}, PSNR ${r.reconstructionPsnr.toFixed(2)} dB`)
+    const lpips = r.reconstructionLpips === null || r.reconstructionLpips === undefined ? '' : `, LPIPS ${r.reconstructionLpips.toFixed(4)}`
+    this.log(`reconstruction of ${r.num} ${r.split} images: MSE ${r.reconstructionMse.toFixed(5)}, PSNR ${r.reconstructionPsnr.toFixed(2)} dB${lpips}`)
     this.log(`G(z) vs exact inverse of the same z (${r.numExact} draws): MSE ${r.reverseVsExactMse.toFixed(5)}`)
     this.log(`bits/dim under F: reverse samples ${r.bpdReverseSamples.toFixed(3)}, exact samples ${r.bpdExactSamples.toFixed(3)}, data ${r.bpdData.toFixed(3)}`)
     return r

@@ -1,6 +1,7 @@
 //! `biflow eval-reverse`: how well the distilled G inverts F, on held-out images.
 //!
-//! - reconstruction: x -> x~ = x + sigma eps -> z = F(x~) -> x' = G(z); MSE and PSNR against x;
+//! - reconstruction: x -> x~ = x + sigma eps -> z = F(x~) -> x' = G(z); MSE and PSNR against x, and
+//!   LPIPS when its weights are given;
 //! - agreement with the exact inverse: for the same noise z, G(z) against causal decoding of z;
 //! - bits/dim under F of G's samples, of exact samples and of the data (each set as given,
 //!   clamped to [-1, 1], no dequantisation, so the three numbers compare with each other).
@@ -8,7 +9,9 @@
 use std::num::NonZeroUsize;
 use std::time::Instant;
 
-use anyhow::{ensure, Result};
+use std::path::Path;
+
+use anyhow::{bail, ensure, Result};
 use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -17,6 +20,7 @@ use serde_json::{json, Value};
 use crate::models::flow::{ReverseOptions, TarFlow};
 use crate::jobs::options::DeviceArgs;
 use crate::job::JobCtx;
+use crate::models::lpips::Lpips;
 use crate::models::reverse::ReverseModel;
 use crate::run::Run;
 use crate::models::flow::denoise;
@@ -37,6 +41,10 @@ crate::options! {
         seed: u64 = 0,
         /// images evaluated at once
         batch_size: NonZeroUsize = 64,
+        /// LPIPS's heads (the lpips package's weights/v0.1/vgg.pth): also report the reconstructions' LPIPS; needs --vgg
+        lpips: Option<String>,
+        /// torchvision's VGG16 weights (vgg16-397923af.pth), the backbone of --lpips
+        vgg: Option<String>,
     }
 }
 
@@ -59,13 +67,18 @@ impl Pair<'_> {
         Ok(x)
     }
 
-    /// Per-image MSE of G(F(x + sigma eps)) against x, images (N, C, H, W); F(x~) joins `latents`.
-    pub fn reconstruction_mse(&self, x: &Tensor, labels: Option<&Tensor>, rng: &mut rand::rngs::StdRng, latents: &mut LatentStats) -> Result<Vec<f64>> {
+    /// G(F(x + sigma eps)) for images x (N, C, H, W); F(x~) joins `latents`.
+    pub fn reconstruct(&self, x: &Tensor, labels: Option<&Tensor>, rng: &mut rand::rngs::StdRng, latents: &mut LatentStats) -> Result<Tensor> {
         let noise: Vec<f32> = (0..x.elem_count()).map(|_| StandardNormal.sample(rng)).collect();
         let noisy = (x + (Tensor::from_vec(noise, x.dims(), x.device())? * self.sigma)?)?;
         let z = self.flow.forward(&noisy, labels)?.z;
         latents.add(&z)?;
-        per_image_mse(&self.generate(&z, labels)?, x)
+        self.generate(&z, labels)
+    }
+
+    /// Per-image MSE of [`Self::reconstruct`] against x.
+    pub fn reconstruction_mse(&self, x: &Tensor, labels: Option<&Tensor>, rng: &mut rand::rngs::StdRng, latents: &mut LatentStats) -> Result<Vec<f64>> {
+        per_image_mse(&self.reconstruct(x, labels, rng, latents)?, x)
     }
 }
 
@@ -134,13 +147,19 @@ pub fn eval_reverse(o: EvalReverseOptions, on: &DeviceArgs, ctx: &JobCtx) -> Res
     let pair = Pair { flow: &flow, g: &g, sigma };
     let cfg = flow.config().clone();
     let (ds, split, n) = crate::eval::bpd::open_eval_split(&o.data, o.split.as_deref(), Some(o.limit.get()), &cfg)?;
+    let lpips = match (&o.lpips, &o.vgg) {
+        (None, None) => None,
+        (Some(l), Some(v)) => Some(Lpips::load(Path::new(l), Path::new(v), &device)?),
+        (Some(_), None) => bail!("--lpips needs --vgg: torchvision's VGG16 weights (vgg16-397923af.pth)"),
+        (None, Some(_)) => bail!("--vgg is the backbone of --lpips: give --lpips too (the lpips package's weights/v0.1/vgg.pth)"),
+    };
     let bs = o.batch_size.get();
     let labelled = cfg.num_classes > 0;
     let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
 
     // Reconstruction of held-out images.
     ctx.start("reconstruct", Some(n as u64));
-    let (mut mse, mut data, mut data_labels) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut mse, mut perceptual, mut data, mut data_labels) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut latents = LatentStats::default();
     let started = Instant::now();
     for lo in (0..n).step_by(bs) {
@@ -150,7 +169,11 @@ pub fn eval_reverse(o: EvalReverseOptions, on: &DeviceArgs, ctx: &JobCtx) -> Res
         let m = idx.len();
         let x = Tensor::from_vec(xs.clone(), (m, cfg.in_channels, cfg.img_size, cfg.img_size), &device)?;
         let y = labelled.then(|| Tensor::from_vec(ys.clone(), m, &device)).transpose()?;
-        mse.extend(pair.reconstruction_mse(&x, y.as_ref(), &mut rng, &mut latents)?);
+        let x_rec = pair.reconstruct(&x, y.as_ref(), &mut rng, &mut latents)?;
+        mse.extend(per_image_mse(&x_rec, &x)?);
+        if let Some(net) = &lpips {
+            perceptual.extend(net.distance(&x_rec.clamp(-1f32, 1f32)?, &x)?.to_vec1::<f32>()?.into_iter().map(f64::from));
+        }
         data.extend(xs);
         data_labels.extend(ys);
         ctx.progress((lo + m) as u64, Some(n as u64), crate::metrics!["mse" => mean(&mse)]);
@@ -193,6 +216,7 @@ pub fn eval_reverse(o: EvalReverseOptions, on: &DeviceArgs, ctx: &JobCtx) -> Res
         "num": n,
         "reconstructionMse": m,
         "reconstructionPsnr": psnr(m),
+        "reconstructionLpips": lpips.is_some().then(|| mean(&perceptual)),
         "numExact": k,
         "reverseVsExactMse": mean(&agreement),
         "bpdReverseSamples": bpd_reverse,
