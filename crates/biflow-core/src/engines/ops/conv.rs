@@ -34,8 +34,9 @@ fn convolution(x: &Tensor, w: &Tensor, b: &Tensor, pad: usize, relu: bool) -> ca
     x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Op3(Conv { pad, relu }))
 }
 
-/// The geometry of an unfolding: input (N, C, H, W), k x k windows, output (N, Ho*Wo, C*k*k) with the
-/// window's values in the kernel's order (c, ky, kx).
+/// The geometry of an unfolding of one image (C, H, W) by k x k windows: the unfolded matrix is
+/// (C*k*k, Ho*Wo), a row per kernel position (c, ky, kx) in the kernel's order, so that each row is
+/// the image plane shifted, copied a row segment at a time.
 #[derive(Clone, Copy)]
 struct Geometry {
     n: usize,
@@ -50,30 +51,34 @@ impl Geometry {
     fn out(&self) -> (usize, usize) {
         (self.h + 2 * self.pad - self.k + 1, self.w + 2 * self.pad - self.k + 1)
     }
-    /// The input pixel a window position reads (None: padding).
-    fn source(&self, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usize, usize)> {
-        let (iy, ix) = ((oy + ky).checked_sub(self.pad)?, (ox + kx).checked_sub(self.pad)?);
-        (iy < self.h && ix < self.w).then_some((iy, ix))
+    /// For kernel column kx: the output columns that read inside the image, [lo, hi), and the
+    /// input column of `lo`.
+    fn columns(&self, kx: usize) -> (usize, usize, usize) {
+        let wo = self.out().1;
+        let lo = self.pad.saturating_sub(kx).min(wo);
+        let hi = (self.w + self.pad).saturating_sub(kx).min(wo).max(lo);
+        (lo, hi, (lo + kx).saturating_sub(self.pad))
+    }
+    /// For kernel row ky and output row oy: the input row, when inside the image.
+    fn row(&self, oy: usize, ky: usize) -> Option<usize> {
+        (oy + ky).checked_sub(self.pad).filter(|&iy| iy < self.h)
     }
 }
 
+/// One image (C, H, W) unfolded: (C*k*k, Ho*Wo).
 fn unfold(x: &[f32], g: Geometry) -> Vec<f32> {
     let (ho, wo) = g.out();
-    let kk = g.c * g.k * g.k;
-    let mut cols = vec![0f32; g.n * ho * wo * kk];
-    cols.par_chunks_mut(wo * kk).enumerate().for_each(|(row, out)| {
-        let (img, oy) = (row / ho, row % ho);
-        let plane = |c: usize| &x[(img * g.c + c) * g.h * g.w..(img * g.c + c + 1) * g.h * g.w];
-        for (ox, window) in out.chunks_mut(kk).enumerate() {
-            for c in 0..g.c {
-                let p = plane(c);
-                for ky in 0..g.k {
-                    for kx in 0..g.k {
-                        if let Some((iy, ix)) = g.source(oy, ox, ky, kx) {
-                            window[(c * g.k + ky) * g.k + kx] = p[iy * g.w + ix];
-                        }
-                    }
-                }
+    let mut cols = vec![0f32; g.c * g.k * g.k * ho * wo];
+    cols.par_chunks_mut(ho * wo).enumerate().for_each(|(r, out)| {
+        let (c, ky, kx) = (r / (g.k * g.k), r / g.k % g.k, r % g.k);
+        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        let (lo, hi, ix) = g.columns(kx);
+        if hi == lo {
+            return;
+        }
+        for oy in 0..ho {
+            if let Some(iy) = g.row(oy, ky) {
+                out[oy * wo + lo..oy * wo + hi].copy_from_slice(&plane[iy * g.w + ix..iy * g.w + ix + hi - lo]);
             }
         }
     });
@@ -83,18 +88,19 @@ fn unfold(x: &[f32], g: Geometry) -> Vec<f32> {
 /// The adjoint of [`unfold`]: every window value's gradient added back to the pixel it read.
 fn fold(cols: &[f32], g: Geometry) -> Vec<f32> {
     let (ho, wo) = g.out();
-    let kk = g.c * g.k * g.k;
-    let mut x = vec![0f32; g.n * g.c * g.h * g.w];
-    x.par_chunks_mut(g.h * g.w).enumerate().for_each(|(plane, dx)| {
-        let (img, c) = (plane / g.c, plane % g.c);
-        for oy in 0..ho {
-            for ox in 0..wo {
-                let window = &cols[((img * ho + oy) * wo + ox) * kk + c * g.k * g.k..][..g.k * g.k];
-                for ky in 0..g.k {
-                    for kx in 0..g.k {
-                        if let Some((iy, ix)) = g.source(oy, ox, ky, kx) {
-                            dx[iy * g.w + ix] += window[ky * g.k + kx];
-                        }
+    let mut x = vec![0f32; g.c * g.h * g.w];
+    x.par_chunks_mut(g.h * g.w).enumerate().for_each(|(c, dx)| {
+        for ky in 0..g.k {
+            for kx in 0..g.k {
+                let row = &cols[((c * g.k + ky) * g.k + kx) * ho * wo..][..ho * wo];
+                let (lo, hi, ix) = g.columns(kx);
+                if hi == lo {
+                    continue;
+                }
+                for oy in 0..ho {
+                    if let Some(iy) = g.row(oy, ky) {
+                        let d = &mut dx[iy * g.w + ix..iy * g.w + ix + hi - lo];
+                        d.iter_mut().zip(&row[oy * wo + lo..oy * wo + hi]).for_each(|(a, b)| *a += b);
                     }
                 }
             }
@@ -127,8 +133,8 @@ impl Kernel3 for Conv {
         let mut y = vec![0f32; g.n * c_out * hw];
         for (xi, yi) in x.chunks(g.c * g.h * g.w).zip(y.chunks_mut(c_out * hw)) {
             let cols = unfold(xi, image);
-            // y_i (C_out, HoWo) = W (C_out, C k k) cols^T.
-            matmul(yi, 0, hw, c_out, hw, kk, View::rows(w, 0, kk), View::rows(&cols, 0, kk).t(), false, Threads::All);
+            // y_i (C_out, HoWo) = W (C_out, C k k) cols (C k k, HoWo).
+            matmul(yi, 0, hw, c_out, hw, kk, View::rows(w, 0, kk), View::rows(&cols, 0, hw), false, Threads::All);
             let relu = self.relu;
             yi.par_chunks_mut(hw).zip(b).for_each(|(row, bias)| row.iter_mut().for_each(|v| *v = if relu { (*v + bias).max(0.0) } else { *v + bias }));
         }
@@ -168,17 +174,17 @@ impl Kernel3 for ConvBwd {
         let mut out = vec![0f32; nx + nw + if self.need_w { c_out } else { 0 }];
         let (dx, rest) = out.split_at_mut(nx);
         let (dw, db) = rest.split_at_mut(nw);
-        let mut dcols = if self.need_x { vec![0f32; hw * kk] } else { Vec::new() };
+        let mut dcols = if self.need_x { vec![0f32; kk * hw] } else { Vec::new() };
         for (i, (xi, gi)) in x.chunks(g.c * g.h * g.w).zip(dy.chunks(c_out * hw)).enumerate() {
             if self.need_x {
-                // dcols (HoWo, C k k) = dy_i^T W, folded back onto the image.
-                matmul(&mut dcols, 0, kk, hw, kk, c_out, View::rows(gi, 0, hw).t(), View::rows(w, 0, kk), false, Threads::All);
+                // dcols (C k k, HoWo) = W^T dy_i, folded back onto the image.
+                matmul(&mut dcols, 0, hw, kk, hw, c_out, View::rows(w, 0, kk).t(), View::rows(gi, 0, hw), false, Threads::All);
                 dx[i * xi.len()..(i + 1) * xi.len()].copy_from_slice(&fold(&dcols, image));
             }
             if self.need_w {
-                // dW (C_out, C k k) += dy_i cols; db += the rows' sums.
+                // dW (C_out, C k k) += dy_i cols^T; db += the rows' sums.
                 let cols = unfold(xi, image);
-                matmul(dw, 0, kk, c_out, kk, hw, View::rows(gi, 0, hw), View::rows(&cols, 0, kk), i > 0, Threads::All);
+                matmul(dw, 0, kk, c_out, kk, hw, View::rows(gi, 0, hw), View::rows(&cols, 0, hw).t(), i > 0, Threads::All);
                 db.iter_mut().zip(gi.chunks(hw)).for_each(|(d, row)| *d += row.iter().sum::<f32>());
             }
         }
@@ -196,7 +202,7 @@ mod tests {
     #[test]
     fn conv2d_matches_candle() {
         let dev = Device::Cpu;
-        for (c, h, w, co, k, pad) in [(3, 9, 7, 5, 3, 1), (4, 6, 6, 2, 1, 0), (2, 5, 8, 3, 3, 0)] {
+        for (c, h, w, co, k, pad) in [(3, 9, 7, 5, 3, 1), (4, 6, 6, 2, 1, 0), (2, 5, 8, 3, 3, 0), (3, 1, 1, 2, 3, 1), (2, 2, 3, 4, 3, 1)] {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, c, h, w), &dev).unwrap()).unwrap();
             let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (co, c, k, k), &dev).unwrap()).unwrap();
             let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, co, &dev).unwrap()).unwrap();
