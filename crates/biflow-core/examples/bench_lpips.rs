@@ -58,7 +58,7 @@ fn main() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let backbone: HashMap<String, Tensor> = formula_backbone().into_iter().map(|(n, t)| Ok((n, Tensor::from_vec(t.data, t.shape, &dev)?))).collect::<anyhow::Result<_>>()?;
     let heads_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lpips/vgg-lin-v0.1.pth");
-    let heads: HashMap<String, Tensor> = biflow_core::io::tensors::read_weights(&heads_path)?.into_iter().map(|(n, s, d)| Ok((n, Tensor::from_vec(d, s, &dev)?))).collect::<anyhow::Result<_>>()?;
+    let heads = biflow_core::io::tensors::load_weights(&heads_path, &dev)?;
     let net = Lpips::new(VarBuilder::from_tensors(backbone, DType::F32, &dev), VarBuilder::from_tensors(heads, DType::F32, &dev))?;
     let x0 = Var::from_tensor(&Tensor::rand(-1f32, 1.0, (batch, 3, size, size), &dev)?)?;
     let x1 = Tensor::rand(-1f32, 1.0, (batch, 3, size, size), &dev)?;

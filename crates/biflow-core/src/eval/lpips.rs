@@ -8,6 +8,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
+use super::fid::eval::FormulaOptions;
 use super::fid::preprocess::Image;
 use super::fid::source::{ArraySource, FolderSource, ImageSource, IMAGE_EXTENSIONS};
 use crate::io::tensors::HostTensor;
@@ -102,13 +103,6 @@ pub fn lpips(o: LpipsOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
     let mean = distances.iter().map(|&d| d as f64).sum::<f64>() / total as f64;
     let pairs: Vec<Value> = names_a.iter().zip(&names_b).zip(&distances).map(|((x, y), d)| json!({"a": x, "b": y, "distance": d})).collect();
     Ok(json!({"a": o.a, "b": o.b, "pairs": pairs, "mean": mean, "count": total}))
-}
-
-crate::options! {
-    pub struct FormulaOptions {
-        /// .safetensors file to write
-        output: String,
-    }
 }
 
 /// The stand-in VGG16 backbone of the parity fixture (scripts/make-lpips-fixtures.py): He-uniform

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use std::path::Path;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use crate::models::flow::{ReverseOptions, TarFlow};
 use crate::jobs::options::DeviceArgs;
 use crate::job::JobCtx;
-use crate::models::lpips::Lpips;
+use crate::models::lpips::{self, Lpips};
 use crate::models::reverse::ReverseModel;
 use crate::run::Run;
 use crate::models::flow::denoise;
@@ -147,12 +147,7 @@ pub fn eval_reverse(o: EvalReverseOptions, on: &DeviceArgs, ctx: &JobCtx) -> Res
     let pair = Pair { flow: &flow, g: &g, sigma };
     let cfg = flow.config().clone();
     let (ds, split, n) = crate::eval::bpd::open_eval_split(&o.data, o.split.as_deref(), Some(o.limit.get()), &cfg)?;
-    let lpips = match (&o.lpips, &o.vgg) {
-        (None, None) => None,
-        (Some(l), Some(v)) => Some(Lpips::load(Path::new(l), Path::new(v), &device)?),
-        (Some(_), None) => bail!("--lpips needs --vgg: torchvision's VGG16 weights (vgg16-397923af.pth)"),
-        (None, Some(_)) => bail!("--vgg is the backbone of --lpips: give --lpips too (the lpips package's weights/v0.1/vgg.pth)"),
-    };
+    let lpips = lpips::weight_files(o.lpips.as_deref(), o.vgg.as_deref())?.map(|(l, v)| Lpips::load(Path::new(l), Path::new(v), &device)).transpose()?;
     let bs = o.batch_size.get();
     let labelled = cfg.num_classes > 0;
     let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);

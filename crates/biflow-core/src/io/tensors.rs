@@ -85,3 +85,7 @@ fn is_safetensors(b: &[u8]) -> bool {
     b.len() > 9 && !b.starts_with(b"PK") && b[0] != 0x80 && b[8] == b'{'
 }
 
+/// [`read_weights`] as candle tensors on `device`, by name (what a VarBuilder is made from).
+pub fn load_weights(path: &Path, device: &candle_core::Device) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
+    read_weights(path)?.into_iter().map(|(name, shape, data)| Ok((name, candle_core::Tensor::from_vec(data, shape, device)?))).collect()
+}

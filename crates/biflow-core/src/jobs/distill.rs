@@ -233,16 +233,14 @@ fn resolve(s: &DistillSettings, f_run: &Run, forward_dir: &str, data: &dyn Train
     if kind == LossKind::Hidden {
         ensure!(f.token_dim() <= channels, "--loss hidden reads G's states in token space: it needs --channels >= the token size {}", f.token_dim());
     }
-    let perceptual = match (&s.lpips, &s.vgg) {
-        (None, None) => None,
-        (Some(lpips), Some(vgg)) => {
+    let perceptual = match crate::models::lpips::weight_files(s.lpips.as_deref(), s.vgg.as_deref())? {
+        None => None,
+        Some((lpips, vgg)) => {
             let lpips_weight = given(&s.lpips_weight);
             ensure!(lpips_weight >= 0.0 && lpips_weight.is_finite(), "--lpips-weight must be >= 0, got {lpips_weight}");
             ensure!(f.img_size >= 16, "--lpips needs images of at least 16x16 pixels (VGG16 halves them four times); these are {0}x{0}", f.img_size);
-            Some(PerceptualOptions { lpips: lpips.clone(), vgg: vgg.clone(), lpips_weight })
+            Some(PerceptualOptions { lpips: lpips.to_string(), vgg: vgg.to_string(), lpips_weight })
         }
-        (Some(_), None) => bail!("--lpips needs --vgg: torchvision's VGG16 weights (vgg16-397923af.pth), the network whose features LPIPS's heads weigh"),
-        (None, Some(_)) => bail!("--vgg is the backbone of --lpips: give --lpips too (the lpips package's weights/v0.1/vgg.pth)"),
     };
     let opts = DistillOptions {
         forward: forward_dir.to_string(),

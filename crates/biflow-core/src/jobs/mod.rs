@@ -28,9 +28,7 @@ fn opts<T: DeserializeOwned>(name: &str, options: Value) -> Result<T> {
 /// A job's declared options (see [`crate::options!`]): the required ones must be there.
 fn declared<T: DeserializeOwned + Declared>(name: &str, options: Value) -> Result<T> {
     if let Value::Object(map) = &options {
-        if let Some(missing) = T::specs().into_iter().find(|s| s.required && map.get(&s.key).is_none_or(Value::is_null)) {
-            bail!("invalid options for job '{name}': '{}' is required", missing.key);
-        }
+        options::check_required::<T>(map, &format!("job '{name}'"))?;
     }
     opts(name, options)
 }

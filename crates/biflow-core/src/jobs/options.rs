@@ -283,11 +283,26 @@ crate::options! {
     }
 }
 
+/// Refuse a job's options (`map`) that lack one that `T` requires.
+pub fn check_required<T: Declared>(map: &Map<String, Value>, what: &str) -> Result<()> {
+    match T::specs().into_iter().find(|s| s.required && map.get(&s.key).is_none_or(Value::is_null)) {
+        Some(missing) => anyhow::bail!("invalid options for {what}: '{}' is required", missing.key),
+        None => Ok(()),
+    }
+}
+
+/// The options `T` declares, taken out of a job's options (null ones count as absent), for a job
+/// whose options are several declarations side by side (where it runs, its session, its own).
+pub fn take<T: Declared + serde::de::DeserializeOwned>(map: &mut Map<String, Value>, what: &str) -> Result<T> {
+    let mine: Map<String, Value> = T::specs().into_iter().filter_map(|s| map.remove(&s.key).filter(|v| !v.is_null()).map(|v| (s.key, v))).collect();
+    check_required::<T>(&mine, what)?;
+    serde_json::from_value(Value::Object(mine)).with_context(|| format!("invalid options for {what}"))
+}
+
 impl DeviceArgs {
     /// Take `device` and `precision` out of a job's options.
     pub fn take(map: &mut Map<String, Value>) -> Result<DeviceArgs> {
-        let mine: Map<String, Value> = Self::specs().into_iter().filter_map(|s| map.remove(&s.key).filter(|v| !v.is_null()).map(|v| (s.key, v))).collect();
-        serde_json::from_value(Value::Object(mine)).context("invalid device options")
+        take(map, "the device")
     }
 
     pub fn place(&self) -> Result<Placement> {

@@ -370,7 +370,7 @@ crate::options! {
 /// them (or the resumed run's), then [`train_with`].
 pub fn train_job(options: Value, ctx: &JobCtx) -> Result<Value> {
     let (args, mut map) = SessionArgs::split("train", options)?;
-    let config: ConfigFile = serde_json::from_value(Value::Object(map.remove("config").map(|v| ("config".to_string(), v)).into_iter().collect())).context("invalid train options")?;
+    let config: ConfigFile = crate::jobs::options::take(&mut map, "train")?;
     let given: TrainSettings = serde_json::from_value(Value::Object(map)).context("invalid train options")?;
     let file = match &config.config {
         Some(p) => read_config_file(Path::new(p))?,

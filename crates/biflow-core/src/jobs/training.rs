@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::device::mode::Backend;
-use crate::jobs::options::Declared;
+use crate::jobs::options;
 use crate::jobs::options::DeviceArgs;
 use crate::job::JobCtx;
 use crate::run::{Run, RunConfig};
@@ -50,9 +50,8 @@ impl SessionArgs {
     pub fn split(job: &str, options: Value) -> Result<(SessionArgs, Map<String, Value>)> {
         let Value::Object(mut map) = options else { bail!("{job} options must be an object") };
         let on = DeviceArgs::take(&mut map)?;
-        let mine: Map<String, Value> = SessionOptions::specs().into_iter().filter_map(|s| map.remove(&s.key).filter(|v| !v.is_null()).map(|v| (s.key, v))).collect();
-        ensure!(mine.contains_key("out"), "{job} needs --out RUN (the run folder)");
-        let o: SessionOptions = serde_json::from_value(Value::Object(mine)).with_context(|| format!("invalid {job} options"))?;
+        ensure!(map.get("out").is_some_and(|v| !v.is_null()), "{job} needs --out RUN (the run folder)");
+        let o: SessionOptions = options::take(&mut map, job)?;
         map.retain(|_, v| !v.is_null());
         Ok((SessionArgs { out: PathBuf::from(o.out), resume: o.resume, debug_nan_at_step: o.debug_nan_at_step, command: o.command_line, on }, map))
     }

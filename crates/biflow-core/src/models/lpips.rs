@@ -9,7 +9,6 @@
 //! `vgg16-397923af.pth`; the classifier's tensors are ignored) and the heads under the package's
 //! (`lin{k}.model.1.weight`, (1, C, 1, 1), as in its `weights/v0.1/vgg.pth`).
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
@@ -130,12 +129,7 @@ impl Lpips {
     /// Load the heads (`lpips`: the package's vgg.pth) and the backbone (`vgg`: torchvision's
     /// vgg16-397923af.pth), each .pth or .safetensors.
     pub fn load(lpips: &Path, vgg: &Path, device: &Device) -> Result<Lpips> {
-        let read = |path: &Path| -> Result<HashMap<String, Tensor>> {
-            crate::io::tensors::read_weights(path)?
-                .into_iter()
-                .map(|(name, shape, data)| Ok((name, Tensor::from_vec(data, shape, device)?)))
-                .collect()
-        };
+        let read = |path: &Path| crate::io::tensors::load_weights(path, device);
         let backbone = read(vgg).with_context(|| format!("cannot read the VGG16 weights {}", vgg.display()))?;
         let heads = read(lpips).with_context(|| format!("cannot read the LPIPS heads {}", lpips.display()))?;
         let vb = |t| VarBuilder::from_tensors(t, DType::F32, device);
@@ -173,6 +167,16 @@ impl Lpips {
     }
 }
 
+/// `--lpips` and `--vgg` as given: both (the heads, the backbone), or neither.
+pub fn weight_files<'a>(lpips: Option<&'a str>, vgg: Option<&'a str>) -> Result<Option<(&'a str, &'a str)>> {
+    match (lpips, vgg) {
+        (None, None) => Ok(None),
+        (Some(l), Some(v)) => Ok(Some((l, v))),
+        (Some(_), None) => anyhow::bail!("--lpips needs --vgg: torchvision's VGG16 weights (vgg16-397923af.pth), the network whose features LPIPS's heads weigh"),
+        (None, Some(_)) => anyhow::bail!("--vgg is the backbone of --lpips: give --lpips too (the lpips package's weights/v0.1/vgg.pth)"),
+    }
+}
+
 /// LPIPS as a distillation term: G's clean output and the image, both as F's patch tokens,
 /// compared as images; its gradient reaches G through the frozen network.
 pub struct LpipsTerm {
@@ -204,6 +208,8 @@ impl PerceptualTerm for LpipsTerm {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
     use candle_core::Var;
 
@@ -234,11 +240,7 @@ mod tests {
     #[test]
     fn matches_the_lpips_package() {
         let dev = Device::Cpu;
-        let heads: HashMap<String, Tensor> = crate::io::tensors::read_weights(&fixture("vgg-lin-v0.1.pth"))
-            .unwrap()
-            .into_iter()
-            .map(|(n, s, d)| (n, Tensor::from_vec(d, s, &dev).unwrap()))
-            .collect();
+        let heads = crate::io::tensors::load_weights(&fixture("vgg-lin-v0.1.pth"), &dev).unwrap();
         let lpips = Lpips::new(VarBuilder::from_tensors(formula_backbone(&dev), DType::F32, &dev), VarBuilder::from_tensors(heads, DType::F32, &dev)).unwrap();
         let want: HashMap<String, Vec<f32>> = crate::io::tensors::read_safetensors(&fixture("parity.safetensors")).unwrap().into_iter().map(|(n, t)| (n, t.data)).collect();
         for (case, n, c, size) in [("gray32", 2, 1, 32), ("rgb32", 2, 3, 32), ("rgb64", 2, 3, 64), ("rgb224", 1, 3, 224)] {
@@ -281,7 +283,7 @@ mod tests {
         assert!(format!("{err:#}").contains("features.0.weight"), "{err:#}");
         let mut backbone = formula_backbone(&dev);
         backbone.insert("features.5.weight".into(), Tensor::zeros((128, 3, 3, 3), DType::F32, &dev).unwrap());
-        let h: HashMap<String, Tensor> = crate::io::tensors::read_weights(&heads).unwrap().into_iter().map(|(n, s, d)| (n, Tensor::from_vec(d, s, &dev).unwrap())).collect();
+        let h = crate::io::tensors::load_weights(&heads, &dev).unwrap();
         let err = Lpips::new(VarBuilder::from_tensors(backbone, DType::F32, &dev), VarBuilder::from_tensors(h.clone(), DType::F32, &dev)).err().unwrap();
         assert!(format!("{err:#}").contains("shape"), "{err:#}");
         let lpips = Lpips::new(VarBuilder::from_tensors(formula_backbone(&dev), DType::F32, &dev), VarBuilder::from_tensors(h, DType::F32, &dev)).unwrap();

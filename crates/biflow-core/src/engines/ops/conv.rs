@@ -39,7 +39,6 @@ fn convolution(x: &Tensor, w: &Tensor, b: &Tensor, pad: usize, relu: bool) -> ca
 /// the image plane shifted, copied a row segment at a time.
 #[derive(Clone, Copy)]
 struct Geometry {
-    n: usize,
     c: usize,
     h: usize,
     w: usize,
@@ -50,6 +49,11 @@ struct Geometry {
 impl Geometry {
     fn out(&self) -> (usize, usize) {
         (self.h + 2 * self.pad - self.k + 1, self.w + 2 * self.pad - self.k + 1)
+    }
+    /// Values of one image, of its unfolded matrix's rows (C*k*k), of a row (Ho*Wo).
+    fn sizes(&self) -> (usize, usize, usize) {
+        let (ho, wo) = self.out();
+        (self.c * self.h * self.w, self.c * self.k * self.k, ho * wo)
     }
     /// For kernel column kx: the output columns that read inside the image, [lo, hi), and the
     /// input column of `lo`.
@@ -85,10 +89,9 @@ fn unfold(x: &[f32], g: Geometry) -> Vec<f32> {
     cols
 }
 
-/// The adjoint of [`unfold`]: every window value's gradient added back to the pixel it read.
-fn fold(cols: &[f32], g: Geometry) -> Vec<f32> {
+/// The adjoint of [`unfold`]: every window value's gradient added to the pixel it read, in `x`.
+fn fold(cols: &[f32], g: Geometry, x: &mut [f32]) {
     let (ho, wo) = g.out();
-    let mut x = vec![0f32; g.c * g.h * g.w];
     x.par_chunks_mut(g.h * g.w).enumerate().for_each(|(c, dx)| {
         for ky in 0..g.k {
             for kx in 0..g.k {
@@ -106,14 +109,13 @@ fn fold(cols: &[f32], g: Geometry) -> Vec<f32> {
             }
         }
     });
-    x
 }
 
-/// The geometry of (x, W) as a convolution's kernel gets them.
-fn geometry(lx: &Layout, lw: &Layout, pad: usize) -> candle_core::Result<Geometry> {
+/// The batch size and an image's geometry of (x, W) as a convolution's kernel gets them.
+fn geometry(lx: &Layout, lw: &Layout, pad: usize) -> candle_core::Result<(usize, Geometry)> {
     let (n, c, h, w) = lx.shape().dims4()?;
     let (_, _, k, _) = lw.shape().dims4()?;
-    Ok(Geometry { n, c, h, w, k, pad })
+    Ok((n, Geometry { c, h, w, k, pad }))
 }
 
 /// (x, W, b) -> y (N, C_out, Ho, Wo), optionally through a ReLU.
@@ -126,19 +128,18 @@ impl Kernel3 for Conv {
     const NAME: &'static str = "biflow-conv2d";
 
     fn cpu(&self, [x, w, b]: [&[f32]; 3], [lx, lw, _]: [&Layout; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let g = geometry(lx, lw, self.pad)?;
+        let (n, g) = geometry(lx, lw, self.pad)?;
         let (ho, wo) = g.out();
-        let (c_out, kk, hw) = (b.len(), g.c * g.k * g.k, ho * wo);
-        let image = Geometry { n: 1, ..g };
-        let mut y = vec![0f32; g.n * c_out * hw];
-        for (xi, yi) in x.chunks(g.c * g.h * g.w).zip(y.chunks_mut(c_out * hw)) {
-            let cols = unfold(xi, image);
+        let ((image, kk, hw), c_out) = (g.sizes(), b.len());
+        let mut y = vec![0f32; n * c_out * hw];
+        for (xi, yi) in x.chunks(image).zip(y.chunks_mut(c_out * hw)) {
+            let cols = unfold(xi, g);
             // y_i (C_out, HoWo) = W (C_out, C k k) cols (C k k, HoWo).
             matmul(yi, 0, hw, c_out, hw, kk, View::rows(w, 0, kk), View::rows(&cols, 0, hw), false, Threads::All);
             let relu = self.relu;
             yi.par_chunks_mut(hw).zip(b).for_each(|(row, bias)| row.iter_mut().for_each(|v| *v = if relu { (*v + bias).max(0.0) } else { *v + bias }));
         }
-        Ok((y, Shape::from((g.n, c_out, ho, wo))))
+        Ok((y, Shape::from((n, c_out, ho, wo))))
     }
 
     fn backward(&self, [x, w, b]: [&Tensor; 3], out: &Tensor, grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
@@ -166,24 +167,23 @@ impl Kernel3 for ConvBwd {
     const NAME: &'static str = "biflow-conv2d-bwd";
 
     fn cpu(&self, [x, w, dy]: [&[f32]; 3], [lx, lw, _]: [&Layout; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let g = geometry(lx, lw, self.pad)?;
-        let (ho, wo) = g.out();
-        let (c_out, kk, hw) = (w.len() / (g.c * g.k * g.k), g.c * g.k * g.k, ho * wo);
-        let image = Geometry { n: 1, ..g };
+        let (_, g) = geometry(lx, lw, self.pad)?;
+        let (image, kk, hw) = g.sizes();
+        let c_out = w.len() / kk;
         let (nx, nw) = (if self.need_x { x.len() } else { 0 }, if self.need_w { w.len() } else { 0 });
         let mut out = vec![0f32; nx + nw + if self.need_w { c_out } else { 0 }];
         let (dx, rest) = out.split_at_mut(nx);
         let (dw, db) = rest.split_at_mut(nw);
         let mut dcols = if self.need_x { vec![0f32; kk * hw] } else { Vec::new() };
-        for (i, (xi, gi)) in x.chunks(g.c * g.h * g.w).zip(dy.chunks(c_out * hw)).enumerate() {
+        for (i, (xi, gi)) in x.chunks(image).zip(dy.chunks(c_out * hw)).enumerate() {
             if self.need_x {
                 // dcols (C k k, HoWo) = W^T dy_i, folded back onto the image.
                 matmul(&mut dcols, 0, hw, kk, hw, c_out, View::rows(w, 0, kk).t(), View::rows(gi, 0, hw), false, Threads::All);
-                dx[i * xi.len()..(i + 1) * xi.len()].copy_from_slice(&fold(&dcols, image));
+                fold(&dcols, g, &mut dx[i * image..(i + 1) * image]);
             }
             if self.need_w {
                 // dW (C_out, C k k) += dy_i cols^T; db += the rows' sums.
-                let cols = unfold(xi, image);
+                let cols = unfold(xi, g);
                 matmul(dw, 0, kk, c_out, kk, hw, View::rows(gi, 0, hw), View::rows(&cols, 0, hw).t(), i > 0, Threads::All);
                 db.iter_mut().zip(gi.chunks(hw)).for_each(|(d, row)| *d += row.iter().sum::<f32>());
             }
