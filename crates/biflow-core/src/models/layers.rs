@@ -44,14 +44,19 @@ impl Linear {
 pub struct LayerNorm {
     pub(crate) weight: Tensor,
     pub(crate) bias: Tensor,
+    eps: f64,
 }
 
 impl LayerNorm {
+    /// With the flows' epsilon, 1e-5 (PyTorch's default).
     pub(crate) fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
-        Ok(LayerNorm { weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?, bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))? })
+        Self::with_eps(vb, dim, LN_EPS)
+    }
+    pub(crate) fn with_eps(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm { weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?, bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?, eps })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm(x, &self.weight, &self.bias, LN_EPS)
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 
     pub(crate) fn places(&self, p: &Places) -> Result<Pair> {

@@ -98,6 +98,27 @@ pub(crate) fn load<'a, M>(vb: &VarBuilder<'a>, build: impl FnOnce(VarBuilder<'a>
     Ok((modules, named))
 }
 
+/// Check that `tensors` hold every parameter of `list` with its shape (tensors beyond the list are
+/// allowed: a checkpoint's classifier, say). The error names the first few missing and mis-shaped.
+pub(crate) fn check_tensors(list: &[Param], tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let missing: Vec<&str> = list.iter().filter(|p| !tensors.contains_key(&p.name)).map(|p| p.name.as_str()).collect();
+    let misshaped: Vec<String> = list
+        .iter()
+        .filter_map(|p| tensors.get(&p.name).filter(|t| t.dims() != p.shape.as_slice()).map(|t| format!("{} is {:?}, expected {:?}", p.name, t.dims(), p.shape)))
+        .collect();
+    let first = |v: &[String]| v.iter().take(3).cloned().collect::<Vec<_>>().join(", ") + if v.len() > 3 { ", ..." } else { "" };
+    let mut problems = Vec::new();
+    if !missing.is_empty() {
+        let names: Vec<String> = missing.iter().map(|s| s.to_string()).collect();
+        problems.push(format!("{} of {} tensors missing ({})", missing.len(), list.len(), first(&names)));
+    }
+    if !misshaped.is_empty() {
+        problems.push(format!("{} mis-shaped ({})", misshaped.len(), first(&misshaped)));
+    }
+    anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
+    Ok(())
+}
+
 /// Fresh parameters for `list`, drawn from a seeded host RNG in list order (reproducible: a seed
 /// gives the same model on every machine and version).
 pub(crate) fn initial_parameters(list: &[Param], seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {

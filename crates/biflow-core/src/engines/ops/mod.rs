@@ -35,6 +35,7 @@ pub(crate) use simd_kernels;
 
 mod attention;
 mod conv;
+mod depthwise;
 mod gelu;
 mod gemm;
 mod layer_norm;
@@ -43,6 +44,7 @@ mod packed;
 
 pub use attention::{attention, attention_reference};
 pub use conv::{conv2d, conv2d_relu};
+pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference};
 pub use gelu::gelu;
 pub use layer_norm::{layer_norm, layer_norm_reference};
 pub use linear::{linear, linear_reference};
