@@ -251,7 +251,7 @@ fn main() -> anyhow::Result<()> {
                 let guided = ReverseOutput { x: vars[0].as_tensor().clone(), heads: vars[1..].iter().map(|v| v.as_tensor().clone()).collect(), states: Vec::new() };
                 let uncond = ReverseOutput { x: tensor(un.x)?, heads: un.heads.into_iter().map(tensor).collect::<Result<_, _>>()?, states: Vec::new() };
                 let pred = implied_conditional(&guided, &uncond, &w)?;
-                let loss = loss_cfg.loss(&pred, &Targets { clean: &clean, noisy: &noisy, trajectory: &fo.trajectory }, &[])?;
+                let loss = loss_cfg.loss(&pred, &Targets { clean: &clean, noisy: &noisy, trajectory: &fo.trajectory }, None)?;
                 let store = loss.total.backward()?;
                 let dv: Vec<Vec<f32>> = vars.iter().map(|v| store.get(v.as_tensor()).unwrap().flatten_all()?.to_vec1()).collect::<Result<_, _>>()?;
                 let c4 = Instant::now();

@@ -166,11 +166,12 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     assert_eq!(Run::open(&out).unwrap().latest_checkpoint().unwrap().unwrap().step, 10);
 }
 
-/// With LPIPS (the fixture's formula VGG16 and the real v0.1 heads) on 16x16 images: the term is
-/// logged, G's loss falls, a bad pairing of flags is refused, and a resumed run ends bit-equal to
-/// an uninterrupted one.
+/// With both perceptual terms (LPIPS: the fixture's formula VGG16 and the real v0.1 heads;
+/// ConvNeXt-V2: the small random one of fixtures/convnext) on random crops of 16x16 images resized to
+/// 32: each term is logged and falls, bad flags and weights are refused before anything is written,
+/// and a resumed run ends bit-equal to an uninterrupted one (the crops come from the run's stream).
 #[test]
-fn distills_with_lpips_and_resumes_bit_exactly() {
+fn distills_with_perceptual_terms_and_resumes_bit_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let data = || toy_data_sized(64, 3, 16);
     let f = dir.path().join("f16");
@@ -178,12 +179,15 @@ fn distills_with_lpips_and_resumes_bit_exactly() {
     train_with(&SessionArgs { out: f.clone(), ..Default::default() }, &fs, "toy16", &data(), &JobCtx::silent()).unwrap();
     let vgg = dir.path().join("vgg.safetensors");
     biflow_core::io::tensors::write_safetensors(&vgg, &biflow_core::eval::lpips::formula_backbone()).unwrap();
-    let heads = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lpips/vgg-lin-v0.1.pth");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+    let heads = fixtures.join("lpips/vgg-lin-v0.1.pth");
     let s = DistillSettings {
         lpips: Some(heads.display().to_string()),
         vgg: Some(vgg.display().to_string()),
+        convnext: Some(fixtures.join("convnext/tiny-random").display().to_string()),
+        perceptual_size: Some(32),
         batch_size: Some(8),
-        ..settings(&f, 20)
+        ..settings(&f, 30)
     };
     let run = |out: &Path, resume: bool, s: DistillSettings, ctx: &JobCtx| {
         distill_with(&SessionArgs { out: out.to_path_buf(), resume, ..Default::default() }, &s, "toy16", &data(), ctx)
@@ -191,16 +195,28 @@ fn distills_with_lpips_and_resumes_bit_exactly() {
     let whole = dir.path().join("whole");
     run(&whole, false, s.clone(), &JobCtx::silent()).unwrap();
     let metrics = std::fs::read_to_string(whole.join("metrics.jsonl")).unwrap();
-    let lpips: Vec<f64> = metrics.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("lpips")?.as_f64()).collect();
-    assert_eq!(lpips.len(), 20, "every step logs its LPIPS term");
-    assert!(lpips.iter().all(|v| v.is_finite() && *v > 0.0));
+    for term in ["lpips", "convnext"] {
+        let v: Vec<f64> = metrics.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get(term)?.as_f64()).collect();
+        assert_eq!(v.len(), 30, "every step logs its {term} term");
+        assert!(v.iter().all(|v| v.is_finite() && *v > 0.0));
+        let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+        assert!(mean(&v[20..]) < mean(&v[..10]), "{term} does not fall: {v:?}");
+    }
+    let config = std::fs::read_to_string(whole.join("config.json")).unwrap();
+    assert!(config.contains("\"convnextWeight\": 0.1") && config.contains("\"crop\": \"random\""), "{config}");
     let cut = dir.path().join("cut");
     assert!(run(&cut, false, s.clone(), &cancelling_ctx(10)).is_err());
     run(&cut, true, DistillSettings { forward: None, ..Default::default() }, &JobCtx::silent()).unwrap();
     let read = |d: &Path| std::fs::read(d.join("weights.safetensors")).unwrap();
     assert!(read(&whole) == read(&cut), "the resumed run's weights differ from the uninterrupted run's");
-    let err = run(&dir.path().join("x"), false, DistillSettings { vgg: None, ..s.clone() }, &JobCtx::silent()).unwrap_err();
-    assert!(format!("{err:#}").contains("--lpips needs --vgg"), "{err:#}");
-    let err = run(&dir.path().join("y"), false, DistillSettings { vgg: Some(heads.display().to_string()), ..s }, &JobCtx::silent()).unwrap_err();
-    assert!(format!("{err:#}").contains("features.0.weight"), "{err:#}");
+    let refused = |name: &str, s: DistillSettings, says: &str| {
+        let out = dir.path().join(name);
+        let err = format!("{:#}", run(&out, false, s, &JobCtx::silent()).unwrap_err());
+        assert!(err.contains(says), "{err}");
+        assert!(!out.exists(), "{name}: a refused run wrote {}", out.display());
+    };
+    refused("x", DistillSettings { vgg: None, ..s.clone() }, "--lpips needs --vgg");
+    refused("y", DistillSettings { vgg: Some(heads.display().to_string()), ..s.clone() }, "features.0.weight");
+    refused("z", DistillSettings { convnext: Some(f.display().to_string()), ..s.clone() }, "config.json");
+    refused("w", DistillSettings { perceptual_size: Some(16), ..s }, "at least 32x32");
 }

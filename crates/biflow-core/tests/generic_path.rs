@@ -121,7 +121,7 @@ fn reverse_model_and_loss_generic_path_equal_fused() {
             noisy: &noisy,
             trajectory: &fo.trajectory,
         };
-        let value = loss_cfg.loss(&out, &targets, &[]).unwrap();
+        let value = loss_cfg.loss(&out, &targets, None).unwrap();
         let grads = value.total.backward().unwrap();
         (out.x, value.total, grads)
     };

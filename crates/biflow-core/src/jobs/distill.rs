@@ -15,11 +15,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::device::mode::Backend;
-use crate::models::flow::TarFlow;
+use crate::models::flow::{FlowConfig, TarFlow};
 use crate::job::JobCtx;
 use crate::engines::ReverseGrad;
-use crate::models::lpips::{Lpips, LpipsTerm};
-use crate::models::reverse::loss::{implied_conditional, LossConfig, LossKind, LossValue, PerceptualTerm, Targets};
+use crate::models::convnext::{ConvNextConfig, ConvNextV2};
+use crate::models::lpips::Lpips;
+use crate::models::perceptual::{Crop, Perceptual};
+use crate::models::reverse::loss::{implied_conditional, LossConfig, LossKind, LossValue, PerceptualTerms, Targets};
 use crate::models::reverse::{self, ReverseConfig, ReverseModel, ReverseOutput};
 use crate::run::{ForwardRef, Run, RunConfig};
 use crate::jobs::train::host_gradients;
@@ -88,17 +90,43 @@ crate::settings! {
         vgg: String,
         /// weight of the LPIPS term, after its adaptive weighting as every term's
         lpips_weight: f64 = 0.4,
+        /// a ConvNeXt-V2 folder (config.json + model.safetensors, as facebook/convnextv2-base-22k-224 on the hub): adds the squared distance of its pooled features between G's clean output and the image to the loss
+        convnext: String,
+        /// weight of the ConvNeXt term, after its adaptive weighting as every term's
+        convnext_weight: f64 = 0.1,
+        /// random: both images of a pair get the same random resized crop (8-100% of the area, aspect 3/4-4/3) before the perceptual networks, a new one per pair and step; none: the whole image
+        perceptual_crop: String {"random", "none"} = "random",
+        /// side of the images the perceptual networks see, bicubic with antialias (0: the images' own size, no resize: cheaper on a CPU)
+        perceptual_size: usize = 224,
     }
 }
 
-/// The perceptual terms of a distillation (paper §4: LPIPS between G's clean output and the image).
+/// The perceptual terms of a distillation (paper §4: LPIPS and ConvNeXt-V2 features between G's
+/// clean output and the image). Runs made before ConvNeXt and the crop stored LPIPS alone, compared
+/// whole at the images' size: the defaults of the later fields.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PerceptualOptions {
     /// LPIPS's heads and its VGG16 backbone, as given.
-    pub lpips: String,
-    pub vgg: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lpips: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vgg: Option<String>,
     pub lpips_weight: f64,
+    /// The ConvNeXt-V2 folder, as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub convnext: Option<String>,
+    #[serde(default = "convnext_weight")]
+    pub convnext_weight: f64,
+    #[serde(default)]
+    pub crop: Crop,
+    /// The side the networks see; None: the images' own.
+    #[serde(default)]
+    pub size: Option<usize>,
+}
+
+fn convnext_weight() -> f64 {
+    0.1
 }
 
 /// The resolved options, stored in RUN2/config.json under "train".
@@ -151,9 +179,13 @@ impl DistillOptions {
             cfg_range: self.cfg_range,
             drop_label: Some(self.drop_label),
             sample_every: Some(self.schedule.sample_every),
-            lpips: self.perceptual.as_ref().map(|p| p.lpips.clone()),
-            vgg: self.perceptual.as_ref().map(|p| p.vgg.clone()),
+            lpips: self.perceptual.as_ref().and_then(|p| p.lpips.clone()),
+            vgg: self.perceptual.as_ref().and_then(|p| p.vgg.clone()),
             lpips_weight: self.perceptual.as_ref().map(|p| p.lpips_weight),
+            convnext: self.perceptual.as_ref().and_then(|p| p.convnext.clone()),
+            convnext_weight: self.perceptual.as_ref().map(|p| p.convnext_weight),
+            perceptual_crop: self.perceptual.as_ref().map(|p| serde_json::to_value(p.crop).unwrap().as_str().unwrap().to_string()),
+            perceptual_size: self.perceptual.as_ref().map(|p| p.size.unwrap_or(0)),
         }
     }
 }
@@ -233,15 +265,7 @@ fn resolve(s: &DistillSettings, f_run: &Run, forward_dir: &str, data: &dyn Train
     if kind == LossKind::Hidden {
         ensure!(f.token_dim() <= channels, "--loss hidden reads G's states in token space: it needs --channels >= the token size {}", f.token_dim());
     }
-    let perceptual = match crate::models::lpips::weight_files(s.lpips.as_deref(), s.vgg.as_deref())? {
-        None => None,
-        Some((lpips, vgg)) => {
-            let lpips_weight = given(&s.lpips_weight);
-            ensure!(lpips_weight >= 0.0 && lpips_weight.is_finite(), "--lpips-weight must be >= 0, got {lpips_weight}");
-            ensure!(f.img_size >= 16, "--lpips needs images of at least 16x16 pixels (VGG16 halves them four times); these are {0}x{0}", f.img_size);
-            Some(PerceptualOptions { lpips: lpips.to_string(), vgg: vgg.to_string(), lpips_weight })
-        }
-    };
+    let perceptual = perceptual_options(s, f.img_size)?;
     let opts = DistillOptions {
         forward: forward_dir.to_string(),
         data: data_dir.to_string(),
@@ -256,6 +280,58 @@ fn resolve(s: &DistillSettings, f_run: &Run, forward_dir: &str, data: &dyn Train
     Ok((opts, g))
 }
 
+/// The perceptual terms asked for, checked: weights, the size the networks see, each network's
+/// smallest input (ConvNeXt's read from its config.json).
+fn perceptual_options(s: &DistillSettings, img_size: usize) -> Result<Option<PerceptualOptions>> {
+    let lpips = crate::models::lpips::weight_files(s.lpips.as_deref(), s.vgg.as_deref())?;
+    if lpips.is_none() && s.convnext.is_none() {
+        return Ok(None);
+    }
+    let weight = |w: f64, flag: &str| -> Result<f64> {
+        ensure!(w >= 0.0 && w.is_finite(), "--{flag} must be >= 0, got {w}");
+        Ok(w)
+    };
+    let (lpips_weight, convnext_weight) = (weight(given(&s.lpips_weight), "lpips-weight")?, weight(given(&s.convnext_weight), "convnext-weight")?);
+    let crop = match given(&s.perceptual_crop).as_str() {
+        "random" => Crop::Random,
+        "none" => Crop::None,
+        other => bail!("unknown --perceptual-crop '{other}': use random or none"),
+    };
+    let size = match given(&s.perceptual_size) {
+        0 => None,
+        n => Some(n),
+    };
+    let side = size.unwrap_or(img_size);
+    if lpips.is_some() {
+        ensure!(side >= 16, "--lpips needs images of at least 16x16 pixels (VGG16 halves them four times); the perceptual networks would see {side}x{side} (--perceptual-size)");
+    }
+    if let Some(dir) = &s.convnext {
+        let min = ConvNextConfig::read(Path::new(dir))?.min_size();
+        ensure!(side >= min, "--convnext needs images of at least {min}x{min} pixels (its stem and downsamplings); the perceptual networks would see {side}x{side} (--perceptual-size)");
+    }
+    Ok(Some(PerceptualOptions {
+        lpips: lpips.map(|(l, _)| l.to_string()),
+        vgg: lpips.map(|(_, v)| v.to_string()),
+        lpips_weight,
+        convnext: s.convnext.clone(),
+        convnext_weight,
+        crop,
+        size,
+    }))
+}
+
+/// The frozen networks of the perceptual terms, loaded (and checked) before any run folder is made.
+fn load_perceptual(p: &PerceptualOptions, flow: &FlowConfig, device: &Device) -> Result<Perceptual> {
+    let mut perceptual = Perceptual::new(flow, p.crop, p.size);
+    if let (Some(lpips), Some(vgg)) = (&p.lpips, &p.vgg) {
+        perceptual.add("lpips", p.lpips_weight, Box::new(Lpips::load(Path::new(lpips), Path::new(vgg), device)?));
+    }
+    if let Some(dir) = &p.convnext {
+        perceptual.add("convnext", p.convnext_weight, Box::new(ConvNextV2::load(Path::new(dir), device)?));
+    }
+    Ok(perceptual)
+}
+
 // ---------------------------------------------------------------------------------------------
 // The objective
 
@@ -266,7 +342,7 @@ struct Distillation {
     g: ReverseModel,
     engine: Option<ReverseGrad>,
     opts: DistillOptions,
-    perceptual: Vec<Box<dyn PerceptualTerm>>,
+    perceptual: Option<Perceptual>,
 }
 
 impl Objective for Distillation {
@@ -298,7 +374,8 @@ impl Objective for Distillation {
         // F is frozen: its weights are constants, so this pass records no gradient graph.
         let fo = self.flow.forward_tokens(&noisy, label_tensor.as_ref())?;
         let targets = Targets { clean: &clean, noisy: &noisy, trajectory: &fo.trajectory };
-        let loss = |pred: &ReverseOutput| self.opts.loss.loss(pred, &targets, &self.perceptual);
+        let perceptual = self.perceptual.as_ref().map(|p| p.at_step(n, rng, &dev)).transpose()?;
+        let loss = |pred: &ReverseOutput| self.opts.loss.loss(pred, &targets, perceptual.as_ref().map(|p| p as &dyn PerceptualTerms));
         let (value, grads) = match &mut self.engine {
             Some(engine) => step_by_hand(engine, slots, &fo.z, labels.as_deref(), &w, self.opts.loss.kind == LossKind::Hidden, loss)?,
             None => {
@@ -428,7 +505,7 @@ pub fn distill_job(options: Value, ctx: &JobCtx) -> Result<Value> {
 
 /// Distill on `data` (found at `data_dir`): a new run in `args.out`, or continue it with `args.resume`.
 pub fn distill_with(args: &SessionArgs, settings: &DistillSettings, data_dir: &str, data: &dyn TrainData, ctx: &JobCtx) -> Result<Value> {
-    let job = Distilling { given: settings.clone(), effective: settings.clone(), data_dir: data_dir.to_string(), forward: None, flow: None };
+    let job = Distilling { given: settings.clone(), effective: settings.clone(), data_dir: data_dir.to_string(), forward: None, flow: None, perceptual: None };
     training::drive(job, args, data, ctx)
 }
 
@@ -441,6 +518,8 @@ struct Distilling {
     forward: Option<(Run, PathBuf)>,
     /// F, loaded on the job's device.
     flow: Option<TarFlow>,
+    /// The perceptual terms' networks, loaded by `resolve`.
+    perceptual: Option<Perceptual>,
 }
 
 impl TrainingJob for Distilling {
@@ -484,7 +563,9 @@ impl TrainingJob for Distilling {
     fn resolve(&mut self, data: &dyn TrainData, device: &Device) -> Result<(DistillOptions, ReverseConfig)> {
         let (f_run, forward_abs) = self.forward.as_ref().expect("settled");
         let resolved = resolve(&self.effective, f_run, &forward_abs.display().to_string(), data, &self.data_dir)?;
-        self.flow = Some(f_run.load_flow(device)?);
+        let flow = f_run.load_flow(device)?;
+        self.perceptual = resolved.0.perceptual.as_ref().map(|p| load_perceptual(p, flow.config(), device)).transpose()?;
+        self.flow = Some(flow);
         Ok(resolved)
     }
 
@@ -520,12 +601,7 @@ impl TrainingJob for Distilling {
             }
             Backend::Composed => None,
         };
-        let flow = self.flow.take().expect("resolved");
-        let mut perceptual: Vec<Box<dyn PerceptualTerm>> = Vec::new();
-        if let Some(p) = &opts.perceptual {
-            let net = Lpips::load(Path::new(&p.lpips), Path::new(&p.vgg), device)?;
-            perceptual.push(Box::new(LpipsTerm::new(net, p.lpips_weight, flow.config())));
-        }
+        let (flow, perceptual) = (self.flow.take().expect("resolved"), self.perceptual.take());
         Ok((slots, Box::new(Distillation { flow, g, engine, opts, perceptual })))
     }
 
@@ -599,7 +675,7 @@ mod tests {
                     g.engine(&names, &sizes).unwrap()
                 });
                 let (_fm, flow) = crate::models::flow::new_trainable(&f_cfg, 1, &dev).unwrap();
-                let mut obj = Distillation { flow, g, engine, opts: options(kind, learned), perceptual: Vec::new() };
+                let mut obj = Distillation { flow, g, engine, opts: options(kind, learned), perceptual: None };
                 let mut rng = ChaCha8Rng::seed_from_u64(3);
                 let xs: Vec<f32> = (0..8 * 64).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
                 let ys: Vec<i64> = (0..8).map(|i| i % 3).collect();

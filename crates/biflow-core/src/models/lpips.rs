@@ -3,7 +3,7 @@
 //! each of the five ReLU stages (relu1_2 .. relu5_3) every feature vector is scaled to unit length
 //! over its channels; the squared difference, weighted per channel by the stage's learned 1x1 head
 //! and averaged over space, summed over the stages, is the distance. Differentiable in both images
-//! (a perceptual training loss takes its gradient through the frozen network).
+//! (a perceptual training loss, `models::perceptual`, takes its gradient through the frozen network).
 //!
 //! Weights: the backbone under torchvision's names (`features.{i}.weight|bias`, as in
 //! `vgg16-397923af.pth`; the classifier's tensors are ignored) and the heads under the package's
@@ -16,9 +16,6 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::engines::ops;
-
-use crate::models::flow::{unpatchify, FlowConfig};
-use crate::models::reverse::loss::PerceptualTerm;
 
 /// torchvision's `vgg16().features`: the indices of the 3x3 convolutions (padding 1) of each
 /// stage; a 2x2 max-pool opens every stage after the first, a ReLU follows every convolution.
@@ -174,35 +171,6 @@ pub fn weight_files<'a>(lpips: Option<&'a str>, vgg: Option<&'a str>) -> Result<
         (Some(l), Some(v)) => Ok(Some((l, v))),
         (Some(_), None) => anyhow::bail!("--lpips needs --vgg: torchvision's VGG16 weights (vgg16-397923af.pth), the network whose features LPIPS's heads weigh"),
         (None, Some(_)) => anyhow::bail!("--vgg is the backbone of --lpips: give --lpips too (the lpips package's weights/v0.1/vgg.pth)"),
-    }
-}
-
-/// LPIPS as a distillation term: G's clean output and the image, both as F's patch tokens,
-/// compared as images; its gradient reaches G through the frozen network.
-pub struct LpipsTerm {
-    net: Lpips,
-    weight: f64,
-    patch: usize,
-    channels: usize,
-    size: usize,
-}
-
-impl LpipsTerm {
-    pub fn new(net: Lpips, weight: f64, flow: &FlowConfig) -> LpipsTerm {
-        LpipsTerm { net, weight, patch: flow.patch_size, channels: flow.in_channels, size: flow.img_size }
-    }
-}
-
-impl PerceptualTerm for LpipsTerm {
-    fn name(&self) -> &str {
-        "lpips"
-    }
-    fn weight(&self) -> f64 {
-        self.weight
-    }
-    fn distance(&self, predicted: &Tensor, target: &Tensor) -> Result<Tensor> {
-        let image = |t: &Tensor| unpatchify(t, self.patch, self.channels, self.size);
-        self.net.distance(&image(predicted)?, &image(target)?)
     }
 }
 

@@ -9,4 +9,5 @@ pub mod flow;
 pub mod params;
 pub mod layers;
 pub mod lpips;
+pub mod perceptual;
 pub mod reverse;

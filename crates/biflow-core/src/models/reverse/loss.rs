@@ -32,12 +32,17 @@ pub struct LossConfig {
     pub adaptive_eps: f64,
 }
 
-/// An extra distance on x' (a perceptual loss such as LPIPS on images), added with its weight.
-pub trait PerceptualTerm {
-    fn name(&self) -> &str;
-    fn weight(&self) -> f64;
-    /// Per-sample distance (N) between predicted and target tokens (N, T, D).
-    fn distance(&self, predicted: &Tensor, target: &Tensor) -> Result<Tensor>;
+/// Extra distances on x' (perceptual losses on the images, `models::perceptual`), each added with
+/// its weight after the same adaptive weighting as every term.
+pub trait PerceptualTerms {
+    /// Each term's per-sample distance (N) between predicted and target tokens (N, T, D).
+    fn distances(&self, predicted: &Tensor, target: &Tensor) -> Result<Vec<WeightedDistance>>;
+}
+
+pub struct WeightedDistance {
+    pub name: String,
+    pub weight: f64,
+    pub distance: Tensor,
 }
 
 /// The forward states G is distilled from.
@@ -91,7 +96,7 @@ impl LossConfig {
     ///
     /// align: `sum_j D(n(x^{B-j}), phi_j(h_j)) + D(x, x')` (eq. 2); naive: `D(x, x')`; hidden:
     /// `sum_j D(n(x^{B-j}), h_j[..D]) + D(x, x')`. Against x~ instead of x without learned denoising.
-    pub fn loss(&self, pred: &ReverseOutput, t: &Targets, perceptual: &[Box<dyn PerceptualTerm>]) -> Result<LossValue> {
+    pub fn loss(&self, pred: &ReverseOutput, t: &Targets, perceptual: Option<&dyn PerceptualTerms>) -> Result<LossValue> {
         let b = t.trajectory.len();
         let stage_outputs: Vec<Tensor> = match self.kind {
             LossKind::Align => {
@@ -121,8 +126,8 @@ impl LossConfig {
         }
         let recon_target = if self.learned_denoise { t.clean } else { t.noisy };
         let mut end_terms = vec![("recon".to_string(), mse(&pred.x, recon_target)?, 1.0)];
-        for p in perceptual {
-            end_terms.push((p.name().to_string(), p.distance(&pred.x, recon_target)?, p.weight()));
+        if let Some(p) = perceptual {
+            end_terms.extend(p.distances(&pred.x, recon_target)?.into_iter().map(|d| (d.name, d.distance, d.weight)));
         }
         for (name, d, weight) in end_terms {
             parts.push((name, d.mean_all()?.to_scalar::<f32>()? as f64));
