@@ -204,6 +204,8 @@ fn distills_with_perceptual_terms_and_resumes_bit_exactly() {
     }
     let config = std::fs::read_to_string(whole.join("config.json")).unwrap();
     assert!(config.contains("\"convnextWeight\": 0.1") && config.contains("\"crop\": \"random\""), "{config}");
+    let report = std::fs::read_to_string(whole.join("report.html")).unwrap();
+    assert!(report.contains("convnext") && report.contains("lpips"), "the report shows neither term");
     let cut = dir.path().join("cut");
     assert!(run(&cut, false, s.clone(), &cancelling_ctx(10)).is_err());
     run(&cut, true, DistillSettings { forward: None, ..Default::default() }, &JobCtx::silent()).unwrap();
