@@ -13,6 +13,13 @@ every output O (the B heads and x') is combined as O_cond = (O(y,w) + w sg(O(nul
 loss = batch mean of sum_terms D / sg(D + 0.01), with D_j = MSE(O_cond_j, n(x^{B-j})) (n: unit RMS per
 sample) and D_rec = MSE(x'_cond, x); backward; grad clip 1.0; AdamW (0.9, 0.95), weight decay 1e-4.
 Prints one JSON object: steps/s (mean of the timed steps after a warm-up).
+
+`--perceptual-size S` adds the perceptual terms of biflow's `distill --lpips --convnext` (paper §4):
+x'_cond and x as images, each pair given one torchvision RandomResizedCrop (area U(0.08, 1), aspect
+3/4-4/3, bicubic with antialias) to S px, gray repeated to RGB; LPIPS (the lpips package, VGG with
+random backbone weights and its real v0.1 heads) weighted 0.4 and the squared L2 distance of
+ConvNeXt-V2 Base pooled features (transformers, random weights, ImageNet normalisation) weighted 0.1,
+each adaptively weighted as the other terms. Needs `pip install lpips transformers` as well.
 """
 import argparse
 import json
@@ -33,7 +40,54 @@ CONFIGS = {
     "tiny": dict(img=32, ch=1, patch=4, c=256, blocks=4, layers=2, g_layers=1, denoise=1, batch=64),
     # F: 64x64x4, patch 4 (T = 256, D = 64), 512 channels, 8 blocks x 1 layer; G: 8 stages x 1 + 1 denoise.
     "paper": dict(img=64, ch=4, patch=4, c=512, blocks=8, layers=1, g_layers=1, denoise=1, batch=16),
+    # The demo's F (biflow demo, full): 28x28x1, patch 4 (T = 49, D = 16), 128 channels, 4 blocks x 1 layer.
+    "demo": dict(img=28, ch=1, patch=4, c=128, blocks=4, layers=1, g_layers=1, denoise=1, batch=64),
 }
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class Perceptual:
+    """LPIPS (0.4) and ConvNeXt-V2 Base features (0.1) on paired random resized crops to `size`."""
+
+    def __init__(self, size, img, patch):
+        import lpips
+        from transformers import ConvNextV2Config, ConvNextV2Model
+
+        self.size, self.img, self.patch = size, img, patch
+        self.lpips = lpips.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True, verbose=False).eval().requires_grad_(False)
+        base = ConvNextV2Config(hidden_sizes=[128, 256, 512, 1024], depths=[3, 3, 27, 3])
+        self.convnext = ConvNextV2Model(base).eval().requires_grad_(False)
+        self.mean = torch.tensor(IMAGENET_MEAN)[None, :, None, None]
+        self.std = torch.tensor(IMAGENET_STD)[None, :, None, None]
+
+    def crops(self, pred, target):
+        outs = ([], [])
+        for i in range(pred.shape[0]):
+            top, left, h, w = random_resized_crop_box(self.img)
+            for out, x in zip(outs, (pred, target)):
+                box = x[i : i + 1, :, top : top + h, left : left + w]
+                out.append(torch.nn.functional.interpolate(box, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False))
+        return torch.cat(outs[0]), torch.cat(outs[1])
+
+    def terms(self, pred_tokens, target_tokens):
+        image = lambda t: torch.nn.functional.fold(t.transpose(1, 2), (self.img, self.img), self.patch, stride=self.patch)
+        x0, x1 = self.crops(image(pred_tokens), image(target_tokens))
+        x0, x1 = x0.repeat(1, 3, 1, 1), x1.repeat(1, 3, 1, 1)
+        d_lpips = self.lpips(x0, x1).reshape(-1)
+        feats = lambda x: self.convnext(pixel_values=((x + 1) / 2 - self.mean) / self.std).pooler_output
+        d_convnext = (feats(x0) - feats(x1)).pow(2).sum(1)
+        return [(0.4, d_lpips), (0.1, d_convnext)]
+
+
+def random_resized_crop_box(side, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params for a square image."""
+    for _ in range(10):
+        target = side * side * torch.empty(1).uniform_(*area).item()
+        aspect = math.exp(torch.empty(1).uniform_(math.log(ratio[0]), math.log(ratio[1])).item())
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= side and 0 < h <= side:
+            return int(torch.randint(0, side - h + 1, (1,))), int(torch.randint(0, side - w + 1, (1,))), h, w
+    return 0, 0, side, side
 GUIDANCE_FEATURES = 8  # f(w) = [sin(k pi s), cos(k pi s)], k = 1..8, s = w / (1 + w)
 
 
@@ -77,7 +131,7 @@ def adaptive(d, eps=0.01, p=1.0):
     return d / (d + eps).pow(p).detach()
 
 
-def distill_step(f, g, opt, x, y, sigma, cfg_range=(0.0, 3.0), label_drop=0.1):
+def distill_step(f, g, opt, x, y, sigma, perceptual=None, cfg_range=(0.0, 3.0), label_drop=0.1):
     n = x.shape[0]
     y = torch.where(torch.rand(n) < label_drop, torch.full_like(y, -1), y)  # -1: the mean class embedding
     lo, hi = cfg_range
@@ -93,7 +147,10 @@ def distill_step(f, g, opt, x, y, sigma, cfg_range=(0.0, 3.0), label_drop=0.1):
     cond = [(o + wb * o_null) / (1 + wb) for o, o_null in zip(outs, outs_null)]
     # Stage j mirrors x^{B-j}: x^{B-1}, ..., x^1, x^0 = x~ (normalised); x' reconstructs the clean x.
     targets = [unit_rms(v) for v in reversed([x0] + traj[:-1])] + [f.patchify(x)]
-    loss = sum(adaptive((o - t).pow(2).mean(dim=(1, 2))) for o, t in zip(cond, targets)).mean()
+    per_sample = sum(adaptive((o - t).pow(2).mean(dim=(1, 2))) for o, t in zip(cond, targets))
+    if perceptual is not None:
+        per_sample = per_sample + sum(weight * adaptive(d) for weight, d in perceptual.terms(cond[-1], targets[-1]))
+    loss = per_sample.mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(g.parameters(), 1.0)
@@ -101,8 +158,10 @@ def distill_step(f, g, opt, x, y, sigma, cfg_range=(0.0, 3.0), label_drop=0.1):
     return loss.item()
 
 
-def bench(name, steps, warmup, classes=10, sigma=0.05):
+def bench(name, steps, warmup, batch=None, perceptual_size=0, classes=10, sigma=0.05):
     k = dict(CONFIGS[name])
+    if batch:
+        k["batch"] = batch
     torch.manual_seed(0)
     f = TarFlow(k["img"], k["ch"], k["patch"], k["c"], k["blocks"], k["layers"], classes).eval()
     with torch.no_grad():
@@ -112,18 +171,20 @@ def bench(name, steps, warmup, classes=10, sigma=0.05):
     t, d = (k["img"] // k["patch"]) ** 2, k["ch"] * k["patch"] ** 2
     g = ReverseModel(d, t, k["c"], k["blocks"], k["g_layers"], k["denoise"], classes)
     opt = torch.optim.AdamW(g.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4)
+    perceptual = Perceptual(perceptual_size, k["img"], k["patch"]) if perceptual_size else None
     batch = k["batch"]
     x = torch.rand(batch, k["ch"], k["img"], k["img"]) * 2 - 1
     y = torch.arange(batch) % classes
     for i in range(warmup + steps):
         if i == warmup:
             start = time.perf_counter()
-        loss = distill_step(f, g, opt, x, y, sigma)
+        loss = distill_step(f, g, opt, x, y, sigma, perceptual)
     secs = time.perf_counter() - start
     return {
         "config": name,
         "what": "biflow distill step",
         "batch": batch,
+        "perceptualSize": perceptual_size,
         "steps": steps,
         "stepsPerSec": steps / secs,
         "imagesPerSec": steps * batch / secs,
@@ -139,7 +200,9 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--perceptual-size", type=int, default=0, help="add LPIPS and ConvNeXt-V2 terms on crops resized to this side (0: none)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), **bench(args.config, args.steps, args.warmup)}
+    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), **bench(args.config, args.steps, args.warmup, args.batch, args.perceptual_size)}
     print(json.dumps(out))

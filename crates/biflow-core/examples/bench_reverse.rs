@@ -8,9 +8,13 @@
 //!   decoding plus its denoising step) on the same F, noise and machine, in alternating rounds
 //!   (best round of each), with the FLOPs of each path;
 //! - `distill`: where the time of one distillation step goes (F's trajectory, G with its heads,
-//!   the unconditional pass for guidance, the loss, backward) and steps/s.
+//!   the unconditional pass for guidance, the loss, backward) and steps/s;
+//! - `perceptual` (not in `all`): steps/s of the `distill` job with both perceptual terms (LPIPS
+//!   0.4 over the fixtures' formula VGG16 and real heads, ConvNeXt-V2 Base 0.1 with random weights) on
+//!   random resized crops to `--size` (224), as scripts/reference/torch_biflow_distill_bench.py
+//!   `--perceptual-size` measures PyTorch.
 //!
-//!   cargo run --release -p biflow-core --example bench_reverse -- [tiny|paper|all] [matmul|sample|distill|all] [--batches 1,64] [--steps N]
+//!   cargo run --release -p biflow-core --example bench_reverse -- [tiny|paper|demo|all] [matmul|sample|distill|perceptual|all] [--batches 1,64] [--steps N] [--size 224]
 
 use std::time::Instant;
 
@@ -37,7 +41,9 @@ fn config(name: &str) -> FlowConfig {
         "mnist" => FlowConfig { img_size: 32, in_channels: 1, patch_size: 4, channels: 128, num_blocks: 4, layers_per_block: 1, num_classes: 10, clip_scale: Some(3.0) },
         // 64x64x4 with patch 4: T = 256, D = 64 (the forward benchmark's paper shape).
         "paper" => FlowConfig { img_size: 64, in_channels: 4, patch_size: 4, channels: 512, num_blocks: 8, layers_per_block: 1, num_classes: 10, clip_scale: None },
-        _ => panic!("unknown config {name}: use tiny or paper"),
+        // The full demo's F: 28x28 digits, patch 4 (T = 49, D = 16), 128 channels, 4 blocks of 1 layer.
+        "demo" => FlowConfig { img_size: 28, in_channels: 1, patch_size: 4, channels: 128, num_blocks: 4, layers_per_block: 1, num_classes: 10, clip_scale: Some(3.0) },
+        _ => panic!("unknown config {name}: use tiny, paper or demo"),
     }
 }
 
@@ -110,7 +116,7 @@ fn models(cfg: &FlowConfig) -> anyhow::Result<(TarFlow, ReverseModel, ReverseCon
 
 /// Steps/s of the `distill` job's steps (data, the step above, AdamW, EMA; after a warm-up step) on
 /// random images, from a forward run of F's initial weights written to a temporary folder.
-fn distill_steps_per_second(cfg: &FlowConfig, batch: usize, steps: usize) -> anyhow::Result<f64> {
+fn distill_steps_per_second(cfg: &FlowConfig, batch: usize, steps: usize, perceptual: Option<DistillSettings>) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
     let f_dir = dir.path().join("f");
     let mut rc = RunConfig::tarflow(cfg.clone());
@@ -137,7 +143,7 @@ fn distill_steps_per_second(cfg: &FlowConfig, batch: usize, steps: usize) -> any
         batch_size: Some(batch),
         steps: Some(steps as u64 + 1),
         save_every: Some(1_000_000),
-        ..Default::default()
+        ..perceptual.unwrap_or_default()
     };
     let args = SessionArgs { out: dir.path().join("g"), ..Default::default() };
     distill_with(&args, &settings, "synthetic", &data, &JobCtx::silent())?;
@@ -149,6 +155,37 @@ fn distill_steps_per_second(cfg: &FlowConfig, batch: usize, steps: usize) -> any
     Ok(steps as f64 / (times[steps] - times[0]))
 }
 
+/// The process's peak resident memory (MiB), from /proc.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+}
+
+/// The perceptual settings of a distillation with both terms on crops resized to `size`, their
+/// weights written to `dir`: the formula VGG16 of the LPIPS fixtures with the real heads, and a
+/// ConvNeXt-V2 Base of random weights in the hub's layout.
+fn perceptual_settings(dir: &std::path::Path, size: usize) -> anyhow::Result<DistillSettings> {
+    use biflow_core::models::convnext::{ConvNextConfig, ConvNextV2};
+    let vgg = dir.join("vgg.safetensors");
+    write_safetensors(&vgg, &biflow_core::eval::lpips::formula_backbone())?;
+    let heads = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lpips/vgg-lin-v0.1.pth");
+    let convnext = dir.join("convnextv2-base");
+    std::fs::create_dir_all(&convnext)?;
+    let config = json!({"model_type": "convnextv2", "hidden_sizes": [128, 256, 512, 1024], "depths": [3, 3, 27, 3]});
+    std::fs::write(convnext.join("config.json"), config.to_string())?;
+    let varmap = candle_nn::VarMap::new();
+    ConvNextV2::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &serde_json::from_value::<ConvNextConfig>(config)?)?;
+    varmap.save(convnext.join("model.safetensors"))?;
+    Ok(DistillSettings {
+        lpips: Some(heads.display().to_string()),
+        vgg: Some(vgg.display().to_string()),
+        convnext: Some(convnext.display().to_string()),
+        perceptual_size: Some(size),
+        ..Default::default()
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let which = args.first().cloned().unwrap_or_else(|| "all".into());
@@ -156,6 +193,16 @@ fn main() -> anyhow::Result<()> {
     let flag = |f: &str| args.iter().position(|a| a == f).and_then(|i| args.get(i + 1)).cloned();
     let batches: Vec<usize> = flag("--batches").unwrap_or_else(|| "1,64".into()).split(',').map(|s| s.parse().unwrap()).collect();
     let steps: usize = flag("--steps").map_or(5, |s| s.parse().unwrap());
+    if what == "perceptual" {
+        let size: usize = flag("--size").map_or(224, |s| s.parse().unwrap());
+        let cfg = config(if which == "all" { "demo" } else { &which });
+        let weights = tempfile::tempdir()?;
+        for &n in &batches {
+            let per_second = distill_steps_per_second(&cfg, n, steps, Some(perceptual_settings(weights.path(), size)?))?;
+            println!("{}", json!({"what": "perceptual", "config": which, "batch": n, "size": size, "steps": steps, "stepsPerSecond": per_second, "peakRssMiB": peak_rss_mib()}));
+        }
+        return Ok(());
+    }
     let dev = Device::Cpu;
     let (peak, packed_peak) = matmul_gflops()?;
     if what == "all" || what == "matmul" {
@@ -265,7 +312,7 @@ fn main() -> anyhow::Result<()> {
             }
             // A step: F forward, G forward twice (with heads), G backward (about 2 forwards).
             let flops = n as f64 * (forward_flops(&cfg) + 4.0 * reverse_flops(&g_cfg));
-            let whole = distill_steps_per_second(&cfg, n, steps)?;
+            let whole = distill_steps_per_second(&cfg, n, steps, None)?;
             println!(
                 "{}",
                 json!({"what": "distill", "config": name, "batch": n, "steps": steps,

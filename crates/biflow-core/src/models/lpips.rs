@@ -111,6 +111,7 @@ pub struct Lpips {
 impl Lpips {
     /// From the backbone's tensors (`vgg`) and the heads' (`heads`).
     pub fn new(vgg: VarBuilder, heads: VarBuilder) -> Result<Lpips> {
+        crate::engines::ops::tune_allocator();
         let device = vgg.device().clone();
         let backbone = Vgg16::new(vgg).context("these are not the weights of torchvision's VGG16 (features.{i}.weight and .bias)")?;
         let heads = WIDTHS

@@ -65,7 +65,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 /// glibc serves large allocations (every activation tensor) with mmap and trims the heap top
 /// aggressively, so each op of a training step page-faults its output into existence again (~20%
 /// of a CPU step in profiles, as kernel time). Raising the mmap and trim thresholds lets the buffers
-/// be reused. Called once by [`crate::models::flow::TarFlow::new`]; a no-op elsewhere than glibc Linux.
+/// be reused. Called by [`crate::models::flow::TarFlow::new`] and [`crate::models::lpips::Lpips::new`]; a no-op elsewhere than glibc Linux.
 pub fn tune_allocator() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
