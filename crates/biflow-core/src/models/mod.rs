@@ -11,3 +11,4 @@ pub mod layers;
 pub mod lpips;
 pub mod perceptual;
 pub mod reverse;
+pub mod vae;

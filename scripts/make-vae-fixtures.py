@@ -1,0 +1,71 @@
+"""Parity fixtures for biflow's VAE (crates/biflow-core/src/models/vae.rs) against diffusers' AutoencoderKL
+(0.42, float64 reference).
+
+A small random AutoencoderKL (widths 8 and 16, one resnet per block, 4 groups, 4 latent channels, mid-block
+attention, scaling factor 0.18215) is saved in the diffusers layout (config.json +
+diffusion_pytorch_model.safetensors), every tensor drawn at random so that norms and biases are not their
+identity values. For a 2x3x16x16 image batch the script records the encoder's mean and log-variance, the
+decoder's output for the mean, and the gradient of sum(decoded * r) with respect to the latents for a
+random r. Written: fixtures/vae/tiny-random/ and fixtures/vae/parity.safetensors.
+
+`--full` instead checks the full SD-VAE configuration (stabilityai/sd-vae-ft-ema's shapes, random weights,
+256 px) against biflow's `vae` job output and prints the relative errors (not a CI fixture: 335 MB).
+
+    python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch diffusers==0.42.0 numpy safetensors
+    /tmp/venv/bin/python scripts/make-vae-fixtures.py
+"""
+import os
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from safetensors.numpy import save_file
+
+
+def randomise(model):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn_like(p) / np.sqrt(p[0].numel()))
+            elif name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+
+
+def main():
+    root = os.path.join(os.path.dirname(__file__), "..", "fixtures", "vae")
+    model = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=16,
+    ).eval()
+    randomise(model)
+    model.save_pretrained(os.path.join(root, "tiny-random"), safe_serialization=True)
+    model = model.to(torch.float64)
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64) * 2 - 1
+    posterior = model.encode(x).latent_dist
+    z = posterior.mean.detach().clone().requires_grad_(True)
+    decoded = model.decode(z).sample
+    r = torch.randn_like(decoded)
+    (decoded * r).sum().backward()
+    out = {
+        "x": x.numpy().astype(np.float32).copy(order="C"),
+        "mean": posterior.mean.detach().numpy().astype(np.float32).copy(order="C"),
+        "logvar": posterior.logvar.detach().numpy().astype(np.float32).copy(order="C"),
+        "decoded": decoded.detach().numpy().astype(np.float32).copy(order="C"),
+        "r": r.numpy().astype(np.float32).copy(order="C"),
+        "grad": z.grad.numpy().astype(np.float32).copy(order="C"),
+    }
+    save_file(out, os.path.join(root, "parity.safetensors"))
+    print({k: (v.shape, float(np.abs(v).max())) for k, v in out.items()})
+
+
+if __name__ == "__main__":
+    main()
