@@ -5,12 +5,10 @@ use std::num::NonZeroUsize;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
 use super::fid::eval::FormulaOptions;
-use super::fid::preprocess::Image;
-use super::fid::source::{ArraySource, FolderSource, ImageSource, IMAGE_EXTENSIONS};
+use super::fid::source::{images_tensor, open_images};
 use crate::io::tensors::HostTensor;
 use crate::job::JobCtx;
 use crate::jobs::options::DeviceArgs;
@@ -31,44 +29,11 @@ crate::options! {
     }
 }
 
-/// One side's images and their names.
-fn open(spec: &str) -> Result<(Box<dyn ImageSource>, Vec<String>)> {
-    let path = Path::new(spec);
-    ensure!(path.exists(), "{spec} does not exist");
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    if path.is_dir() {
-        let s = FolderSource::open(path)?;
-        let names = s.names();
-        Ok((Box::new(s), names))
-    } else if ext == "npz" {
-        let s = ArraySource::open_npz(path)?;
-        let n = s.len().unwrap_or(0);
-        Ok((Box::new(s), (0..n).map(|i| format!("{i}")).collect()))
-    } else if IMAGE_EXTENSIONS.contains(&ext.as_str()) {
-        let s = FolderSource::file(path)?;
-        Ok((Box::new(s), vec![path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()]))
-    } else {
-        bail!("{spec}: expected an image file ({}), a folder of images or an .npz array", IMAGE_EXTENSIONS.join(", "))
-    }
-}
-
-/// Images (RGB, HWC in [0, 1]) of one size as a batch (N, 3, H, W) in [-1, 1].
-fn batch(images: &[Image], device: &Device) -> Result<Tensor> {
-    let (h, w) = (images[0].h, images[0].w);
-    let mut v = Vec::with_capacity(images.len() * 3 * h * w);
-    for im in images {
-        for c in 0..3 {
-            v.extend(im.data.iter().skip(c).step_by(3).map(|x| 2.0 * x - 1.0));
-        }
-    }
-    Ok(Tensor::from_vec(v, (images.len(), 3, h, w), device)?)
-}
-
 pub fn lpips(o: LpipsOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
     let placement = on.place()?;
     let device = &placement.device;
-    let (mut a, names_a) = open(&o.a)?;
-    let (mut b, names_b) = open(&o.b)?;
+    let (mut a, names_a) = open_images(&o.a)?;
+    let (mut b, names_b) = open_images(&o.b)?;
     ensure!(names_a.len() == names_b.len(), "{} holds {} images and {} holds {}: LPIPS compares them in pairs", o.a, names_a.len(), o.b, names_b.len());
     if Path::new(&o.a).is_dir() && Path::new(&o.b).is_dir() {
         if let Some((x, y)) = names_a.iter().zip(&names_b).find(|(x, y)| x != y) {
@@ -92,7 +57,7 @@ pub fn lpips(o: LpipsOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
             while j < xa.len() && (xa[j].h, xa[j].w) == (h, w) && (xb[j].h, xb[j].w) == (h, w) {
                 j += 1;
             }
-            let d = net.distance(&batch(&xa[i..j], device)?, &batch(&xb[i..j], device)?).with_context(|| format!("pair {}", names_a[k]))?;
+            let d = net.distance(&images_tensor(&xa[i..j], device)?, &images_tensor(&xb[i..j], device)?).with_context(|| format!("pair {}", names_a[k]))?;
             distances.extend(d.to_vec1::<f32>()?);
             i = j;
         }

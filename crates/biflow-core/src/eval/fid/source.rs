@@ -22,6 +22,40 @@ pub trait ImageSource: Send {
 /// File extensions of an image folder (those pytorch-fid reads that the image decoder supports).
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "bmp"];
 
+/// The images of an image file, a folder of images or an .npz array, and their names (file names;
+/// indices for an array).
+pub(crate) fn open_images(spec: &str) -> Result<(Box<dyn ImageSource>, Vec<String>)> {
+    let path = Path::new(spec);
+    ensure!(path.exists(), "{spec} does not exist");
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    if path.is_dir() {
+        let s = FolderSource::open(path)?;
+        let names = s.names();
+        Ok((Box::new(s), names))
+    } else if ext == "npz" {
+        let s = ArraySource::open_npz(path)?;
+        let n = s.len().unwrap_or(0);
+        Ok((Box::new(s), (0..n).map(|i| format!("{i}")).collect()))
+    } else if IMAGE_EXTENSIONS.contains(&ext.as_str()) {
+        let s = FolderSource::file(path)?;
+        Ok((Box::new(s), vec![path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()]))
+    } else {
+        bail!("{spec}: expected an image file ({}), a folder of images or an .npz array", IMAGE_EXTENSIONS.join(", "))
+    }
+}
+
+/// Images (RGB, HWC in [0, 1]) of one size as a batch (N, 3, H, W) in [-1, 1].
+pub(crate) fn images_tensor(images: &[Image], device: &candle_core::Device) -> Result<candle_core::Tensor> {
+    let (h, w) = (images[0].h, images[0].w);
+    let mut v = Vec::with_capacity(images.len() * 3 * h * w);
+    for im in images {
+        for c in 0..3 {
+            v.extend(im.data.iter().skip(c).step_by(3).map(|x| 2.0 * x - 1.0));
+        }
+    }
+    Ok(candle_core::Tensor::from_vec(v, (images.len(), 3, h, w), device)?)
+}
+
 /// The images of a folder (not recursive, as pytorch-fid), in name order, decoded in parallel.
 pub struct FolderSource {
     dir: PathBuf,
