@@ -12,6 +12,7 @@ pub mod runs;
 pub mod sample;
 pub mod training;
 pub mod train;
+pub mod vae;
 
 use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
@@ -72,6 +73,8 @@ pub fn option_specs(name: &str) -> Result<Vec<options::OptionSpec>> {
         "fid.formulaWeights" => crate::eval::fid::eval::FormulaOptions::specs(),
         "export" => bundle::ExportOptions::specs(),
         "import-bundle" => bundle::ImportBundleOptions::specs(),
+        "vae.encode" => vae::VaeEncodeOptions::specs(),
+        "vae.decode" => vae::VaeDecodeOptions::specs(),
         _ => bail!("job '{name}' declares no options"),
     })
 }
@@ -97,6 +100,8 @@ pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
         "eval-quality" => placed(name, options, ctx, crate::eval::judge::quality::eval_quality),
         "eval-bpd" => placed(name, options, ctx, crate::eval::bpd::eval_bpd),
         "lpips" => placed(name, options, ctx, crate::eval::lpips::lpips),
+        "vae.encode" => placed(name, options, ctx, crate::jobs::vae::encode),
+        "vae.decode" => placed(name, options, ctx, crate::jobs::vae::decode),
         "lpips.formulaWeights" => crate::eval::lpips::formula_weights(declared(name, options)?, ctx),
         "runs" => crate::jobs::runs::runs(declared(name, options)?),
         "doctor" => Ok(crate::device::doctor()),

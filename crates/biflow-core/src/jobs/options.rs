@@ -360,8 +360,10 @@ mod tests {
             rest.remove("config");
             Value::Object(rest)
         }
-        let jobs: [(&str, fn(Value)); 22] = [
+        let jobs: [(&str, fn(Value)); 24] = [
             ("lpips", accepts::<crate::eval::lpips::LpipsOptions>),
+            ("vae.encode", accepts::<crate::jobs::vae::VaeEncodeOptions>),
+            ("vae.decode", accepts::<crate::jobs::vae::VaeDecodeOptions>),
             ("train", |v| {
                 keeps::<TrainSettings>(session("train", v));
                 TrainSettings::defaults();
