@@ -8,12 +8,15 @@ identity values. For a 2x3x16x16 image batch the script records the encoder's me
 decoder's output for the mean, and the gradient of sum(decoded * r) with respect to the latents for a
 random r. Written: fixtures/vae/tiny-random/ and fixtures/vae/parity.safetensors.
 
-`--full` instead checks the full SD-VAE configuration (stabilityai/sd-vae-ft-ema's shapes, random weights,
-256 px) against biflow's `vae` job output and prints the relative errors (not a CI fixture: 335 MB).
+`--full DIR` instead writes the full SD-VAE configuration (stabilityai/sd-vae-ft-ema's shapes: widths
+128-512, 2 resnets per block, 32 groups; random weights, 335 MB) to DIR with the same four references for
+one 256 px image; `BIFLOW_VAE_FULL=DIR cargo test --release -p biflow-core -- --ignored full_sd_vae` then
+compares (not a CI fixture: too large).
 
     python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch diffusers==0.42.0 numpy safetensors
-    /tmp/venv/bin/python scripts/make-vae-fixtures.py
+    /tmp/venv/bin/python scripts/make-vae-fixtures.py [--full DIR]
 """
+import argparse
 import os
 
 import numpy as np
@@ -34,35 +37,50 @@ def randomise(model):
                 p.copy_(0.2 * torch.randn_like(p))
 
 
-def main():
-    root = os.path.join(os.path.dirname(__file__), "..", "fixtures", "vae")
-    model = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=4,
-        sample_size=16,
-    ).eval()
-    randomise(model)
-    model.save_pretrained(os.path.join(root, "tiny-random"), safe_serialization=True)
+def references(model, x):
+    """Mean, log-variance, the decoded mean and the decoder's latent gradient, in float64."""
     model = model.to(torch.float64)
-    torch.manual_seed(1)
-    x = torch.rand(2, 3, 16, 16, dtype=torch.float64) * 2 - 1
     posterior = model.encode(x).latent_dist
     z = posterior.mean.detach().clone().requires_grad_(True)
     decoded = model.decode(z).sample
     r = torch.randn_like(decoded)
     (decoded * r).sum().backward()
-    out = {
-        "x": x.numpy().astype(np.float32).copy(order="C"),
-        "mean": posterior.mean.detach().numpy().astype(np.float32).copy(order="C"),
-        "logvar": posterior.logvar.detach().numpy().astype(np.float32).copy(order="C"),
-        "decoded": decoded.detach().numpy().astype(np.float32).copy(order="C"),
-        "r": r.numpy().astype(np.float32).copy(order="C"),
-        "grad": z.grad.numpy().astype(np.float32).copy(order="C"),
-    }
+    arrays = {"x": x, "mean": posterior.mean, "logvar": posterior.logvar, "decoded": decoded, "r": r, "grad": z.grad}
+    return {k: v.detach().numpy().astype(np.float32).copy(order="C") for k, v in arrays.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--full", help="write the full SD-VAE check to this folder instead of the CI fixture")
+    args = ap.parse_args()
+    if args.full:
+        model = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            norm_num_groups=32,
+            latent_channels=4,
+            sample_size=256,
+        ).eval()
+        root, model_dir, side, n = args.full, os.path.join(args.full, "vae"), 256, 1
+    else:
+        model = AutoencoderKL(
+            block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1,
+            norm_num_groups=4,
+            latent_channels=4,
+            sample_size=16,
+        ).eval()
+        root = os.path.join(os.path.dirname(__file__), "..", "fixtures", "vae")
+        model_dir, side, n = os.path.join(root, "tiny-random"), 16, 2
+    randomise(model)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    torch.manual_seed(1)
+    x = torch.rand(n, 3, side, side, dtype=torch.float64) * 2 - 1
+    out = references(model, x)
     save_file(out, os.path.join(root, "parity.safetensors"))
     print({k: (v.shape, float(np.abs(v).max())) for k, v in out.items()})
 
