@@ -29,6 +29,20 @@ describe('biflow vae encode / decode', () => {
     expect(existsSync(join(out, '000001.png')) && existsSync(join(out, 'grid.png'))).toBe(true)
   })
 
+  it('prepares a latent dataset (data prepare --vae) whose grid inspect decodes', () => {
+    const out = join(work, 'latents')
+    const r = runJson<{count: number; channels: number; height: number; latent: {imageShape: number[]; scalingFactor: number}}>(['data', 'prepare', images, '--out', out, '--size', '16', '--vae', vae])
+    expect(r).toMatchObject({count: 2, channels: 4, height: 8, latent: {imageShape: [3, 16, 16], scalingFactor: 0.18215}})
+    const inspected = runJson<{grid: string; latent: {vae: string}}>(['data', 'inspect', out])
+    expect(existsSync(inspected.grid)).toBe(true)
+    expect(inspected.latent.vae).toBe(vae)
+    const train = runCli(['train', '--data', out, '--out', join(work, 'run'), '--steps', '1'])
+    expect(train.code).not.toBe(0)
+    expect(train.stderr).toMatch(/latent dataset/)
+    expect(runCli(['data', 'prepare', images, '--out', join(work, 'odd'), '--size', '15', '--vae', vae]).stderr).toMatch(/multiple of the VAE's downsampling/)
+    expect(existsSync(join(work, 'odd'))).toBe(false)
+  })
+
   it('refuses a folder that is not a VAE, images of a size it cannot take, and latents of the wrong shape', () => {
     const notVae = join(work, 'not-vae')
     mkdirSync(notVae)

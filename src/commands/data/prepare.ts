@@ -2,6 +2,7 @@ import {join} from 'node:path'
 
 import {builtin} from '../../lib/builtin.js'
 import {BiflowCommand} from '../../lib/command.js'
+import {deviceFlags} from '../../lib/device.js'
 import {optionArgs, optionFlags} from '../../lib/options.js'
 
 export interface PrepareResult {
@@ -18,6 +19,7 @@ export interface PrepareResult {
   checksum: string
   seconds: number
   imagesPerSec: number
+  latent?: {vae: string; scalingFactor: number; shiftFactor: number; imageShape: number[]}
 }
 
 export default class DataPrepare extends BiflowCommand {
@@ -28,6 +30,8 @@ export default class DataPrepare extends BiflowCommand {
     '',
     '--size N resizes the shorter side to N and crops the center N x N: 2x2 box halving while the shorter side is at least 2N, then a Catmull-Rom bicubic filter, as the ADM/TARFlow pipelines do. Without --size every image must have the same size.',
     '',
+    '--vae DIR stores each image\'s latents instead of its pixels: the images (prepared at --size, RGB) go through the VAE (a diffusers AutoencoderKL folder, as stabilityai/sd-vae-ft-ema) and each record holds (mean - shift) * scaling as float16, the latents as training sees them (the posterior mean: a prepared dataset stays a function of its images). The manifest names the VAE and its checksum; `data inspect` decodes its grid with it. --device runs the encoder on a GPU.',
+    '',
     'The dataset is built next to DIR and renamed into place only when complete: a failure or Ctrl-C leaves DIR as it was. Decoding runs in parallel on all cores.',
   ].join('\n')
 
@@ -36,11 +40,12 @@ export default class DataPrepare extends BiflowCommand {
     '<%= config.bin %> data prepare ~/images/afhq --out data/afhq64 --size 64 --val-fraction 0.01',
     '<%= config.bin %> data prepare imagenet32_train.npz --out data/in32 --limit 100000',
     '<%= config.bin %> data prepare photos.tar.gz --out data/photos --size 32 --skip-bad --force',
+    '<%= config.bin %> data prepare ~/imagenet/train --out data/in256-latents --size 256 --vae sd-vae-ft-ema/',
   ]
 
   static args = optionArgs('data.prepare', ['input'])
 
-  static flags = optionFlags('data.prepare', {input: 'argument', out: {char: 'o'}, 'source-name': 'given', 'records-per-shard': 'given'})
+  static flags = {...deviceFlags, ...optionFlags('data.prepare', {input: 'argument', out: {char: 'o'}, 'source-name': 'given', 'records-per-shard': 'given'})}
 
   async run(): Promise<PrepareResult> {
     const {args, flags} = await this.parse(DataPrepare)
@@ -48,9 +53,11 @@ export default class DataPrepare extends BiflowCommand {
     const input = args.input as string // required: oclif refuses a missing one
     const given = input.startsWith('builtin:') ? builtin(input.slice('builtin:'.length)) : undefined
     const r = await this.job<PrepareResult>('data.prepare', {
+      ...this.options('device', flags),
       ...this.options('data.prepare', flags),
       ...(given ? {input: given.input, format: given.format, sourceName: input} : {input}),
     })
+    if (r.latent) this.log(`latents (${r.channels}x${r.height}x${r.width}, float16) of ${r.latent.imageShape.join('x')} images through the VAE ${r.latent.vae}`)
     const labels = r.classes > 0 ? `${r.classes} classes` : 'unlabelled'
     this.log(
       `prepared ${r.count} images (${r.channels}x${r.height}x${r.width}, ${labels}; train ${r.train}, val ${r.val}) in ${r.out}` +

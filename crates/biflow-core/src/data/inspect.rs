@@ -6,7 +6,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 
+use candle_core::{Device, Tensor};
+
 use super::Dataset;
+use crate::io::image::to_u8;
+use crate::models::vae::Vae;
 use crate::job::JobCtx;
 
 crate::options! {
@@ -49,15 +53,28 @@ fn pick(ds: &Dataset, per_row: usize, rows: usize) -> Vec<Vec<usize>> {
     out
 }
 
-/// Write a grid of the chosen records as a PNG (grey or RGB as the dataset).
-fn write_grid(ds: &Dataset, rows: &[Vec<usize>], per_row: usize, path: &Path) -> Result<()> {
+/// The pixels (C,H,W uint8) of record `r`: as stored, or a latent record decoded by the VAE.
+fn pixels(ds: &Dataset, vae: Option<&Vae>, r: usize) -> Result<Vec<u8>> {
+    let Some(vae) = vae else { return Ok(ds.record(r).0.to_vec()) };
     let (c, h, w) = ds.shape();
+    let values: Vec<f32> = ds.record(r).0.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+    let x = vae.images(&Tensor::from_vec(values, (1, c, h, w), &Device::Cpu)?)?;
+    Ok(x.flatten_all()?.to_vec1::<f32>()?.into_iter().map(to_u8).collect())
+}
+
+/// Write a grid of the chosen records as a PNG (grey or RGB as the dataset; a latent dataset's
+/// records decoded by its VAE).
+fn write_grid(ds: &Dataset, vae: Option<&Vae>, rows: &[Vec<usize>], per_row: usize, path: &Path) -> Result<()> {
+    let (c, h, w) = match &ds.manifest.latent {
+        Some(l) => (l.image_shape[0], l.image_shape[1], l.image_shape[2]),
+        None => ds.shape(),
+    };
     let gw = per_row * (w + GAP) + GAP;
     let gh = rows.len().max(1) * (h + GAP) + GAP;
     let mut canvas = vec![40u8; gw * gh * c];
     for (ri, row) in rows.iter().enumerate() {
         for (ci, &r) in row.iter().enumerate() {
-            let (px, _) = ds.record(r);
+            let px = pixels(ds, vae, r)?;
             let (x0, y0) = (GAP + ci * (w + GAP), GAP + ri * (h + GAP));
             for y in 0..h {
                 for x in 0..w {
@@ -88,7 +105,8 @@ pub fn inspect(o: InspectOptions, ctx: &JobCtx) -> Result<Value> {
     }
     let grid = o.grid.map(PathBuf::from).unwrap_or_else(|| dir.join("preview.png"));
     let chosen = pick(&ds, per_row, rows);
-    write_grid(&ds, &chosen, per_row, &grid)?;
+    let vae = if ds.is_latent() { Some(super::latent::dataset_vae(&ds, &Device::Cpu)?) } else { None };
+    write_grid(&ds, vae.as_ref(), &chosen, per_row, &grid)?;
     let m = &ds.manifest;
     Ok(json!({
         "dir": dir.display().to_string(),
@@ -105,6 +123,7 @@ pub fn inspect(o: InspectOptions, ctx: &JobCtx) -> Result<Value> {
         "checksum": m.checksum.value,
         "verified": o.verify,
         "skipped": m.skipped,
+        "latent": m.latent,
         "grid": grid.display().to_string(),
         "gridRows": chosen.len(),
     }))

@@ -11,12 +11,17 @@
 //! DIR/val.idx             sorted little-endian u32 record indices of the validation split (absent if none)
 //! ```
 //!
+//! A latent dataset (`data prepare --vae`) has the same files; its records are the images' VAE
+//! latents as training sees them, `(mean - shift) * scaling`, float16 little-endian in (C,H,W) order, and
+//! its manifest's `latent` names the VAE (path and checksum), the scaling and the images' shape.
+//!
 //! The checksum is SHA-256 over the shard files in order, then `labels.bin`, then `val.idx`.
 //! Readers map the files into memory ([`Dataset`]); nothing is loaded whole.
 
 pub mod bench;
 mod decode;
 pub mod inspect;
+mod latent;
 pub mod prepare;
 mod resize;
 mod rng;
@@ -165,11 +170,37 @@ pub struct Manifest {
     pub checksum: Checksum,
     #[serde(default)]
     pub skipped: Vec<SkippedFile>,
+    /// Present for a latent dataset: its records are VAE latents, not pixels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latent: Option<LatentInfo>,
+}
+
+/// How a latent dataset's records were made.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LatentInfo {
+    /// The VAE folder, as given to `data prepare --vae`.
+    pub vae: String,
+    /// SHA-256 of its weights file.
+    pub vae_sha256: String,
+    pub scaling_factor: f64,
+    pub shift_factor: f64,
+    /// "mean": each record is the posterior mean (deterministic; a draw adds noise training does not need).
+    pub posterior: String,
+    /// "float16", little-endian.
+    pub dtype: String,
+    /// The images' shape (channels, height, width) before encoding.
+    pub image_shape: [usize; 3],
 }
 
 impl Manifest {
     pub fn labelled(&self) -> bool {
         !self.classes.is_empty()
+    }
+
+    /// Bytes per stored value: 1 (uint8 pixels) or 2 (float16 latents).
+    pub fn value_bytes(&self) -> usize {
+        if self.latent.is_some() { 2 } else { 1 }
     }
 }
 
@@ -228,11 +259,14 @@ impl Dataset {
             serde_json::from_value(value).with_context(|| format!("{} is a malformed dataset manifest", mpath.display()))?;
         let m = &manifest;
         ensure!(
-            m.channels.checked_mul(m.height).and_then(|x| x.checked_mul(m.width)) == Some(m.record_bytes),
+            m.channels.checked_mul(m.height).and_then(|x| x.checked_mul(m.width)).and_then(|x| x.checked_mul(m.value_bytes())) == Some(m.record_bytes),
             "{}: recordBytes does not match the image shape",
             mpath.display()
         );
         ensure!(m.record_bytes > 0 && m.records_per_shard > 0, "{}: empty record layout", mpath.display());
+        if let Some(l) = &m.latent {
+            ensure!(l.dtype == "float16", "{}: latent dtype '{}' is not supported (float16)", mpath.display(), l.dtype);
+        }
         ensure!(m.count <= u32::MAX as usize, "dataset {} is too large", dir.display());
 
         let mut shards = Vec::with_capacity(m.shards.len());
@@ -332,7 +366,23 @@ impl Dataset {
         }
     }
 
-    /// Pixels (C,H,W uint8) and label of record `r` (whole-dataset numbering).
+    /// Whether the records are VAE latents (see [`LatentInfo`]) rather than pixels.
+    pub fn is_latent(&self) -> bool {
+        self.manifest.latent.is_some()
+    }
+
+    /// Refuse a latent dataset where pixels are needed, naming the command that cannot use it yet.
+    pub fn require_pixels(&self, what: &str) -> Result<()> {
+        ensure!(
+            !self.is_latent(),
+            "{} is a latent dataset (VAE latents, made with --vae): {what} needs images; prepare the images without --vae for it",
+            self.dir.display()
+        );
+        Ok(())
+    }
+
+    /// Pixels (C,H,W uint8) and label of record `r` (whole-dataset numbering); a latent dataset's
+    /// record is its float16 bytes.
     pub fn record(&self, r: usize) -> (&[u8], i64) {
         let m = &self.manifest;
         let shard = &self.shards[r / m.records_per_shard];
@@ -348,23 +398,30 @@ impl Dataset {
     }
 
     /// A batch of images as f32 C,H,W in [-1, 1] (x/127.5 - 1) concatenated, plus labels; fast path
-    /// (large batches are converted on several threads).
+    /// (large batches are converted on several threads). A latent dataset gives its latents as stored.
     pub fn batch_f32(&self, split: Split, indices: &[usize]) -> Result<(Vec<f32>, Vec<i64>)> {
         use rayon::prelude::*;
         let table = to_unit_table();
-        let rb = self.manifest.record_bytes;
+        let latent = self.is_latent();
+        let values = self.manifest.record_bytes / self.manifest.value_bytes();
         let records = indices.iter().map(|&i| self.record_index(split, i)).collect::<Result<Vec<_>>>()?;
-        let mut out = vec![0f32; indices.len() * rb];
+        let mut out = vec![0f32; indices.len() * values];
         let fill = |(o, &r): (&mut [f32], &usize)| {
-            let (px, _) = self.record(r);
-            for (o, &p) in o.iter_mut().zip(px) {
-                *o = table[p as usize];
+            let (bytes, _) = self.record(r);
+            if latent {
+                for (o, b) in o.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            } else {
+                for (o, &p) in o.iter_mut().zip(bytes) {
+                    *o = table[p as usize];
+                }
             }
         };
         if out.len() >= 1 << 20 {
-            out.par_chunks_mut(rb).zip(records.par_iter()).for_each(fill);
+            out.par_chunks_mut(values).zip(records.par_iter()).for_each(fill);
         } else {
-            out.chunks_mut(rb).zip(records.iter()).for_each(fill);
+            out.chunks_mut(values).zip(records.iter()).for_each(fill);
         }
         let labels = records.iter().map(|&r| self.record(r).1).collect();
         Ok((out, labels))

@@ -20,6 +20,8 @@ use super::{
     MANIFEST,
 };
 use crate::job::JobCtx;
+use crate::jobs::options::DeviceArgs;
+use crate::models::vae::Vae;
 
 crate::options! {
     pub struct PrepareOptions {
@@ -47,6 +49,10 @@ crate::options! {
         skip_bad: bool,
         /// records per shard file (default: about 256 MiB of records)
         records_per_shard: Option<usize>,
+        /// a VAE folder (diffusers AutoencoderKL, as stabilityai/sd-vae-ft-ema): store each image's latents, (mean - shift) * scaling as float16, instead of its pixels; needs --size, a multiple of the VAE's downsampling (8 for the SD VAEs)
+        vae: Option<String>,
+        /// images per batch through the VAE (--vae)
+        vae_batch_size: usize = 8,
     }
 }
 
@@ -150,8 +156,22 @@ fn check_out(out: &Path, force: bool) -> Result<bool> {
     }
 }
 
-pub fn prepare(o: PrepareOptions, ctx: &JobCtx) -> Result<Value> {
+pub fn prepare(o: PrepareOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
     let started = Instant::now();
+    // The VAE is loaded (and checked) before any work, on the device asked for.
+    let vae = match &o.vae {
+        Some(dir) => {
+            let size = o.size.context("--vae needs --size: latents are made from images of one square size")?;
+            ensure!(o.vae_batch_size >= 1, "--vae-batch-size must be at least 1");
+            let device = on.place()?.device;
+            let vae = Vae::load(Path::new(dir), &device)?;
+            let f = vae.config().downsampling();
+            ensure!(size % f == 0, "--size {size} is not a multiple of the VAE's downsampling {f}: the latents would not cover the image (try {})", (size / f).max(1) * f);
+            ensure!(o.channels.is_none_or(|c| c == vae.config().in_channels), "--channels {} does not fit the VAE, which encodes {}-channel images", o.channels.unwrap_or(0), vae.config().in_channels);
+            Some((vae, device))
+        }
+        None => None,
+    };
     if let Some(c) = o.channels {
         ensure!(c == 1 || c == 3, "--channels must be 1 or 3 (got {c})");
     }
@@ -186,7 +206,16 @@ pub fn prepare(o: PrepareOptions, ctx: &JobCtx) -> Result<Value> {
         std::fs::remove_dir_all(&staging).ok();
     }
     std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
-    let built = build(&o, kind, &source_name, source, &staging, ctx);
+    let built = match &vae {
+        None => build(&o, kind, &source_name, source, &staging, ctx),
+        Some((vae, device)) => {
+            // The images first (RGB, as the VAE takes them), then their latents beside them.
+            let pixels = staging.join("images");
+            std::fs::create_dir_all(&pixels).with_context(|| format!("cannot create {}", pixels.display()))?;
+            let o_rgb = PrepareOptions { channels: Some(vae.config().in_channels), ..o.clone() };
+            build(&o_rgb, kind, &source_name, source, &pixels, ctx).and_then(|_| super::latent::encode_dataset(&pixels, vae, device, o.vae.as_deref().unwrap_or_default(), o.vae_batch_size, &staging, ctx))
+        }
+    };
     let result = built.and_then(|summary| {
         // Re-check: something may have appeared at `out` while we worked.
         let replace = check_out(&out, o.force)?;
@@ -379,6 +408,7 @@ fn build(o: &PrepareOptions, kind: &str, source_name: &str, source: Source, stag
             covers: "shard files in order, then labels.bin, then val.idx when present".into(),
         },
         skipped,
+        latent: None,
     };
     write_manifest(staging, &manifest)?;
     Ok(json!({

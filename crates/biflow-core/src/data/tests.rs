@@ -40,6 +40,7 @@ fn write_dataset(dir: &Path, shape: (usize, usize, usize), records: &[(Vec<u8>, 
         val_file: s.val_file,
         checksum: Checksum { algorithm: "sha256".into(), value: s.checksum, covers: "test".into() },
         skipped: vec![],
+        latent: None,
     };
     write_manifest(dir, &m).unwrap();
     m
@@ -459,4 +460,49 @@ fn image_bombs_are_refused_from_the_header() {
         let err = format!("{:#}", super::decode::decode_bytes(&png(w, h)).unwrap_err());
         assert!(err.contains("16384"), "{w}x{h}: {err}");
     }
+}
+
+/// `--vae`: the images' latents (the posterior mean, scaled as training sees them) as float16
+/// records, in the input's order with its labels and split; the manifest names the VAE; inspect
+/// decodes its grid; commands that need pixels refuse the dataset; sizes the VAE cannot take and a
+/// missing --size are refused before anything is written.
+#[test]
+fn prepare_with_a_vae_stores_training_latents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vae_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/vae/tiny-random");
+    let vae = vae_dir.to_str().unwrap();
+    let out = tmp.path().join("lat");
+    let r = prep(&fixture("folder-labelled"), &out, serde_json::json!({"size": 8, "vae": vae, "valFraction": 0.25, "vaeBatchSize": 2})).unwrap();
+    assert_eq!((r["channels"].as_u64(), r["height"].as_u64()), (Some(4), Some(4)), "{r}");
+    let ds = Dataset::open(&out).unwrap();
+    let latent = ds.manifest.latent.clone().unwrap();
+    assert_eq!((latent.image_shape, latent.scaling_factor, latent.posterior.as_str()), ([3, 8, 8], 0.18215, "mean"));
+    ds.verify().unwrap();
+    // The same images prepared as pixels, encoded here: the records hold their latents.
+    let px = tmp.path().join("px");
+    prep(&fixture("folder-labelled"), &px, serde_json::json!({"size": 8, "channels": 3, "valFraction": 0.25})).unwrap();
+    let pixels = Dataset::open(&px).unwrap();
+    assert_eq!(pixels.manifest.splits.val.count, ds.manifest.splits.val.count);
+    let n = pixels.len(Split::Train);
+    let (x, y) = pixels.batch_f32(Split::Train, &(0..n).collect::<Vec<_>>()).unwrap();
+    let model = crate::models::vae::Vae::load(&vae_dir, &candle_core::Device::Cpu).unwrap();
+    let want = model.latents(&candle_core::Tensor::from_vec(x, (n, 3, 8, 8), &candle_core::Device::Cpu).unwrap(), None).unwrap();
+    let (got, labels) = ds.batch_f32(Split::Train, &(0..n).collect::<Vec<_>>()).unwrap();
+    assert_eq!(labels, y);
+    let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-3 * b.abs().max(1.0)), "the records are not the images' latents");
+    let grid = crate::jobs::run("data.inspect", serde_json::json!({"dir": out.to_str().unwrap()}), &crate::JobCtx::silent()).unwrap();
+    let png = image::open(grid["grid"].as_str().unwrap()).unwrap();
+    assert_eq!(png.color().channel_count(), 3);
+    let e = format!("{:#}", crate::train::open_data(&out).err().unwrap());
+    assert!(e.contains("latent dataset") && e.contains("training"), "{e}");
+    let e = format!("{:#}", crate::eval::fid::dataset_source(&out, None).err().unwrap());
+    assert!(e.contains("FID"), "{e}");
+    for (extra, says) in [(serde_json::json!({"size": 9, "vae": vae}), "multiple of the VAE's downsampling 2"), (serde_json::json!({"vae": vae}), "--vae needs --size")] {
+        let bad = tmp.path().join("bad");
+        let e = format!("{:#}", prep(&fixture("folder-labelled"), &bad, extra).unwrap_err());
+        assert!(e.contains(says), "{e}");
+        assert!(!bad.exists());
+    }
+    no_leftovers(tmp.path());
 }

@@ -80,6 +80,7 @@ pub fn evaluate(
 /// val when the dataset has one), and how many images to take (at most `limit`).
 pub(crate) fn open_eval_split(dir: &str, split: Option<&str>, limit: Option<usize>, cfg: &FlowConfig) -> Result<(Dataset, Split, usize)> {
     let ds = Dataset::open(Path::new(dir))?;
+    ds.require_pixels("evaluating a model on it (not yet done for latent runs)")?;
     let (c, h, w) = ds.shape();
     ensure!(
         c == cfg.in_channels && h == cfg.img_size && w == cfg.img_size,
@@ -183,7 +184,7 @@ mod tests {
         write_npz(&npz, &[("data", &Array::from_u8(vec![6, 8, 8, 3], px).unwrap()), ("labels", &Array::from_i64(vec![6], &labels).unwrap())])
             .unwrap();
         let data = dir.path().join("data");
-        crate::data::prepare(serde_json::from_value(json!({"input": npz, "out": data})).unwrap(), &JobCtx::silent()).unwrap();
+        crate::data::prepare(serde_json::from_value(json!({"input": npz, "out": data})).unwrap(), &Default::default(), &JobCtx::silent()).unwrap();
         let eval = |seed: u64| -> Value {
             eval_bpd(
                 serde_json::from_value(json!({"model": run, "data": data, "perSample": true, "seed": seed})).unwrap(),

@@ -83,7 +83,7 @@ pub fn option_specs(name: &str) -> Result<Vec<options::OptionSpec>> {
 pub fn run(name: &str, options: Value, ctx: &JobCtx) -> Result<Value> {
     match name {
         "echo" => echo(declared(name, options)?, ctx),
-        "data.prepare" => crate::data::prepare(declared(name, options)?, ctx),
+        "data.prepare" => placed(name, options, ctx, crate::data::prepare),
         "data.inspect" => crate::data::inspect(declared(name, options)?, ctx),
         "data.synth" => crate::data::bench::synth(opts(name, options)?),
         "data.benchRead" => crate::data::bench::bench_read(opts(name, options)?),

@@ -104,6 +104,7 @@ impl TrainData for crate::data::Dataset {
 /// Open a prepared dataset folder for training.
 pub fn open_data(dir: &Path) -> Result<Box<dyn TrainData>> {
     let ds = crate::data::Dataset::open(dir)?;
+    ds.require_pixels("training (latent runs are not done yet: their bits/dim, samples and reports need the VAE)")?;
     if ds.is_empty(crate::data::Split::Train) {
         bail!("the dataset {} has no training images", dir.display());
     }

@@ -75,7 +75,7 @@ fn prepare(input: &Path, format: &str, out: &Path, skip_bad: bool) -> Result<()>
         "recordsPerShard": 3,
     }))?;
     let ctx = biflow_core::JobCtx::silent();
-    biflow_core::data::prepare(o, &ctx)?;
+    biflow_core::data::prepare(o, &Default::default(), &ctx)?;
     // What was prepared must open and read back.
     let ds = Dataset::open(out)?;
     for i in 0..ds.len(Split::Train).min(64) {

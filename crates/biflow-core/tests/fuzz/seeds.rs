@@ -394,7 +394,7 @@ pub fn dataset_files() -> Vec<(String, Vec<u8>)> {
         "recordsPerShard": 1,
     }))
     .unwrap();
-    biflow_core::data::prepare(o, &biflow_core::JobCtx::silent()).unwrap();
+    biflow_core::data::prepare(o, &Default::default(), &biflow_core::JobCtx::silent()).unwrap();
     let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap())

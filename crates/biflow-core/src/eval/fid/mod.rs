@@ -70,6 +70,7 @@ pub fn dataset_source(dir: &Path, split: Option<&str>) -> Result<Box<dyn ImageSo
         _ => Split::Train,
     };
     let ds = Dataset::open(dir)?;
+    ds.require_pixels("FID")?;
     let (c, _, _) = ds.shape();
     ensure!(c == 1 || c == 3, "dataset {} has {c} channels; FID needs grey or RGB images", dir.display());
     ensure!(ds.len(split) > 0, "the {split:?} split of dataset {} is empty", dir.display());

@@ -61,6 +61,7 @@ crate::options! {
 /// Open a dataset the judge can learn from or score against: labelled, square, with a held-out split.
 pub fn labelled_dataset(dir: &str) -> Result<Dataset> {
     let ds = Dataset::open(Path::new(dir))?;
+    ds.require_pixels("the judge")?;
     ensure!(
         ds.manifest.labelled() && ds.num_classes() >= 2,
         "the dataset {dir} has no class labels: the judge learns and scores classes (prepare a labelled dataset: class subfolders, an .npz with labels, MNIST)"

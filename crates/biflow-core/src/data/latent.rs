@@ -1,0 +1,103 @@
+//! Latent datasets (`data prepare --vae`): a prepared image dataset encoded by a VAE, each record the
+//! image's latents as training sees them, `(mean - shift) * scaling`, stored as float16. The posterior
+//! mean is stored, not a draw: the latents are then a function of the image (a prepared dataset is
+//! reproducible and checksummed), and the flow's own training noise already smooths them.
+
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+
+use super::prepare::write_manifest;
+use super::shard::{default_records_per_shard, ShardWriter};
+use super::{Checksum, Dataset, LatentInfo, Manifest, Split};
+use crate::job::JobCtx;
+use crate::models::vae::Vae;
+
+/// Encode the image dataset at `images` into a latent dataset at `out` (same order, labels and
+/// split), `batch` images at a time, then remove `images`.
+pub(crate) fn encode_dataset(images: &Path, vae: &Vae, device: &Device, vae_dir: &str, batch: usize, out: &Path, ctx: &JobCtx) -> Result<Value> {
+    let ds = Dataset::open(images)?;
+    let m = &ds.manifest;
+    let (c, h, w) = ds.shape();
+    let cfg = vae.config();
+    let f = cfg.downsampling();
+    let (l, lh, lw) = (cfg.latent_channels, h / f, w / f);
+    let values = l * lh * lw;
+    let record_bytes = 2 * values;
+    let mut writer = ShardWriter::create(out, record_bytes, default_records_per_shard(record_bytes))?;
+    ctx.start("encode", Some(m.count as u64));
+    for start in (0..m.count).step_by(batch) {
+        ctx.check_cancelled()?;
+        let k = batch.min(m.count - start);
+        let mut pixels = Vec::with_capacity(k * c * h * w);
+        let mut labels = Vec::with_capacity(k);
+        for r in start..start + k {
+            let (px, label) = ds.record(r);
+            pixels.extend(px.iter().map(|&p| p as f32 / 127.5 - 1.0));
+            labels.push(label);
+        }
+        let x = Tensor::from_vec(pixels, (k, c, h, w), device)?;
+        let z = vae.latents(&x, None)?.flatten_all()?.to_vec1::<f32>()?;
+        for (i, (record, label)) in z.chunks(values).zip(labels).enumerate() {
+            // float16 holds up to 65504: a VAE whose latents overflow it is not one of the SD family.
+            ensure!(record.iter().all(|v| v.is_finite() && v.abs() <= 65504.0), "image {} encodes to latents beyond float16's range: is --vae the right VAE?", start + i);
+            let bytes: Vec<u8> = record.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+            writer.push(&bytes, label)?;
+        }
+        ctx.progress((start + k) as u64, Some(m.count as u64), serde_json::Map::new());
+    }
+    ctx.end();
+    let val = (0..ds.len(Split::Val)).map(|i| Ok(ds.record_index(Split::Val, i)? as u32)).collect::<Result<Vec<u32>>>()?;
+    let summary = writer.finish(None, &val)?;
+    let weights = Vae::weights_file(Path::new(vae_dir))?;
+    let vae_sha256 = crate::io::sha256_hex(&std::fs::read(&weights).with_context(|| format!("cannot read {}", weights.display()))?);
+    let manifest = Manifest {
+        channels: l,
+        height: lh,
+        width: lw,
+        record_bytes,
+        records_per_shard: summary.records_per_shard,
+        shards: summary.shards,
+        labels_file: summary.labels_file,
+        val_file: summary.val_file,
+        checksum: Checksum { value: summary.checksum, ..m.checksum.clone() },
+        latent: Some(LatentInfo {
+            vae: vae_dir.to_string(),
+            vae_sha256,
+            scaling_factor: cfg.scaling_factor,
+            shift_factor: cfg.shift(),
+            posterior: "mean".into(),
+            dtype: "float16".into(),
+            image_shape: [c, h, w],
+        }),
+        ..m.clone()
+    };
+    write_manifest(out, &manifest)?;
+    drop(ds);
+    std::fs::remove_dir_all(images).with_context(|| format!("cannot remove the staged images {}", images.display()))?;
+    Ok(json!({
+        "count": manifest.count,
+        "height": lh,
+        "width": lw,
+        "channels": l,
+        "classes": manifest.classes.len(),
+        "train": manifest.splits.train.count,
+        "val": manifest.splits.val.count,
+        "skipped": manifest.skipped.len(),
+        "kind": manifest.source.kind,
+        "checksum": manifest.checksum.value,
+        "latent": manifest.latent,
+    }))
+}
+
+/// A latent dataset's VAE, found where the manifest says and checked against its checksum.
+pub(crate) fn dataset_vae(ds: &Dataset, device: &Device) -> Result<Vae> {
+    let info = ds.manifest.latent.as_ref().context("not a latent dataset")?;
+    let dir = Path::new(&info.vae);
+    let weights = Vae::weights_file(dir).with_context(|| format!("{} is a latent dataset made with the VAE {}, which is not there now", ds.dir.display(), info.vae))?;
+    let sha = crate::io::sha256_hex(&std::fs::read(&weights).with_context(|| format!("cannot read {}", weights.display()))?);
+    ensure!(sha == info.vae_sha256, "{} holds other weights (sha256 {sha}) than the VAE {} was made with ({})", weights.display(), ds.dir.display(), info.vae_sha256);
+    Vae::load(dir, device)
+}
