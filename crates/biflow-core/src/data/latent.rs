@@ -16,8 +16,10 @@ use crate::job::JobCtx;
 use crate::models::vae::Vae;
 
 /// Encode the image dataset at `images` into a latent dataset at `out` (same order, labels and
-/// split), `batch` images at a time, then remove `images`.
-pub(crate) fn encode_dataset(images: &Path, vae: &Vae, device: &Device, vae_dir: &str, batch: usize, out: &Path, ctx: &JobCtx) -> Result<Value> {
+/// split), `batch` images at a time, then remove `images`. With `flip` each image is followed by its
+/// horizontal mirror (record r becomes records 2r and 2r + 1, in the same split).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn encode_dataset(images: &Path, vae: &Vae, device: &Device, vae_dir: &str, batch: usize, flip: bool, out: &Path, ctx: &JobCtx) -> Result<Value> {
     let ds = Dataset::open(images)?;
     let m = &ds.manifest;
     let (c, h, w) = ds.shape();
@@ -38,11 +40,17 @@ pub(crate) fn encode_dataset(images: &Path, vae: &Vae, device: &Device, vae_dir:
             pixels.extend(px.iter().map(|&p| p as f32 / 127.5 - 1.0));
             labels.push(label);
         }
-        let x = Tensor::from_vec(pixels, (k, c, h, w), device)?;
+        let mut x = Tensor::from_vec(pixels, (k, c, h, w), device)?;
+        if flip {
+            // Each image, then its mirror: (k, 2, C, H, W) -> (2k, C, H, W).
+            let mirrored = x.flip(&[3])?;
+            x = Tensor::stack(&[&x, &mirrored], 1)?.reshape((2 * k, c, h, w))?;
+            labels = labels.iter().flat_map(|&l| [l, l]).collect();
+        }
         let z = vae.latents(&x, None)?.flatten_all()?.to_vec1::<f32>()?;
         for (i, (record, label)) in z.chunks(values).zip(labels).enumerate() {
             // float16 holds up to 65504: a VAE whose latents overflow it is not one of the SD family.
-            ensure!(record.iter().all(|v| v.is_finite() && v.abs() <= 65504.0), "image {} encodes to latents beyond float16's range: is --vae the right VAE?", start + i);
+            ensure!(record.iter().all(|v| v.is_finite() && v.abs() <= 65504.0), "image {} encodes to latents beyond float16's range: is --vae the right VAE?", start + if flip { i / 2 } else { i });
             let bytes: Vec<u8> = record.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
             writer.push(&bytes, label)?;
         }
@@ -50,10 +58,20 @@ pub(crate) fn encode_dataset(images: &Path, vae: &Vae, device: &Device, vae_dir:
     }
     ctx.end();
     let val = (0..ds.len(Split::Val)).map(|i| Ok(ds.record_index(Split::Val, i)? as u32)).collect::<Result<Vec<u32>>>()?;
+    let (count, val) = if flip { (2 * m.count, val.iter().flat_map(|&r| [2 * r, 2 * r + 1]).collect()) } else { (m.count, val) };
+    let splits = super::Splits {
+        train: super::SplitInfo { count: count - val.len() },
+        val: super::SplitInfo { count: val.len() },
+        ..m.splits.clone()
+    };
+    let classes = m.classes.iter().map(|c| super::ClassInfo { count: if flip { 2 * c.count } else { c.count }, ..c.clone() }).collect();
     let summary = writer.finish(None, &val)?;
     let weights = Vae::weights_file(Path::new(vae_dir))?;
     let vae_sha256 = crate::io::sha256_hex(&std::fs::read(&weights).with_context(|| format!("cannot read {}", weights.display()))?);
     let manifest = Manifest {
+        count,
+        splits,
+        classes,
         channels: l,
         height: lh,
         width: lw,
@@ -71,6 +89,7 @@ pub(crate) fn encode_dataset(images: &Path, vae: &Vae, device: &Device, vae_dir:
             posterior: "mean".into(),
             dtype: "float16".into(),
             image_shape: [c, h, w],
+            flipped: flip,
         }),
         ..m.clone()
     };

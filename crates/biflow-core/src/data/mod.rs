@@ -191,6 +191,9 @@ pub struct LatentInfo {
     pub dtype: String,
     /// The images' shape (channels, height, width) before encoding.
     pub image_shape: [usize; 3],
+    /// Each image followed by its horizontal mirror (`--flip`).
+    #[serde(default)]
+    pub flipped: bool,
 }
 
 impl Manifest {

@@ -53,6 +53,8 @@ crate::options! {
         vae: Option<String>,
         /// images per batch through the VAE (--vae)
         vae_batch_size: usize = 8,
+        /// with --vae: also store each image's horizontal mirror (its latents follow it), as DiT's pipeline does; the val split keeps both of its images
+        flip: bool,
     }
 }
 
@@ -159,6 +161,7 @@ fn check_out(out: &Path, force: bool) -> Result<bool> {
 pub fn prepare(o: PrepareOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
     let started = Instant::now();
     // The VAE is loaded (and checked) before any work, on the device asked for.
+    ensure!(!o.flip || o.vae.is_some(), "--flip adds mirrored copies to a latent dataset: it needs --vae");
     let vae = match &o.vae {
         Some(dir) => {
             let size = o.size.context("--vae needs --size: latents are made from images of one square size")?;
@@ -213,7 +216,7 @@ pub fn prepare(o: PrepareOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value
             let pixels = staging.join("images");
             std::fs::create_dir_all(&pixels).with_context(|| format!("cannot create {}", pixels.display()))?;
             let o_rgb = PrepareOptions { channels: Some(vae.config().in_channels), ..o.clone() };
-            build(&o_rgb, kind, &source_name, source, &pixels, ctx).and_then(|_| super::latent::encode_dataset(&pixels, vae, device, o.vae.as_deref().unwrap_or_default(), o.vae_batch_size, &staging, ctx))
+            build(&o_rgb, kind, &source_name, source, &pixels, ctx).and_then(|_| super::latent::encode_dataset(&pixels, vae, device, o.vae.as_deref().unwrap_or_default(), o.vae_batch_size, o.flip, &staging, ctx))
         }
     };
     let result = built.and_then(|summary| {
