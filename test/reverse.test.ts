@@ -112,8 +112,9 @@ describe('biflow distill / sample --method reverse / eval-reverse / edit', () =>
     expect(help.stdout).toContain('--cfg-range')
   })
   it('refuses a device this build or machine cannot give, clearly and before writing anything', () => {
-    const doctor = runJson<{features: string[]; cuda: {built: boolean; devices: string[]}; threads: number; defaultDevice: string}>(['doctor'])
+    const doctor = runJson<{features: string[]; cuda: {built: boolean; devices: string[]}; threads: number; defaultDevice: string; kernels: Record<string, string>}>(['doctor'])
     expect(doctor.threads).toBeGreaterThan(0)
+    expect(Object.keys(doctor.kernels).sort()).toEqual(['convolution', 'elementwise', 'frozenLinear', 'matmul'])
     const img = join(dir, 'dev-in.png')
     writeGreyPng(img, 16, (x) => x * 16)
     const out = (name: string) => join(dir, `dev-${name}`)

@@ -6,14 +6,15 @@ interface DoctorResult {
   cuda: {built: boolean; devices: string[]; error?: string}
   threads: number
   cores: number
-  cpu: {avx2?: boolean; fma?: boolean}
+  cpu: {avx2?: boolean; fma?: boolean; avx512f?: boolean}
+  kernels: Record<string, string>
   defaultDevice: string
 }
 
 export default class Doctor extends BiflowCommand {
   static description = `What this install can run on: the native core's version and build features (cuda or not),
 the CUDA devices it sees, the default --device, thread and core counts (RAYON_NUM_THREADS sets the threads)
-and the CPU features the fused kernels use.`
+and the CPU features the fused kernels use, with the variant of each kernel family this CPU runs.`
 
   static examples = ['<%= config.bin %> doctor', '<%= config.bin %> doctor --json']
 
@@ -28,7 +29,8 @@ and the CPU features the fused kernels use.`
     this.log(`biflow core ${r.version}, features: ${r.features.length > 0 ? r.features.join(', ') : 'cpu only'}`)
     this.log(`CUDA: ${cuda}`)
     this.log(`default device: ${r.defaultDevice}`)
-    this.log(`threads: ${r.threads} of ${r.cores} cores; AVX2 ${r.cpu.avx2 ? 'yes' : 'no'}, FMA ${r.cpu.fma ? 'yes' : 'no'}`)
+    this.log(`threads: ${r.threads} of ${r.cores} cores; AVX2 ${r.cpu.avx2 ? 'yes' : 'no'}, FMA ${r.cpu.fma ? 'yes' : 'no'}, AVX-512 ${r.cpu.avx512f ? 'yes' : 'no'}`)
+    for (const [family, variant] of Object.entries(r.kernels)) this.log(`kernel ${family}: ${variant}`)
     return r
   }
 }

@@ -53,13 +53,21 @@ fn pick(ds: &Dataset, per_row: usize, rows: usize) -> Vec<Vec<usize>> {
     out
 }
 
-/// The pixels (C,H,W uint8) of record `r`: as stored, or a latent record decoded by the VAE.
-fn pixels(ds: &Dataset, vae: Option<&Vae>, r: usize) -> Result<Vec<u8>> {
-    let Some(vae) = vae else { return Ok(ds.record(r).0.to_vec()) };
+/// Latents decoded per batch: a VAE pass per image would cost minutes for a grid at 256 px.
+const DECODE_BATCH: usize = 8;
+
+/// The pixels (C,H,W uint8) of a row's records: as stored, or latent records decoded by the VAE.
+fn row_pixels(ds: &Dataset, vae: Option<&Vae>, row: &[usize]) -> Result<Vec<Vec<u8>>> {
+    let Some(vae) = vae else { return Ok(row.iter().map(|&r| ds.record(r).0.to_vec()).collect()) };
     let (c, h, w) = ds.shape();
-    let values: Vec<f32> = ds.record(r).0.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
-    let x = vae.images(&Tensor::from_vec(values, (1, c, h, w), &Device::Cpu)?)?;
-    Ok(x.flatten_all()?.to_vec1::<f32>()?.into_iter().map(to_u8).collect())
+    let mut out = Vec::with_capacity(row.len());
+    for records in row.chunks(DECODE_BATCH) {
+        let values: Vec<f32> = records.iter().flat_map(|&r| ds.record(r).0.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())).collect();
+        let x = vae.images(&Tensor::from_vec(values, (records.len(), c, h, w), &Device::Cpu)?)?;
+        let px: Vec<u8> = x.flatten_all()?.to_vec1::<f32>()?.into_iter().map(to_u8).collect();
+        out.extend(px.chunks(px.len() / records.len()).map(<[u8]>::to_vec));
+    }
+    Ok(out)
 }
 
 /// Write a grid of the chosen records as a PNG (grey or RGB as the dataset; a latent dataset's
@@ -73,8 +81,7 @@ fn write_grid(ds: &Dataset, vae: Option<&Vae>, rows: &[Vec<usize>], per_row: usi
     let gh = rows.len().max(1) * (h + GAP) + GAP;
     let mut canvas = vec![40u8; gw * gh * c];
     for (ri, row) in rows.iter().enumerate() {
-        for (ci, &r) in row.iter().enumerate() {
-            let px = pixels(ds, vae, r)?;
+        for (ci, px) in row_pixels(ds, vae, row)?.iter().enumerate() {
             let (x0, y0) = (GAP + ci * (w + GAP), GAP + ri * (h + GAP));
             for y in 0..h {
                 for x in 0..w {

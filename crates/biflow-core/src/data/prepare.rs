@@ -52,7 +52,7 @@ crate::options! {
         /// a VAE folder (diffusers AutoencoderKL, as stabilityai/sd-vae-ft-ema): store each image's latents, (mean - shift) * scaling as float16, instead of its pixels; needs --size, a multiple of the VAE's downsampling (8 for the SD VAEs)
         vae: Option<String>,
         /// images per batch through the VAE (--vae)
-        vae_batch_size: usize = 8,
+        vae_batch_size: std::num::NonZeroUsize = 8,
         /// with --vae: also store each image's horizontal mirror (its latents follow it), as DiT's pipeline does; the val split keeps both of its images
         flip: bool,
     }
@@ -165,7 +165,6 @@ pub fn prepare(o: PrepareOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value
     let vae = match &o.vae {
         Some(dir) => {
             let size = o.size.context("--vae needs --size: latents are made from images of one square size")?;
-            ensure!(o.vae_batch_size >= 1, "--vae-batch-size must be at least 1");
             let device = on.place()?.device;
             let vae = Vae::load(Path::new(dir), &device)?;
             let f = vae.config().downsampling();
@@ -216,7 +215,7 @@ pub fn prepare(o: PrepareOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value
             let pixels = staging.join("images");
             std::fs::create_dir_all(&pixels).with_context(|| format!("cannot create {}", pixels.display()))?;
             let o_rgb = PrepareOptions { channels: Some(vae.config().in_channels), ..o.clone() };
-            build(&o_rgb, kind, &source_name, source, &pixels, ctx).and_then(|_| super::latent::encode_dataset(&pixels, vae, device, o.vae.as_deref().unwrap_or_default(), o.vae_batch_size, o.flip, &staging, ctx))
+            build(&o_rgb, kind, &source_name, source, &pixels, ctx).and_then(|_| super::latent::encode_dataset(&pixels, vae, device, o.vae.as_deref().unwrap_or_default(), o.vae_batch_size.get(), o.flip, &staging, ctx))
         }
     };
     let result = built.and_then(|summary| {

@@ -168,7 +168,11 @@ pub fn doctor() -> Value {
         Err(e) => json!({ "built": CUDA_BUILT, "devices": [], "error": e }),
     };
     #[cfg(target_arch = "x86_64")]
-    let cpu = json!({ "avx2": std::is_x86_feature_detected!("avx2"), "fma": std::is_x86_feature_detected!("fma") });
+    let cpu = json!({
+        "avx2": std::is_x86_feature_detected!("avx2"),
+        "fma": std::is_x86_feature_detected!("fma"),
+        "avx512f": std::is_x86_feature_detected!("avx512f"),
+    });
     #[cfg(not(target_arch = "x86_64"))]
     let cpu = json!({});
     json!({
@@ -178,6 +182,7 @@ pub fn doctor() -> Value {
         "threads": rayon::current_num_threads(),
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "cpu": cpu,
+        "kernels": crate::engines::ops::kernels(),
         "defaultDevice": select(None).map(|d| describe(&d)).unwrap_or_else(|_| "cpu".into()),
     })
 }

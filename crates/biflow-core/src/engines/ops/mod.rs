@@ -60,6 +60,21 @@ pub(crate) use {
 use anyhow::Result;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
+/// Which variant of each kernel family this CPU runs (chosen from its features at run time), for
+/// `biflow doctor`.
+pub fn kernels() -> serde_json::Value {
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
+    serde_json::json!({
+        "frozenLinear": if packed::kernel_available() { "avx512 12x32 tiles over W packed once" } else { "gemm crate over W^T" },
+        "matmul": if avx2 { "gemm crate, fma 16x6 tiles" } else { "gemm crate, without fma" },
+        "elementwise": if avx2 { "avx2+fma (LayerNorm, GELU, attention, depthwise conv)" } else { "portable (sse2)" },
+        "convolution": "im2col + matmul",
+    })
+}
+
 /// Keep freed tensor buffers in the heap instead of returning them to the kernel.
 ///
 /// glibc serves large allocations (every activation tensor) with mmap and trims the heap top
@@ -174,6 +189,17 @@ mod tests {
             let (x, y) = (ga.get(v).unwrap(), gb.get(v).unwrap());
             assert!(max_diff(x, y) < tol, "gradient of input {i} differs by {}", max_diff(x, y));
         }
+    }
+
+    /// The report of chosen kernels follows this CPU's features (doctor prints it).
+    #[test]
+    fn kernel_report_follows_the_cpu() {
+        let k = kernels();
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(k["frozenLinear"].as_str().unwrap().starts_with("avx512"), std::is_x86_feature_detected!("avx512f"));
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(k["elementwise"].as_str().unwrap().starts_with("avx2"), std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"));
+        assert!(k["matmul"].is_string() && k["convolution"].is_string());
     }
 
     #[test]

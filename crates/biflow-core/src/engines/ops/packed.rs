@@ -22,7 +22,7 @@ const KC: usize = 256;
 const MC: usize = 144;
 
 /// Whether this CPU runs the AVX-512 kernel (else the packed form is W^T, for gemm).
-fn kernel_available() -> bool {
+pub(crate) fn kernel_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx512f")
