@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::engines::ops;
+use crate::models::params;
 
 /// torchvision's `vgg16().features`: the indices of the 3x3 convolutions (padding 1) of each
 /// stage; a 2x2 max-pool opens every stage after the first, a ReLU follows every convolution.
@@ -114,12 +115,7 @@ impl Lpips {
         crate::engines::ops::tune_allocator();
         let device = vgg.device().clone();
         let backbone = Vgg16::new(vgg).context("these are not the weights of torchvision's VGG16 (features.{i}.weight and .bias)")?;
-        let heads = WIDTHS
-            .iter()
-            .enumerate()
-            .map(|(k, &c)| heads.get((1, c, 1, 1), &format!("lin{k}.model.1.weight")))
-            .collect::<candle_core::Result<Vec<_>>>()
-            .context("these are not LPIPS's VGG heads (lin0..lin4.model.1.weight, from the lpips package's weights/v0.1/vgg.pth)")?;
+        let heads = linear_heads(&heads).context("these are not LPIPS's VGG heads (lin0..lin4.model.1.weight, from the lpips package's weights/v0.1/vgg.pth)")?;
         let per_channel = |v: [f32; 3]| Tensor::from_slice(&v, (1, 3, 1, 1), &device);
         Ok(Lpips { vgg: backbone, heads, shift: per_channel(SHIFT)?, scale: per_channel(SCALE)? })
     }
@@ -130,6 +126,11 @@ impl Lpips {
         let read = |path: &Path| crate::io::tensors::load_weights(path, device);
         let backbone = read(vgg).with_context(|| format!("cannot read the VGG16 weights {}", vgg.display()))?;
         let heads = read(lpips).with_context(|| format!("cannot read the LPIPS heads {}", lpips.display()))?;
+        // Every tensor's name and shape first: the error then lists the first few wrong ones.
+        params::check_tensors(&params::parameter_list(Vgg16::new)?, &backbone)
+            .with_context(|| format!("{} does not hold torchvision's VGG16 features (features.{{i}}.weight and .bias)", vgg.display()))?;
+        params::check_tensors(&params::parameter_list(|vb| linear_heads(&vb))?, &heads)
+            .with_context(|| format!("{} does not hold LPIPS's VGG heads (the lpips package's weights/v0.1/vgg.pth)", lpips.display()))?;
         let vb = |t| VarBuilder::from_tensors(t, DType::F32, device);
         Lpips::new(vb(backbone), vb(heads)).with_context(|| format!("--vgg {} and --lpips {}", vgg.display(), lpips.display()))
     }
@@ -163,6 +164,11 @@ impl Lpips {
         }
         Ok(d.expect("five stages"))
     }
+}
+
+/// The five heads' channel weights, (1, C, 1, 1) each.
+fn linear_heads(vb: &VarBuilder) -> Result<Vec<Tensor>> {
+    Ok(WIDTHS.iter().enumerate().map(|(k, &c)| vb.get((1, c, 1, 1), &format!("lin{k}.model.1.weight"))).collect::<candle_core::Result<Vec<_>>>()?)
 }
 
 /// `--lpips` and `--vgg` as given: both (the heads, the backbone), or neither.
@@ -249,7 +255,7 @@ mod tests {
         let heads = fixture("vgg-lin-v0.1.pth");
         // The heads given as the backbone: no features.*.
         let err = Lpips::load(&heads, &heads, &dev).err().unwrap();
-        assert!(format!("{err:#}").contains("features.0.weight"), "{err:#}");
+        assert!(format!("{err:#}").contains("26 of 26 tensors missing (features.0.weight"), "{err:#}");
         let mut backbone = formula_backbone(&dev);
         backbone.insert("features.5.weight".into(), Tensor::zeros((128, 3, 3, 3), DType::F32, &dev).unwrap());
         let h = crate::io::tensors::load_weights(&heads, &dev).unwrap();
