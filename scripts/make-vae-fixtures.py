@@ -37,6 +37,19 @@ def randomise(model):
                 p.copy_(0.2 * torch.randn_like(p))
 
 
+def autoencoder(widths, layers_per_block, groups, sample_size):
+    """An AutoencoderKL of the SD family: one encoder/decoder block per width, 4 latent channels."""
+    return AutoencoderKL(
+        block_out_channels=widths,
+        down_block_types=("DownEncoderBlock2D",) * len(widths),
+        up_block_types=("UpDecoderBlock2D",) * len(widths),
+        layers_per_block=layers_per_block,
+        norm_num_groups=groups,
+        latent_channels=4,
+        sample_size=sample_size,
+    ).eval()
+
+
 def references(model, x):
     """Mean, log-variance, the decoded mean and the decoder's latent gradient, in float64."""
     model = model.to(torch.float64)
@@ -54,26 +67,10 @@ def main():
     ap.add_argument("--full", help="write the full SD-VAE check to this folder instead of the CI fixture")
     args = ap.parse_args()
     if args.full:
-        model = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            norm_num_groups=32,
-            latent_channels=4,
-            sample_size=256,
-        ).eval()
+        model = autoencoder((128, 256, 512, 512), layers_per_block=2, groups=32, sample_size=256)
         root, model_dir, side, n = args.full, os.path.join(args.full, "vae"), 256, 1
     else:
-        model = AutoencoderKL(
-            block_out_channels=(8, 16),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            layers_per_block=1,
-            norm_num_groups=4,
-            latent_channels=4,
-            sample_size=16,
-        ).eval()
+        model = autoencoder((8, 16), layers_per_block=1, groups=4, sample_size=16)
         root = os.path.join(os.path.dirname(__file__), "..", "fixtures", "vae")
         model_dir, side, n = os.path.join(root, "tiny-random"), 16, 2
     randomise(model)

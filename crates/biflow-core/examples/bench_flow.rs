@@ -12,6 +12,9 @@ use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal, Uniform};
 
+mod common;
+use common::peak_rss_mib;
+
 fn config(name: &str) -> (FlowConfig, usize) {
     match name {
         // MNIST at 32x32, patch 4: T = 64, D = 16.
@@ -34,16 +37,6 @@ fn cpu_seconds() -> f64 {
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
-}
-
-/// Peak resident memory of this process so far, in MiB (VmHWM).
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -89,7 +82,7 @@ fn main() -> anyhow::Result<()> {
                 serde_json::json!({"config": name, "what": "forward+backward", "batch": batch, "steps": steps,
                     "forwardS": fwd / steps as f64, "backwardS": bwd / steps as f64,
                     "stepsPerSecond": 1.0 / per, "imagesPerSecond": batch as f64 / per, "cpuSecondsPerStep": cpu,
-                    "threads": rayon::current_num_threads(), "peakRssMiB": peak_rss_mib()})
+                    "threads": rayon::current_num_threads(), "peakRssMiB": peak_rss_mib().unwrap_or(0.0)})
             );
         }
         if what == "all" || what == "sample" {
@@ -105,7 +98,7 @@ fn main() -> anyhow::Result<()> {
                 println!(
                     "{}",
                     serde_json::json!({"config": name, "what": "exact-sample", "num": num, "guidance": guidance,
-                        "seconds": s, "imagesPerSecond": num as f64 / s, "cpuSeconds": cpu_seconds() - c0, "peakRssMiB": peak_rss_mib()})
+                        "seconds": s, "imagesPerSecond": num as f64 / s, "cpuSeconds": cpu_seconds() - c0, "peakRssMiB": peak_rss_mib().unwrap_or(0.0)})
                 );
             }
         }

@@ -15,10 +15,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use serde_json::json;
 
-fn arg(name: &str, default: usize) -> usize {
-    let a: Vec<String> = std::env::args().collect();
-    a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+mod common;
+use common::{arg, matmul_ceiling, peak_rss_mib};
 
 /// Multiply-adds x2 of VGG16's convolutions on one image of `size` pixels.
 fn vgg_flops(size: usize) -> f64 {
@@ -32,25 +30,6 @@ fn vgg_flops(size: usize) -> f64 {
         flops += 2.0 * (c_in * c_out * 9 * side * side) as f64;
     }
     flops
-}
-
-/// The f32 matmul rate of this machine (GFLOP/s), 1024^3 products.
-fn matmul_ceiling(dev: &Device) -> anyhow::Result<f64> {
-    let a = Tensor::randn(0f32, 1.0, (1024, 1024), dev)?;
-    let b = Tensor::randn(0f32, 1.0, (1024, 1024), dev)?;
-    let _ = a.matmul(&b)?;
-    let t = Instant::now();
-    for _ in 0..10 {
-        let _ = a.matmul(&b)?;
-    }
-    Ok(10.0 * 2.0 * 1024f64.powi(3) / t.elapsed().as_secs_f64() / 1e9)
-}
-
-/// The process's peak resident memory (MiB), from /proc.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
 }
 
 fn main() -> anyhow::Result<()> {

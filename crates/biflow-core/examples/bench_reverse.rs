@@ -33,6 +33,9 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal, Uniform};
 use serde_json::json;
 
+mod common;
+use common::peak_rss_mib;
+
 fn config(name: &str) -> FlowConfig {
     match name {
         // MNIST at 32x32, patch 4: T = 64, D = 16 (the forward benchmark's tiny).
@@ -153,13 +156,6 @@ fn distill_steps_per_second(cfg: &FlowConfig, batch: usize, steps: usize, percep
     let times: Vec<f64> = log.lines().map(|l| Ok(serde_json::from_str::<serde_json::Value>(l)?["time"].as_f64().unwrap_or(f64::NAN))).collect::<anyhow::Result<_>>()?;
     anyhow::ensure!(times.len() == steps + 1, "expected {} steps in metrics.jsonl, found {}", steps + 1, times.len());
     Ok(steps as f64 / (times[steps] - times[0]))
-}
-
-/// The process's peak resident memory (MiB), from /proc.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
 }
 
 /// The perceptual settings of a distillation with both terms on crops resized to `size`, their

@@ -62,7 +62,7 @@ fn row_pixels(ds: &Dataset, vae: Option<&Vae>, row: &[usize]) -> Result<Vec<Vec<
     let (c, h, w) = ds.shape();
     let mut out = Vec::with_capacity(row.len());
     for records in row.chunks(DECODE_BATCH) {
-        let values: Vec<f32> = records.iter().flat_map(|&r| ds.record(r).0.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())).collect();
+        let values: Vec<f32> = records.iter().flat_map(|&r| super::f16_values(ds.record(r).0)).collect();
         let x = vae.images(&Tensor::from_vec(values, (records.len(), c, h, w), &Device::Cpu)?)?;
         let px: Vec<u8> = x.flatten_all()?.to_vec1::<f32>()?.into_iter().map(to_u8).collect();
         out.extend(px.chunks(px.len() / records.len()).map(<[u8]>::to_vec));

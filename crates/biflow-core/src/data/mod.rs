@@ -226,6 +226,11 @@ fn map_file(path: &Path) -> Result<Mmap> {
     unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))
 }
 
+/// A latent record's float16 little-endian bytes as f32 values.
+pub(crate) fn f16_values(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+}
+
 /// u8 -> f32 in [-1, 1] (x / 127.5 - 1), precomputed.
 fn to_unit_table() -> [f32; 256] {
     let mut t = [0f32; 256];
@@ -412,8 +417,8 @@ impl Dataset {
         let fill = |(o, &r): (&mut [f32], &usize)| {
             let (bytes, _) = self.record(r);
             if latent {
-                for (o, b) in o.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                for (o, v) in o.iter_mut().zip(f16_values(bytes)) {
+                    *o = v;
                 }
             } else {
                 for (o, &p) in o.iter_mut().zip(bytes) {

@@ -500,7 +500,7 @@ fn prepare_with_a_vae_stores_training_latents() {
     let first = pixels.record_index(Split::Train, 0).unwrap();
     let image = candle_core::Tensor::from_vec(pixels.record(first).0.iter().map(|&p| p as f32 / 127.5 - 1.0).collect::<Vec<_>>(), (1, 3, 8, 8), &candle_core::Device::Cpu).unwrap();
     let mirror = model.latents(&image.flip(&[3]).unwrap(), None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let stored: Vec<f32> = f.record(2 * first + 1).0.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+    let stored: Vec<f32> = f16_values(f.record(2 * first + 1).0).collect();
     assert!(stored.iter().zip(&mirror).all(|(a, b)| (a - b).abs() <= 1e-3 * b.abs().max(1.0)), "record 2r+1 is not the mirror's latents");
     let grid = crate::jobs::run("data.inspect", serde_json::json!({"dir": out.to_str().unwrap()}), &crate::JobCtx::silent()).unwrap();
     let png = image::open(grid["grid"].as_str().unwrap()).unwrap();
