@@ -8,7 +8,7 @@ use candle_core::{Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Threads, View};
-use super::{fused, Kernel3, Op3};
+use super::{fused, unpack_grads, Kernel3, Op3};
 
 /// `x` (N, C, H, W) convolved with `w` (C_out, C, k, k), plus `b` (C_out), zero padding `pad`.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, pad: usize) -> candle_core::Result<Tensor> {
@@ -148,11 +148,7 @@ impl Kernel3 for Conv {
         let grad = if self.relu { (grad * out.gt(0f32)?.to_dtype(grad.dtype())?)? } else { grad.clone() };
         let bwd = ConvBwd { pad: self.pad, need_x, need_w };
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &Op3(bwd))?;
-        let (nx, nw, nb) = (if need_x { x.elem_count() } else { 0 }, if need_w { w.elem_count() } else { 0 }, if need_w { b.elem_count() } else { 0 });
-        let dx = need_x.then(|| packed.narrow(0, 0, nx)?.reshape(x.shape())).transpose()?;
-        let dw = need_w.then(|| packed.narrow(0, nx, nw)?.reshape(w.shape())).transpose()?;
-        let db = need_w.then(|| packed.narrow(0, nx + nw, nb)).transpose()?;
-        Ok([dx, dw, db])
+        unpack_grads(&packed, [x, w, b], [need_x, need_w, need_w])
     }
 }
 

@@ -6,7 +6,7 @@
 use candle_core::{Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{fused, Kernel3, Op3};
+use super::{fused, unpack_grads, Kernel3, Op3};
 
 /// `x` (N, H, W, C) convolved channel by channel with `w` (C, 1, k, k), plus `b` (C), zero padding `pad`:
 /// (N, H + 2 pad - k + 1, W + 2 pad - k + 1, C).
@@ -132,11 +132,7 @@ impl Kernel3 for Depthwise {
         let (need_x, need_w) = (x.track_op(), w.track_op() || b.track_op());
         let bwd = DepthwiseBwd { pad: self.pad, need_x, need_w };
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &Op3(bwd))?;
-        let (nx, nw) = (if need_x { x.elem_count() } else { 0 }, if need_w { w.elem_count() } else { 0 });
-        let dx = need_x.then(|| packed.narrow(0, 0, nx)?.reshape(x.shape())).transpose()?;
-        let dw = need_w.then(|| packed.narrow(0, nx, nw)?.reshape(w.shape())).transpose()?;
-        let db = need_w.then(|| packed.narrow(0, nx + nw, b.elem_count())).transpose()?;
-        Ok([dx, dw, db])
+        unpack_grads(&packed, [x, w, b], [need_x, need_w, need_w])
     }
 }
 

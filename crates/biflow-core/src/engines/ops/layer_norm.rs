@@ -4,7 +4,7 @@ use anyhow::Result;
 use candle_core::{Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{fused, Kernel3, Op3};
+use super::{fused, unpack_grads, Kernel3, Op3};
 
 /// (x - mean) / sqrt(var + eps) * w + b over the last dimension (biased variance).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
@@ -129,12 +129,9 @@ impl Kernel3 for LayerNormOp {
         Ok((out, lx.shape().clone()))
     }
 
-    fn backward(&self, [x, w, _]: [&Tensor; 3], _out: &Tensor, grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
-        let c = w.dim(0)?;
-        let n = x.elem_count();
+    fn backward(&self, [x, w, b]: [&Tensor; 3], _out: &Tensor, grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
         let packed = x.apply_op3_no_bwd(&w.contiguous()?, &grad.contiguous()?, &Op3(LayerNormBwd { eps: self.eps }))?;
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        Ok([Some(dx), Some(packed.narrow(0, n, c)?), Some(packed.narrow(0, n + c, c)?)])
+        unpack_grads(&packed, [x, w, b], [true; 3])
     }
 }
 

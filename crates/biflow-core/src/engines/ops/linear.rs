@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::gemm::{matmul, Threads, View};
 pub(crate) use super::gemm::transpose;
 use super::packed::{linear_packed, pack};
-use super::{fused, Kernel3, Op3};
+use super::{fused, unpack_grads, Kernel3, Op3};
 
 /// x (..., in), W (out, in), b (out) -> (..., out).
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -89,14 +89,9 @@ impl Kernel3 for Linear {
         Ok((y, Shape::from(dims)))
     }
 
-    fn backward(&self, [x, w, _]: [&Tensor; 3], _out: &Tensor, grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
-        let (d_out, d_in) = w.dims2()?;
-        let rows = x.elem_count() / d_in;
+    fn backward(&self, [x, w, b]: [&Tensor; 3], _out: &Tensor, grad: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &Op3(LinearBwd))?;
-        let dx = packed.narrow(0, 0, rows * d_in)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, rows * d_in, d_out * d_in)?.reshape((d_out, d_in))?;
-        let db = packed.narrow(0, (rows + d_out) * d_in, d_out)?;
-        Ok([Some(dx), Some(dw), Some(db)])
+        unpack_grads(&packed, [x, w, b], [true; 3])
     }
 }
 

@@ -114,6 +114,20 @@ trait Kernel3 {
     }
 }
 
+/// The inputs' gradients from a backward kernel's one packed output `[d0 | d1 | d2]`, where input k's
+/// part is present only when `needed[k]`: each split off in order and shaped as its input.
+fn unpack_grads(packed: &Tensor, inputs: [&Tensor; 3], needed: [bool; 3]) -> candle_core::Result<[Option<Tensor>; 3]> {
+    let mut offset = 0;
+    let mut grads = [None, None, None];
+    for ((grad, input), need) in grads.iter_mut().zip(inputs).zip(needed) {
+        if need {
+            *grad = Some(packed.narrow(0, offset, input.elem_count())?.reshape(input.shape())?);
+            offset += input.elem_count();
+        }
+    }
+    Ok(grads)
+}
+
 /// candle's custom op of a [`Kernel3`].
 struct Op3<K>(K);
 
