@@ -19,11 +19,15 @@ interface ExportResult {
 export default class Export extends BiflowCommand {
   static description = `Pack a run into a shareable bundle (.tar.gz): its config and EMA weights, for a distilled run the
 forward flow it needs (forward/), a README model card (provenance, configuration, metrics), a preview grid of
-16 samples and bundle.json with the SHA-256 of every file. Import it with \`biflow import bundle\`.`
+16 samples and bundle.json with the SHA-256 of every file. Import it with \`biflow import bundle\`.
+
+A run on VAE latents names its VAE by checksum; --include-vae carries the VAE itself (vae/), otherwise the
+importer gives the VAE's folder with \`import bundle --vae DIR\`.`
 
   static examples = [
     '<%= config.bin %> export runs/mnist-g --out mnist-biflow.tar.gz',
     '<%= config.bin %> export runs/mnist --out mnist-flow.tar.gz --no-preview --json',
+    '<%= config.bin %> export runs/imagenet-g --out imagenet-g.tar.gz --include-vae',
   ]
 
   static args = optionArgs('export', ['run'])

@@ -21,8 +21,12 @@ per batch, guidance included (G takes the scale as an input). --method exact (th
 run, and available on a distilled one through its F): causal decoding of the forward flow, B*(T-1)
 sequential steps with a KV cache, then one score-based denoising step. Both read the same --noise and
 --seed, so grids of the two methods are one flag apart. --json reports samplingSeconds (sampling alone,
-after loading) and imagesPerSecond.`
+after loading) and imagesPerSecond.
+
+A run on VAE latents (trained on a dataset from \`data prepare --vae\`) samples latents and decodes them with
+the VAE the run records (--vae DIR if it moved); --format latent keeps the latents (latents.npy).`
   static examples = [
+    '<%= config.bin %> sample --model runs/imagenet-g --num 64 --guidance 2 --out samples/   # a latent run: decoded PNGs',
     '<%= config.bin %> sample --model runs/mnist-g --num 64 --labels 0,1,2,3,4,5,6,7,8,9 --out samples/',
     '<%= config.bin %> sample --model runs/mnist-g --method exact --num 64 --labels 0,1,2,3,4,5,6,7,8,9 --out samples-exact/',
     '<%= config.bin %> sample --model runs/mnist-g --guidance 2 --temperature 0.7 --labels 7 --num 16 --out sevens/',

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use biflow_core::models::flow::{bits_per_dim, nll_loss, FlowConfig, ReverseOptions, TarFlow};
+use biflow_core::models::flow::{bits_per_dim, nll_loss, FlowConfig, ReverseOptions, TarFlow, Values};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::Value;
@@ -71,7 +71,7 @@ fn forward_matches_reference() {
     }
     let e = max_abs(&out.logdets, &Tensor::new(floats(&f["logdets"]), &Device::Cpu).unwrap());
     assert!(e <= 1e-4, "logdets differ by {e}");
-    let bpd = bits_per_dim(&out, &cfg).unwrap();
+    let bpd = bits_per_dim(&out, &cfg, Values::Pixels).unwrap();
     let e = max_abs(&bpd, &Tensor::new(floats(&f["bpd"]), &Device::Cpu).unwrap());
     assert!(e <= 1e-4, "bpd differs by {e}");
     let loss = nll_loss(&out).unwrap().to_scalar::<f32>().unwrap();

@@ -14,11 +14,13 @@ export default class ImportBundle extends BiflowCommand {
   static description = `Unpack a bundle made by \`biflow export\` into a run folder. Every archive entry is checked before
 anything is written: absolute paths, \`..\`, links, devices and files a bundle does not hold are refused. The
 unpacked files must match the checksums in bundle.json and the weights must load before the folder is moved
-into place; an existing --out is replaced only with --force.`
+into place; an existing --out is replaced only with --force. A model on VAE latents whose bundle does not
+carry its VAE needs --vae DIR, the VAE it was trained with (checked by checksum).`
 
   static examples = [
     '<%= config.bin %> import bundle mnist-biflow.tar.gz --out runs/mnist-g',
     '<%= config.bin %> import bundle model.tar.gz --out runs/model --force --json',
+    '<%= config.bin %> import bundle imagenet-g.tar.gz --out runs/imagenet-g --vae vae/sd-vae-ft-ema',
   ]
 
   static args = optionArgs('import-bundle', ['bundle'])

@@ -82,7 +82,7 @@ pub(crate) fn encode_dataset(images: &Path, vae: &Vae, device: &Device, vae_dir:
         val_file: summary.val_file,
         checksum: Checksum { value: summary.checksum, ..m.checksum.clone() },
         latent: Some(LatentInfo {
-            vae: vae_dir.to_string(),
+            vae: recorded_path(vae_dir),
             vae_sha256,
             scaling_factor: cfg.scaling_factor,
             shift_factor: cfg.shift(),
@@ -114,9 +114,45 @@ pub(crate) fn encode_dataset(images: &Path, vae: &Vae, device: &Device, vae_dir:
 /// A latent dataset's VAE, found where the manifest says and checked against its checksum.
 pub(crate) fn dataset_vae(ds: &Dataset, device: &Device) -> Result<Vae> {
     let info = ds.manifest.latent.as_ref().context("not a latent dataset")?;
-    let dir = Path::new(&info.vae);
-    let weights = Vae::weights_file(dir).with_context(|| format!("{} is a latent dataset made with the VAE {}, which is not there now", ds.dir.display(), info.vae))?;
+    load_vae(info, None, &format!("the latent dataset {}", ds.dir.display()), "put it back to see the images", device)
+}
+
+/// The VAE whose latents `info` describes: at `at` when given, else where `info` records it; its
+/// weights must be the ones the latents were made with. `owner` names what needs it and `fix` says
+/// what the user can do, for the errors.
+pub fn load_vae(info: &LatentInfo, at: Option<&Path>, owner: &str, fix: &str, device: &Device) -> Result<Vae> {
+    let dir = at.unwrap_or(Path::new(&info.vae));
+    let weights = Vae::weights_file(dir).with_context(|| match at {
+        Some(at) => format!("--vae {} is not the VAE {owner} works with (sha256 {})", at.display(), info.vae_sha256),
+        None => format!("{owner} works on latents of the VAE {} (sha256 {}), which is not there: {fix}", info.vae, info.vae_sha256),
+    })?;
     let sha = crate::io::sha256_hex(&std::fs::read(&weights).with_context(|| format!("cannot read {}", weights.display()))?);
-    ensure!(sha == info.vae_sha256, "{} holds other weights (sha256 {sha}) than the VAE {} was made with ({})", weights.display(), ds.dir.display(), info.vae_sha256);
+    ensure!(sha == info.vae_sha256, "{} holds other weights (sha256 {sha}) than the VAE {owner} works with ({}): {fix}", weights.display(), info.vae_sha256);
     Vae::load(dir, device)
+}
+
+/// A run (or F) meets a dataset: both on pixels, or both on latents of the same VAE and scaling.
+/// `run` and `data` name the two for the error.
+pub fn check_same_space(run_latent: Option<&LatentInfo>, run: &str, data_latent: Option<&LatentInfo>, data: &str) -> Result<()> {
+    match (run_latent, data_latent) {
+        (None, None) => Ok(()),
+        (None, Some(_)) => anyhow::bail!("{run} works on pixels and {data} is a latent dataset (VAE latents): give it a dataset of images, or train a new run on the latents"),
+        (Some(r), None) => anyhow::bail!("{run} works on VAE latents and {data} holds images: give it a latent dataset made with `data prepare --vae {}`", r.vae),
+        (Some(r), Some(d)) => {
+            ensure!(
+                r.vae_sha256 == d.vae_sha256 && r.scaling_factor == d.scaling_factor && r.shift_factor == d.shift_factor,
+                "{run} works on latents of the VAE with sha256 {} (scaling {}), but {data} was encoded by another (sha256 {}, scaling {}): prepare the data with the run's VAE",
+                r.vae_sha256,
+                r.scaling_factor,
+                d.vae_sha256,
+                d.scaling_factor
+            );
+            Ok(())
+        }
+    }
+}
+
+/// A VAE folder as recorded in manifests and runs: absolute, so it is found from any working folder.
+pub(crate) fn recorded_path(dir: &str) -> String {
+    std::path::absolute(dir).map(|p| p.display().to_string()).unwrap_or_else(|_| dir.to_string())
 }

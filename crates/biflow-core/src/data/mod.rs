@@ -21,7 +21,7 @@
 pub mod bench;
 mod decode;
 pub mod inspect;
-mod latent;
+pub mod latent;
 pub mod prepare;
 mod resize;
 mod rng;

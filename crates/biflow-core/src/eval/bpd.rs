@@ -11,7 +11,8 @@ use rand::SeedableRng;
 use rand_distr::Distribution;
 
 use crate::data::{Dataset, Split};
-use crate::models::flow::{bits_per_dim, FlowConfig, TarFlow};
+use crate::data::LatentInfo;
+use crate::models::flow::{bits_per_dim, FlowConfig, TarFlow, Values};
 use crate::io::npy::read_npy;
 use crate::jobs::options::DeviceArgs;
 use crate::job::JobCtx;
@@ -39,14 +40,9 @@ crate::options! {
     }
 }
 
-/// Bits/dim of images (N, C, H, W) in [-1, 1] (already dequantised), in batches: one value per sample.
-pub fn evaluate(
-    model: &TarFlow,
-    images: &[f32],
-    labels: Option<&[i64]>,
-    batch_size: usize,
-    ctx: &JobCtx,
-) -> Result<Vec<f64>> {
+/// Bits/dim of images (N, C, H, W) in [-1, 1] (already dequantised), or of latents, in batches: one
+/// value per sample.
+pub fn evaluate(model: &TarFlow, values: Values, images: &[f32], labels: Option<&[i64]>, batch_size: usize, ctx: &JobCtx) -> Result<Vec<f64>> {
     let cfg = model.config();
     let per = cfg.image_dim();
     let n = images.len() / per;
@@ -66,7 +62,7 @@ pub fn evaluate(
             None => None,
         };
         let fo = model.forward(&x, y.as_ref())?;
-        let b: Vec<f32> = bits_per_dim(&fo, cfg)?.to_vec1()?;
+        let b: Vec<f32> = bits_per_dim(&fo, cfg, values)?.to_vec1()?;
         out.extend(b.into_iter().map(|v| v as f64));
         lo += m;
         let mean = out.iter().sum::<f64>() / out.len() as f64;
@@ -76,11 +72,12 @@ pub fn evaluate(
     Ok(out)
 }
 
-/// A dataset to evaluate a model on: checked against the model's image shape, its `split` (default:
-/// val when the dataset has one), and how many images to take (at most `limit`).
-pub(crate) fn open_eval_split(dir: &str, split: Option<&str>, limit: Option<usize>, cfg: &FlowConfig) -> Result<(Dataset, Split, usize)> {
+/// A dataset to evaluate a model on: checked against the model's image shape and values (pixels, or
+/// latents of the run's VAE), its `split` (default: val when the dataset has one), and how many
+/// images to take (at most `limit`).
+pub(crate) fn open_eval_split(dir: &str, split: Option<&str>, limit: Option<usize>, cfg: &FlowConfig, latent: Option<&LatentInfo>) -> Result<(Dataset, Split, usize)> {
     let ds = Dataset::open(Path::new(dir))?;
-    ds.require_pixels("evaluating a model on it (not yet done for latent runs)")?;
+    crate::data::latent::check_same_space(latent, "the model", ds.manifest.latent.as_ref(), &format!("the dataset {dir}"))?;
     let (c, h, w) = ds.shape();
     ensure!(
         c == cfg.in_channels && h == cfg.img_size && w == cfg.img_size,
@@ -99,6 +96,25 @@ pub(crate) fn open_eval_split(dir: &str, split: Option<&str>, limit: Option<usiz
     let n = limit.map_or(ds.len(split), |l| l.min(ds.len(split)));
     ensure!(n > 0, "the {split:?} split of {dir} is empty");
     Ok((ds, split, n))
+}
+
+/// The first `n` images of `split` with seeded uniform dequantisation, pixel k -> (k + u) / 256 * 2 - 1
+/// with u ~ U[0, 1); a latent dataset's values as stored (continuous: nothing to dequantise).
+fn dequantised(ds: &Dataset, split: Split, n: usize, seed: u64) -> Result<(Vec<f32>, Vec<i64>)> {
+    if ds.is_latent() {
+        return ds.batch_f32(split, &(0..n).collect::<Vec<_>>());
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let u = rand_distr::Uniform::new(0.0f32, 1.0);
+    let (c, h, w) = ds.shape();
+    let mut x = Vec::with_capacity(n * c * h * w);
+    let mut labels = Vec::with_capacity(n);
+    for i in 0..n {
+        let (px, label) = ds.get(split, i)?;
+        x.extend(px.iter().map(|&k| (k as f32 + u.sample(&mut rng)) / 128.0 - 1.0));
+        labels.push(label);
+    }
+    Ok((x, labels))
 }
 
 pub fn eval_bpd(o: BpdOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
@@ -135,27 +151,18 @@ pub fn eval_bpd(o: BpdOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
         }
         (None, Some(dir)) => {
             ensure!(o.labels.is_none(), "--labels applies to --input only: datasets carry their own labels");
-            let (ds, split, n) = open_eval_split(dir, o.split.as_deref(), o.limit.map(NonZeroUsize::get), &cfg)?;
-            let (c, h, w) = ds.shape();
-            // Seeded uniform dequantisation: pixel k -> (k + u) / 256 * 2 - 1, u ~ U[0, 1).
-            let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
-            let u = rand_distr::Uniform::new(0.0f32, 1.0);
-            let mut x = Vec::with_capacity(n * c * h * w);
-            let mut labels = Vec::with_capacity(n);
-            for i in 0..n {
-                let (px, label) = ds.get(split, i)?;
-                x.extend(px.iter().map(|&k| (k as f32 + u.sample(&mut rng)) / 128.0 - 1.0));
-                labels.push(label);
-            }
+            let (ds, split, n) = open_eval_split(dir, o.split.as_deref(), o.limit.map(NonZeroUsize::get), &cfg, run.config.latent.as_ref())?;
+            let (x, labels) = dequantised(&ds, split, n, o.seed)?;
             let labelled = labels.iter().any(|&l| l >= 0);
             (x, labelled.then_some(labels))
         }
     };
     ensure!(!images.is_empty(), "no images to evaluate");
     let labels = if cfg.num_classes == 0 { None } else { labels };
-    let per = evaluate(&model, &images, labels.as_deref(), o.batch_size.get(), ctx)?;
+    let values = Values::of(run.config.latent.is_some());
+    let per = evaluate(&model, values, &images, labels.as_deref(), o.batch_size.get(), ctx)?;
     let mean = per.iter().sum::<f64>() / per.len() as f64;
-    let mut r = json!({ "bpd": mean, "num": per.len() });
+    let mut r = json!({ "bpd": mean, "num": per.len(), "values": if values == Values::Latents { "latents" } else { "pixels" } });
     if o.per_sample {
         r["perSampleBpd"] = json!(per);
     }

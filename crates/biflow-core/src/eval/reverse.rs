@@ -17,7 +17,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::{json, Value};
 
-use crate::models::flow::{ReverseOptions, TarFlow};
+use crate::models::flow::{ReverseOptions, TarFlow, Values};
 use crate::jobs::options::DeviceArgs;
 use crate::job::JobCtx;
 use crate::models::lpips::{self, Lpips};
@@ -146,8 +146,17 @@ pub fn eval_reverse(o: EvalReverseOptions, on: &DeviceArgs, ctx: &JobCtx) -> Res
     let sigma = run.config.noise_std.unwrap_or(0.0);
     let pair = Pair { flow: &flow, g: &g, sigma };
     let cfg = flow.config().clone();
-    let (ds, split, n) = crate::eval::bpd::open_eval_split(&o.data, o.split.as_deref(), Some(o.limit.get()), &cfg)?;
+    let (ds, split, n) = crate::eval::bpd::open_eval_split(&o.data, o.split.as_deref(), Some(o.limit.get()), &cfg, run.config.latent.as_ref())?;
+    let values = Values::of(ds.is_latent());
     let lpips = lpips::weight_files(o.lpips.as_deref(), o.vgg.as_deref())?.map(|(l, v)| Lpips::load(Path::new(l), Path::new(v), &device)).transpose()?;
+    // LPIPS compares images: a latent run's reconstructions are decoded first.
+    let vae = if lpips.is_some() { run.load_vae(None, "put it back for --lpips, which compares decoded images", &device)? } else { None };
+    let to_images = |x: &Tensor| -> Result<Tensor> {
+        Ok(match &vae {
+            Some(v) => v.images(x)?,
+            None => x.clone(),
+        })
+    };
     let bs = o.batch_size.get();
     let labelled = cfg.num_classes > 0;
     let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
@@ -167,7 +176,7 @@ pub fn eval_reverse(o: EvalReverseOptions, on: &DeviceArgs, ctx: &JobCtx) -> Res
         let x_rec = pair.reconstruct(&x, y.as_ref(), &mut rng, &mut latents)?;
         mse.extend(per_image_mse(&x_rec, &x)?);
         if let Some(net) = &lpips {
-            perceptual.extend(net.distance(&x_rec.clamp(-1f32, 1f32)?, &x)?.to_vec1::<f32>()?.into_iter().map(f64::from));
+            perceptual.extend(net.distance(&to_images(&x_rec)?.clamp(-1f32, 1f32)?, &to_images(&x)?.clamp(-1f32, 1f32)?)?.to_vec1::<f32>()?.into_iter().map(f64::from));
         }
         data.extend(xs);
         data_labels.extend(ys);
@@ -196,10 +205,14 @@ pub fn eval_reverse(o: EvalReverseOptions, on: &DeviceArgs, ctx: &JobCtx) -> Res
     ctx.end();
     let agreement = per_image_mse(&reverse, &exact)?;
 
-    let clamp = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.clamp(-1f32, 1f32)?.flatten_all()?.to_vec1()?) };
+    // Samples are scored as saved: pixels clamped to [-1, 1]; latents as they are.
+    let clamp = |x: &Tensor| -> Result<Vec<f32>> {
+        let x = if values == Values::Pixels { x.clamp(-1f32, 1f32)? } else { x.clone() };
+        Ok(x.flatten_all()?.to_vec1()?)
+    };
     let labels_of = |l: &[i64]| labelled.then(|| l.to_vec());
     let bpd = |images: &[f32], labels: Option<Vec<i64>>| -> Result<f64> {
-        Ok(mean(&crate::eval::bpd::evaluate(&flow, images, labels.as_deref(), bs, ctx)?))
+        Ok(mean(&crate::eval::bpd::evaluate(&flow, values, images, labels.as_deref(), bs, ctx)?))
     };
     let bpd_reverse = bpd(&clamp(&reverse)?, labels_of(&ys))?;
     let bpd_exact = bpd(&clamp(&exact)?, labels_of(&ys))?;
@@ -210,7 +223,8 @@ pub fn eval_reverse(o: EvalReverseOptions, on: &DeviceArgs, ctx: &JobCtx) -> Res
         "split": format!("{split:?}").to_lowercase(),
         "num": n,
         "reconstructionMse": m,
-        "reconstructionPsnr": psnr(m),
+        "reconstructionPsnr": (values == Values::Pixels).then(|| psnr(m)),
+        "values": if values == Values::Pixels { "pixels" } else { "latents" },
         "reconstructionLpips": lpips.is_some().then(|| mean(&perceptual)),
         "numExact": k,
         "reverseVsExactMse": mean(&agreement),

@@ -7,7 +7,11 @@
 //! weights.safetensors      the EMA weights
 //! preview.png              16 samples
 //! forward/config.json, forward/weights.safetensors    a distilled run's forward flow F
+//! vae/config.json, vae/diffusion_pytorch_model.safetensors  a latent run's VAE (--include-vae)
 //! ```
+//!
+//! A latent run's bundle without its VAE names it by checksum (config.json's `latent`); importing
+//! it then needs the VAE's folder (`--vae`), checked against that checksum.
 //!
 //! The archive itself (tar.gz) is written and read by the CLI with npm `tar`; the core stages the
 //! files (`export`) and checks an unpacked bundle before it becomes a run (`import-bundle`).
@@ -32,7 +36,13 @@ pub const ALLOWED: &[&str] = &[
     "preview.png",
     "forward/config.json",
     "forward/weights.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.bin",
 ];
+
+/// Where a bundle carries a latent run's VAE, relative to the run (and to its forward/).
+const BUNDLED_VAE: &str = "vae";
 
 crate::options! {
     pub struct ExportOptions {
@@ -44,6 +54,8 @@ crate::options! {
         preview: bool = true,
         /// replace an existing --out file
         force: bool,
+        /// a latent run: carry its VAE in the bundle (else the bundle names it by checksum and `import bundle` asks for it)
+        include_vae: bool,
     }
 }
 
@@ -100,10 +112,25 @@ fn stage_into(run: &Run, staging: &Path, o: &ExportOptions, ctx: &JobCtx) -> Res
 
     // The model: config and EMA weights (a distilled run also carries its verified forward run).
     let mut config = with_source(&run.config, &run.dir)?;
+    ensure!(!o.include_vae || run.config.latent.is_some(), "--include-vae: {} is a run on pixels, it has no VAE", run.dir.display());
+    if o.include_vae {
+        // The VAE the run records (checked by checksum), under vae/; the configs point there.
+        run.load_vae(None, "put it back to include it, or export without --include-vae", &Device::Cpu)?;
+        let dir = run.vae_dir().expect("a latent run");
+        let weights = crate::models::vae::Vae::weights_file(&dir)?;
+        let name = format!("{BUNDLED_VAE}/{}", weights.file_name().expect("a file").to_string_lossy());
+        copy_checked(&dir.join("config.json"), &staging.join(BUNDLED_VAE).join("config.json"))?;
+        copy_checked(&weights, &staging.join(&name))?;
+        files.extend([format!("{BUNDLED_VAE}/config.json"), name]);
+        config["latent"]["vae"] = json!(BUNDLED_VAE);
+    }
     if run.is_distilled() {
         let f = run.forward_run()?;
         config["forward"]["dir"] = json!("forward");
-        let fcfg = with_source(&f.config, &f.dir)?;
+        let mut fcfg = with_source(&f.config, &f.dir)?;
+        if o.include_vae && fcfg.get("latent").is_some() {
+            fcfg["latent"]["vae"] = json!(format!("../{BUNDLED_VAE}"));
+        }
         crate::io::atomic::write(&staging.join("forward/config.json").tap_parent()?, format!("{}\n", serde_json::to_string_pretty(&fcfg)?).as_bytes())?;
         copy_checked(&f.sampling_weights_path()?, &staging.join("forward/weights.safetensors"))?;
         files.extend(["forward/config.json".to_string(), "forward/weights.safetensors".to_string()]);
@@ -116,10 +143,10 @@ fn stage_into(run: &Run, staging: &Path, o: &ExportOptions, ctx: &JobCtx) -> Res
     if o.preview {
         ctx.message(format!("sampling a preview of {PREVIEW} images"));
         let mut s = crate::jobs::sample::Sampler::new(&crate::jobs::sample::SampleOptions::streaming(&o.run, None, PREVIEW, 0, 0.0), &candle_core::Device::Cpu)?;
-        let c = s.config().clone();
+        let (c, h, w) = s.output_shape();
         if let Some(x) = s.next_batch(PREVIEW, |_| ctx.check_cancelled())? {
             let v = x.flatten_all()?.to_vec1::<f32>()?;
-            if let Ok(img) = crate::io::image::grid(&v, PREVIEW, c.in_channels, c.img_size, c.img_size) {
+            if let Ok(img) = crate::io::image::grid(&v, PREVIEW, c, h, w) {
                 crate::io::atomic::write_png(&staging.join("preview.png"), &img)?;
                 files.push("preview.png".into());
             }
@@ -226,6 +253,8 @@ crate::options! {
         force: bool,
         /// the folder the CLI unpacked the bundle into, beside --out
         unpacked: String,
+        /// a latent model's VAE folder, for a bundle that names its VAE without carrying it (checked by checksum)
+        vae: Option<String>,
     }
 }
 
@@ -235,7 +264,7 @@ pub fn install(o: ImportBundleOptions, ctx: &JobCtx) -> Result<Value> {
     let (out, unpacked) = (Path::new(&o.out), Path::new(&o.unpacked));
     crate::io::atomic::ensure_empty_out(out, o.force)?;
     ensure!(o.force || !out.is_file(), "{} is a file: choose another --out, or add --force to replace it", out.display());
-    let v = verify(unpacked, ctx)?;
+    let v = verify(unpacked, o.vae.as_deref().map(Path::new), ctx)?;
     if out.is_dir() {
         fs::remove_dir_all(out).with_context(|| format!("cannot replace {}", out.display()))?;
     } else if out.exists() {
@@ -247,7 +276,7 @@ pub fn install(o: ImportBundleOptions, ctx: &JobCtx) -> Result<Value> {
 
 /// Check an unpacked bundle: exactly the files its manifest lists, each with its checksum, and a
 /// run that opens and whose weights load.
-fn verify(dir: &Path, ctx: &JobCtx) -> Result<Value> {
+fn verify(dir: &Path, vae: Option<&Path>, ctx: &JobCtx) -> Result<Value> {
     ctx.start("verify", None);
     let text = fs::read_to_string(dir.join(MANIFEST)).context("not a biflow bundle: it has no bundle.json")?;
     let m: Value = serde_json::from_str(&text).context("not a biflow bundle: bundle.json is not valid JSON")?;
@@ -267,14 +296,46 @@ fn verify(dir: &Path, ctx: &JobCtx) -> Result<Value> {
     for p in present {
         ensure!(p == MANIFEST || files.contains_key(&p), "the bundle holds '{p}', which its manifest does not list");
     }
-    let run = Run::open(&dir)?;
+    let mut run = Run::open(&dir)?;
     let device = Device::Cpu;
     run.load_flow(&device).context("the bundle's forward weights do not load")?;
     if run.is_distilled() {
         run.load_reverse(&device).context("the bundle's reverse model does not load")?;
     }
+    attach_vae(&mut run, files.keys().any(|f| f.starts_with(BUNDLED_VAE)), vae)?;
     ctx.end();
     Ok(json!({"kind": m["kind"], "files": files.len()}))
+}
+
+/// A latent model's VAE: the one the bundle carries, else `--vae` (or, on the machine it came from,
+/// the recorded folder), checked by checksum and then recorded in the run's configs as absolute.
+fn attach_vae(run: &mut Run, carried: bool, given: Option<&Path>) -> Result<()> {
+    let Some(info) = run.config.latent.clone() else {
+        ensure!(given.is_none(), "--vae: this bundle holds a model on pixels, which needs no VAE");
+        return Ok(());
+    };
+    ensure!(!(carried && given.is_some()), "--vae: this bundle carries its own VAE");
+    let fix = format!("this bundle holds a model on VAE latents and names its VAE by checksum (sha256 {}) without carrying it: give its folder with --vae DIR", info.vae_sha256);
+    let at = if carried { Some(run.dir.join(BUNDLED_VAE)) } else { given.map(Path::to_path_buf) };
+    match (&at, Path::new(&info.vae).is_absolute()) {
+        (Some(_), _) | (None, true) => {}
+        (None, false) => bail!("{fix}"),
+    }
+    run.load_vae(at.as_deref(), &fix, &Device::Cpu).context("the bundle's VAE")?;
+    if let Some(dir) = given {
+        // Record where the VAE is on this machine, for the run and its forward flow.
+        let path = crate::data::latent::recorded_path(&dir.display().to_string());
+        run.config.latent.as_mut().expect("latent").vae = path.clone();
+        run.write_config()?;
+        if run.is_distilled() {
+            let mut f = Run::open(&run.dir.join("forward"))?;
+            if let Some(l) = f.config.latent.as_mut() {
+                l.vae = path;
+                f.write_config()?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {

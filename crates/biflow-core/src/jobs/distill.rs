@@ -21,6 +21,7 @@ use crate::engines::ReverseGrad;
 use crate::models::convnext::{ConvNextConfig, ConvNextV2};
 use crate::models::lpips::Lpips;
 use crate::models::perceptual::{Crop, Perceptual};
+use crate::models::vae::Vae;
 use crate::models::reverse::loss::{implied_conditional, LossConfig, LossKind, LossValue, PerceptualTerms, Targets};
 use crate::models::reverse::{self, ReverseConfig, ReverseModel, ReverseOutput};
 use crate::run::{ForwardRef, Run, RunConfig};
@@ -197,6 +198,7 @@ const RESUMABLE: &[&str] = &["data", "steps", "saveEvery", "keep", "sampleEvery"
 fn resolve(s: &DistillSettings, f_run: &Run, forward_dir: &str, data: &dyn TrainData, data_dir: &str) -> Result<(DistillOptions, ReverseConfig)> {
     let s = &s.clone().or(DistillSettings::defaults());
     let f = &f_run.config.model;
+    crate::data::latent::check_same_space(f_run.config.latent.as_ref(), &format!("the forward run {forward_dir}"), data.latent(), &format!("the dataset {data_dir}"))?;
     let (c, h, w) = data.shape();
     if (c, h, w) != (f.in_channels, f.img_size, f.img_size) || data.num_classes() != f.num_classes {
         bail!(
@@ -265,7 +267,9 @@ fn resolve(s: &DistillSettings, f_run: &Run, forward_dir: &str, data: &dyn Train
     if kind == LossKind::Hidden {
         ensure!(f.token_dim() <= channels, "--loss hidden reads G's states in token space: it needs --channels >= the token size {}", f.token_dim());
     }
-    let perceptual = perceptual_options(s, f.img_size)?;
+    // The perceptual networks see images: in a latent run, the VAE's decodings.
+    let image_side = data.latent().map_or(f.img_size, |l| l.image_shape[1]);
+    let perceptual = perceptual_options(s, image_side)?;
     let opts = DistillOptions {
         forward: forward_dir.to_string(),
         data: data_dir.to_string(),
@@ -321,8 +325,8 @@ fn perceptual_options(s: &DistillSettings, img_size: usize) -> Result<Option<Per
 }
 
 /// The frozen networks of the perceptual terms, loaded (and checked) before any run folder is made.
-fn load_perceptual(p: &PerceptualOptions, flow: &FlowConfig, device: &Device) -> Result<Perceptual> {
-    let mut perceptual = Perceptual::new(flow, p.crop, p.size);
+fn load_perceptual(p: &PerceptualOptions, flow: &FlowConfig, decoder: Option<Vae>, device: &Device) -> Result<Perceptual> {
+    let mut perceptual = Perceptual::new(flow, p.crop, p.size, decoder);
     if let (Some(lpips), Some(vgg)) = (&p.lpips, &p.vgg) {
         perceptual.add("lpips", p.lpips_weight, Box::new(Lpips::load(Path::new(lpips), Path::new(vgg), device)?));
     }
@@ -564,7 +568,14 @@ impl TrainingJob for Distilling {
         let (f_run, forward_abs) = self.forward.as_ref().expect("settled");
         let resolved = resolve(&self.effective, f_run, &forward_abs.display().to_string(), data, &self.data_dir)?;
         let flow = f_run.load_flow(device)?;
-        self.perceptual = resolved.0.perceptual.as_ref().map(|p| load_perceptual(p, flow.config(), device)).transpose()?;
+        self.perceptual = match &resolved.0.perceptual {
+            Some(p) => {
+                // Perceptual terms on latents compare decoded images: the run's VAE is in the loss.
+                let decoder = f_run.load_vae(None, "put it back: the perceptual terms compare its decoded images", device)?;
+                Some(load_perceptual(p, flow.config(), decoder, device)?)
+            }
+            None => None,
+        };
         self.flow = Some(flow);
         Ok(resolved)
     }

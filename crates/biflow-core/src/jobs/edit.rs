@@ -3,6 +3,9 @@
 //!
 //! - inpainting: `z' = M * z + (1 - M) * eps`, M = 1 where the mask is black (kept), 0 where white;
 //! - class editing: the same z under another label.
+//!
+//! A latent run edits the image's VAE latents (the mask taken down to the latent grid) and decodes
+//! the results.
 
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
@@ -14,7 +17,6 @@ use rand_distr::{Distribution, StandardNormal};
 use serde_json::{json, Value};
 
 use crate::eval::reverse::Pair;
-use crate::models::flow::FlowConfig;
 use crate::jobs::options::DeviceArgs;
 use crate::job::JobCtx;
 use crate::run::Run;
@@ -41,20 +43,22 @@ crate::options! {
         seed: u64 = 0,
         /// write into --out even when it already holds files
         force: bool,
+        /// a latent run's VAE folder (default: where the run records it): it encodes --image and decodes the edits
+        vae: Option<String>,
     }
 }
 
-/// An image file as (C, H, W) values in [-1, 1], which must have the model's size. `what` names it.
-fn read_image(path: &str, cfg: &FlowConfig, what: &str) -> Result<Vec<f32>> {
+/// An image file as (C, H, W) values in [-1, 1], which must be `side` pixels square. `what` names it.
+fn read_image(path: &str, c: usize, side: usize, what: &str) -> Result<Vec<f32>> {
     let img = crate::data::decode_file(Path::new(path))?;
-    let n = cfg.img_size as u32;
+    let n = side as u32;
     ensure!(
         img.width() == n && img.height() == n,
         "{what} {path} is {}x{}; this model works on {n}x{n} images",
         img.width(),
         img.height()
     );
-    let (c, hw) = (cfg.in_channels, cfg.img_size * cfg.img_size);
+    let hw = side * side;
     let hwc: Vec<u8> = match c {
         1 => img.to_luma8().into_raw(),
         3 => img.to_rgb8().into_raw(),
@@ -79,6 +83,10 @@ pub fn edit(o: EditOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
     let flow = run.load_flow(&device)?;
     let g = run.load_reverse(&device)?;
     let cfg = flow.config().clone();
+    // A latent run edits latents: the image is encoded, the edits decoded, by the run's VAE.
+    let vae = run.load_vae(o.vae.as_deref().map(Path::new), "give its folder with --vae DIR", &device)?;
+    let f = vae.as_ref().map_or(1, |v| v.config().downsampling());
+    let (ic, side) = (vae.as_ref().map_or(cfg.in_channels, |v| v.config().in_channels), cfg.img_size * f);
     let sigma = run.config.noise_std.unwrap_or(0.0);
     let pair = Pair { flow: &flow, g: &g, sigma };
     let k = cfg.num_classes as i64;
@@ -90,16 +98,27 @@ pub fn edit(o: EditOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
     if let Some(l) = o.label {
         check_label(l, "--label")?;
     }
-    let x = read_image(&o.image, &cfg, "--image")?;
+    let image = read_image(&o.image, ic, side, "--image")?;
+    let x = match &vae {
+        Some(v) => v.latents(&Tensor::from_vec(image.clone(), (1, ic, side, side), &device)?, None)?.flatten_all()?.to_vec1()?,
+        None => image.clone(),
+    };
     let keep = match (&o.mask, o.to_class) {
         (Some(_), Some(_)) => bail!("give --mask (inpainting) or --to-class (class editing), not both"),
         (None, None) => bail!("say what to edit: --mask MASK.png (inpaint its white region) or --to-class K"),
         (Some(m), None) => {
-            // Black (< 50%) = known, kept; white = redrawn. The mask's channels are averaged.
-            let mask = read_image(m, &FlowConfig { in_channels: 1, ..cfg.clone() }, "--mask")?;
-            let hw = cfg.img_size * cfg.img_size;
-            let per_pixel: Vec<f32> = (0..cfg.in_channels * hw).map(|i| if mask[i % hw] < 0.0 { 1.0 } else { 0.0 }).collect();
-            Some(per_pixel)
+            // Black (< 50%) = known, kept; white = redrawn. The mask's channels are averaged; a
+            // latent is kept where most of the f x f pixels it covers are.
+            let mask = read_image(m, 1, side, "--mask")?;
+            let s = cfg.img_size;
+            let kept: Vec<f32> = (0..s * s)
+                .map(|p| {
+                    let (y, x) = (p / s, p % s);
+                    let black = (0..f * f).filter(|q| mask[(y * f + q / f) * side + x * f + q % f] < 0.0).count();
+                    if 2 * black > f * f { 1.0 } else { 0.0 }
+                })
+                .collect();
+            Some(kept.repeat(cfg.in_channels))
         }
         (None, Some(c)) => {
             check_label(c, "--to-class")?;
@@ -124,17 +143,20 @@ pub fn edit(o: EditOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
         }
         None => (z, Some(Tensor::from_vec(vec![o.to_class.unwrap(); n], n, &device)?)),
     };
-    let edited = pair.generate(&z, target.as_ref())?;
+    let edited = match &vae {
+        Some(v) => v.images(&pair.generate(&z, target.as_ref())?)?,
+        None => pair.generate(&z, target.as_ref())?,
+    };
     ctx.progress(1, Some(1), serde_json::Map::new());
     ctx.end();
 
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    let (c, h) = (cfg.in_channels, cfg.img_size);
+    let (c, h) = (ic, side);
     let per = c * h * h;
     let images: Vec<f32> = edited.flatten_all()?.to_vec1()?;
     let mut files = Vec::new();
     let input = out.join("input.png");
-    crate::io::atomic::write_png(&input, &image_buffer(&x, c, h, h)?)?;
+    crate::io::atomic::write_png(&input, &image_buffer(&image, c, h, h)?)?;
     files.push(input);
     for i in 0..n {
         let p = out.join(format!("edit-{i:03}.png"));
@@ -142,7 +164,7 @@ pub fn edit(o: EditOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
         files.push(p);
     }
     // The grid: the input first, then the variants.
-    let all: Vec<f32> = x.iter().chain(images.iter()).copied().collect();
+    let all: Vec<f32> = image.iter().chain(images.iter()).copied().collect();
     let p = out.join("grid.png");
     crate::io::atomic::write_png(&p, &grid(&all, n + 1, c, h, h)?)?;
     files.push(p);

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use crate::models::flow::{ReverseOptions, TarFlow};
 use crate::models::reverse::ReverseModel;
+use crate::models::vae::Vae;
 use crate::io::npy::{read_npy, write_npy, write_npz, Array};
 use crate::io::atomic::ensure_empty_out;
 use crate::io::image::{grid, image_buffer, to_u8};
@@ -52,8 +53,10 @@ crate::options! {
         labels: Option<Vec<i64>>,
         /// random seed for the noise
         seed: u64 = 0,
-        /// png: one file per image plus grid.png; npz: uint8 N,H,W,C under arr_0; npy: float32 N,C,H,W
-        format: String {"png", "npz", "npy"} = "png",
+        /// png: one file per image plus grid.png; npz: uint8 N,H,W,C under arr_0; npy: float32 N,C,H,W; latent (a latent run): the latents, float32 N,C,h,w in latents.npy, not decoded
+        format: String {"png", "npz", "npy", "latent"} = "png",
+        /// a latent run's VAE folder, which decodes its samples (default: where the run records it; checked by checksum)
+        vae: Option<String>,
         /// images decoded at once
         batch_size: NonZeroUsize = 64,
         /// write into --out even when it already holds files (same-named files are replaced)
@@ -83,6 +86,8 @@ enum Method {
 pub struct Sampler {
     model: TarFlow,
     method: Method,
+    /// A latent run's VAE: samples are its decodings (None: pixels, or latents kept as they are).
+    decoder: Option<Vae>,
     /// The noise level of the denoising step; None = no denoising.
     pub sigma: Option<f64>,
     labels: Option<Vec<i64>>,
@@ -115,6 +120,13 @@ impl Sampler {
             m => bail!("unknown sampling method '{m}': use reverse or exact"),
         };
         let model = run.load_flow(device)?;
+        let decoder = match o.format.as_str() {
+            "latent" => {
+                ensure!(run.config.latent.is_some(), "--format latent keeps a latent run's latents; {} is a run on pixels", o.model);
+                None
+            }
+            _ => run.load_vae(o.vae.as_deref().map(Path::new), "give its folder with --vae DIR, or keep the latents with --format latent", device)?,
+        };
         let cfg = model.config().clone();
         let (t, d) = (cfg.num_tokens(), cfg.token_dim());
         let (n, given_noise) = match &o.noise {
@@ -158,6 +170,7 @@ impl Sampler {
         Ok(Sampler {
             model,
             method,
+            decoder,
             sigma,
             labels,
             given_noise,
@@ -170,6 +183,18 @@ impl Sampler {
 
     pub fn config(&self) -> &crate::models::flow::FlowConfig {
         self.model.config()
+    }
+    /// The shape (C, H, W) of what [`Self::next_batch`] gives: images, or a latent run's latents
+    /// with `--format latent`.
+    pub fn output_shape(&self) -> (usize, usize, usize) {
+        let cfg = self.model.config();
+        match &self.decoder {
+            Some(vae) => {
+                let (v, f) = (vae.config(), vae.config().downsampling());
+                (v.out_channels, cfg.img_size * f, cfg.img_size * f)
+            }
+            None => (cfg.in_channels, cfg.img_size, cfg.img_size),
+        }
     }
     /// The number of images this sampler makes.
     pub fn len(&self) -> usize {
@@ -200,7 +225,8 @@ impl Sampler {
         }
     }
 
-    /// The next at most `max` images (N,C,H,W f32, about [-1,1]), or None when all are made.
+    /// The next at most `max` images (N,C,H,W f32, about [-1,1]; a latent run's decoded by its VAE),
+    /// or None when all are made.
     /// `on_step(k)` is called after each of the [`Self::steps_per_batch`] steps; its error stops the batch.
     pub fn next_batch(&mut self, max: usize, on_step: impl FnMut(usize) -> Result<()>) -> Result<Option<Tensor>> {
         if self.done >= self.n {
@@ -233,6 +259,9 @@ impl Sampler {
         if let Some(sigma) = self.sigma {
             x = denoise(&self.model, &x, y.as_ref(), sigma)?;
         }
+        if let Some(vae) = &self.decoder {
+            x = vae.images(&x)?;
+        }
         let x = x.to_dtype(DType::F32)?;
         ensure!(
             x.flatten_all()?.to_vec1::<f32>()?.iter().all(|v| v.is_finite()),
@@ -263,19 +292,19 @@ fn make_labels(given: &Option<Vec<i64>>, n: usize, classes: usize) -> Result<Opt
 }
 
 pub fn sample(o: SampleOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
-    ensure!(matches!(o.format.as_str(), "png" | "npz" | "npy"), "unknown format '{}': use png, npz or npy", o.format);
+    ensure!(matches!(o.format.as_str(), "png" | "npz" | "npy" | "latent"), "unknown format '{}': use png, npz, npy or latent", o.format);
     let out = PathBuf::from(&o.out);
     let on = on.place()?;
     ensure_empty_out(&out, o.force)?;
     let mut sampler = Sampler::new(&o, &on.device)?;
-    let cfg = sampler.config().clone();
+    let (c, h, w) = sampler.output_shape();
     let (n, labels, denoise_on, sigma) = (sampler.len(), sampler.labels().map(<[i64]>::to_vec), sampler.denoises(), sampler.sigma);
     let bs = o.batch_size.get();
     let steps_per_batch = sampler.steps_per_batch();
     let total = (n.div_ceil(bs) * steps_per_batch) as u64;
     ctx.start(if sampler.method() == "exact" { "decode" } else { "sample" }, Some(total));
     let started = Instant::now();
-    let mut images: Vec<f32> = Vec::with_capacity(n * cfg.image_dim());
+    let mut images: Vec<f32> = Vec::with_capacity(n * c * h * w);
     let mut batch_index = 0;
     while let Some(x) = sampler.next_batch(bs, |done| {
         let all = (batch_index * steps_per_batch + done) as u64;
@@ -291,32 +320,31 @@ pub fn sample(o: SampleOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> 
     let secs = started.elapsed().as_secs_f64();
 
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    let (c, h) = (cfg.in_channels, cfg.img_size);
     let mut files = Vec::new();
     match o.format.as_str() {
         "png" => {
-            let per = c * h * h;
+            let per = c * h * w;
             for i in 0..n {
                 let p = out.join(format!("{i:06}.png"));
-                crate::io::atomic::write_png(&p, &image_buffer(&images[i * per..(i + 1) * per], c, h, h)?)?;
+                crate::io::atomic::write_png(&p, &image_buffer(&images[i * per..(i + 1) * per], c, h, w)?)?;
                 files.push(p);
             }
             let p = out.join("grid.png");
-            crate::io::atomic::write_png(&p, &grid(&images, n, c, h, h)?)?;
+            crate::io::atomic::write_png(&p, &grid(&images, n, c, h, w)?)?;
             files.push(p);
         }
         "npz" => {
             let mut nhwc = Vec::with_capacity(images.len());
             for i in 0..n {
                 for y in 0..h {
-                    for x in 0..h {
+                    for x in 0..w {
                         for ch in 0..c {
-                            nhwc.push(to_u8(images[((i * c + ch) * h + y) * h + x]));
+                            nhwc.push(to_u8(images[((i * c + ch) * h + y) * w + x]));
                         }
                     }
                 }
             }
-            let arr = Array::from_u8(vec![n, h, h, c], nhwc)?;
+            let arr = Array::from_u8(vec![n, h, w, c], nhwc)?;
             let p = out.join("samples.npz");
             match &labels {
                 Some(l) => write_npz(&p, &[("arr_0", &arr), ("arr_1", &Array::from_i64(vec![n], l)?)])?,
@@ -324,9 +352,9 @@ pub fn sample(o: SampleOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> 
             }
             files.push(p);
         }
-        _ => {
-            let p = out.join("samples.npy");
-            write_npy(&p, &Array::from_f32(vec![n, c, h, h], &images)?)?;
+        format => {
+            let p = out.join(if format == "latent" { "latents.npy" } else { "samples.npy" });
+            write_npy(&p, &Array::from_f32(vec![n, c, h, w], &images)?)?;
             files.push(p);
             if let Some(l) = &labels {
                 let p = out.join("labels.npy");

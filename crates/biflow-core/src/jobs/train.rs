@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::models::flow::{bits_per_dim, nll_loss, FlowConfig, FlowOutput, TarFlow};
+use crate::models::flow::{bits_per_dim, nll_loss, FlowConfig, FlowOutput, TarFlow, Values};
 use crate::job::JobCtx;
 use crate::device::mode::Backend;
 use crate::engines::NllGrad;
@@ -157,6 +157,7 @@ fn resolve(s: &TrainSettings, data: &dyn TrainData, data_dir: &str) -> Result<(T
         bail!("--lr must be a positive number");
     }
     let dequantize = s.dequantize.unwrap_or(false);
+    ensure!(!(dequantize && data.latent().is_some()), "--dequantize spreads 8-bit pixel levels; this dataset holds continuous VAE latents (use --noise-std)");
     let noise_std = match (dequantize, s.noise_std) {
         (true, Some(x)) if x > 0.0 => bail!("give --noise-std or --dequantize, not both"),
         (true, _) => None,
@@ -256,6 +257,7 @@ struct Likelihood {
     model: TarFlow,
     engine: Option<NllGrad>,
     opts: TrainOptions,
+    values: Values,
 }
 
 impl Objective for Likelihood {
@@ -303,7 +305,7 @@ impl Objective for Likelihood {
         };
         let loss = nll_loss(&out)?;
         let loss_v = loss.to_scalar::<f32>()? as f64;
-        let bpd = bits_per_dim(&out, cfg)?.mean_all()?.to_scalar::<f32>()? as f64;
+        let bpd = bits_per_dim(&out, cfg, self.values)?.mean_all()?.to_scalar::<f32>()? as f64;
         let grads = match grads {
             Some(g) => g,
             None => host_gradients(&loss, slots)?,
@@ -393,7 +395,7 @@ pub fn train_job(options: Value, ctx: &JobCtx) -> Result<Value> {
 
 /// Train on `data` (found at `data_dir`): a new run in `args.out`, or continue it with `args.resume`.
 pub fn train_with(args: &SessionArgs, settings: &TrainSettings, data_dir: &str, data: &dyn TrainData, ctx: &JobCtx) -> Result<Value> {
-    let job = Training { given: settings.clone(), effective: settings.clone(), saved: None, data_dir: data_dir.to_string() };
+    let job = Training { given: settings.clone(), effective: settings.clone(), saved: None, data_dir: data_dir.to_string(), values: Values::Pixels };
     training::drive(job, args, data, ctx)
 }
 
@@ -404,6 +406,8 @@ struct Training {
     /// The resumed run's options.
     saved: Option<TrainOptions>,
     data_dir: String,
+    /// Pixels or latents, from the data.
+    values: Values,
 }
 
 impl TrainingJob for Training {
@@ -429,6 +433,7 @@ impl TrainingJob for Training {
 
     fn resolve(&mut self, data: &dyn TrainData, _device: &Device) -> Result<(TrainOptions, FlowConfig)> {
         let (mut opts, model) = resolve(&self.effective, data, &self.data_dir)?;
+        self.values = Values::of(data.latent().is_some());
         if let Some(saved) = &self.saved {
             if self.given.steps.is_none() && self.given.epochs.is_none() {
                 opts.epochs = saved.epochs;
@@ -471,6 +476,6 @@ impl TrainingJob for Training {
             }
             Backend::Composed => None,
         };
-        Ok((slots, Box::new(Likelihood { model, engine, opts })))
+        Ok((slots, Box::new(Likelihood { model, engine, opts, values: self.values })))
     }
 }

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use crate::data::LatentInfo;
 use crate::device::mode::Backend;
 use crate::jobs::options;
 use crate::jobs::options::DeviceArgs;
@@ -109,6 +110,8 @@ pub fn drive<J: TrainingJob>(mut job: J, args: &SessionArgs, data: &dyn TrainDat
     // The run folder: the one being resumed with its newest checkpoint, or a new one.
     let (run, resume) = match prior {
         Some(mut run) => {
+            let name = format!("--resume: the run {}", run.dir.display());
+            crate::data::latent::check_same_space(run.config.latent.as_ref(), &name, data.latent(), "the data")?;
             J::check_model(&run, &model)?;
             run.sweep_temporaries()?;
             let ck = run.latest_checkpoint()?.ok_or_else(|| anyhow!("--resume: {} has no checkpoint to resume from", run.dir.display()))?;
@@ -124,7 +127,16 @@ pub fn drive<J: TrainingJob>(mut job: J, args: &SessionArgs, data: &dyn TrainDat
             }
             (run, Some((ck, loaded)))
         }
-        None => (Run::create(&args.out, job.new_run(&opts, &model)?)?, None),
+        None => {
+            let mut config = job.new_run(&opts, &model)?;
+            config.latent = data.latent().map(|l| LatentInfo { vae: crate::data::latent::recorded_path(&l.vae), ..l.clone() });
+            (Run::create(&args.out, config)?, None)
+        }
+    };
+    // A latent run's previews are decoded to images by its VAE.
+    let decoder = match J::schedule(&opts).sample_every {
+        0 => None,
+        _ => run.load_vae(None, "put it back to see previews, or train with --sample-every 0", &device)?,
     };
 
     let schedule = J::schedule(&opts).clone();
@@ -142,6 +154,7 @@ pub fn drive<J: TrainingJob>(mut job: J, args: &SessionArgs, data: &dyn TrainDat
         phase: J::NAME,
         debug_nan_at_step: args.debug_nan_at_step,
         command: args.command.clone(),
+        decoder,
     };
     let mut result = train::fit(fit, objective.as_mut(), ctx)?.result;
     // The run's report (no comparison sampling here; `biflow report` and `biflow demo` add it).

@@ -4,6 +4,9 @@
 //! resized crop (torchvision's RandomResizedCrop: area U(0.08, 1) of the image, aspect ratio
 //! log-uniform in [3/4, 4/3], bicubic with antialias) to the networks' size, 224.
 //!
+//! In a latent run the tokens are VAE latents: both are decoded to images first, and the gradient
+//! reaches G through the decoder too, as in the paper.
+//!
 //! The crop and resize is linear in the image, so it is two matrix products per image:
 //! `R_y X R_x^T`, with R's rows torch's antialiased bicubic weights over the crop's pixels.
 
@@ -16,6 +19,7 @@ use crate::models::convnext::ConvNextV2;
 use crate::models::flow::{unpatchify, FlowConfig};
 use crate::models::lpips::Lpips;
 use crate::models::reverse::loss::{PerceptualTerms, WeightedDistance};
+use crate::models::vae::Vae;
 
 /// A distance between image pairs (N, C, H, W) in [-1, 1], (N), differentiable in both images.
 pub trait ImageDistance {
@@ -136,13 +140,19 @@ pub struct Perceptual {
     /// The side the networks see; None: the images' own (no resize).
     size: Option<usize>,
     patch: usize,
+    /// F's values (channels, side): pixels, or latents that `decoder` turns into images.
     channels: usize,
+    side: usize,
+    decoder: Option<Vae>,
+    /// The side of the images (decoded, in a latent run).
     image: usize,
 }
 
 impl Perceptual {
-    pub fn new(flow: &FlowConfig, crop: Crop, size: Option<usize>) -> Perceptual {
-        Perceptual { terms: Vec::new(), crop, size, patch: flow.patch_size, channels: flow.in_channels, image: flow.img_size }
+    /// The terms over `flow`'s tokens; `decoder` is a latent run's VAE.
+    pub fn new(flow: &FlowConfig, crop: Crop, size: Option<usize>, decoder: Option<Vae>) -> Perceptual {
+        let image = flow.img_size * decoder.as_ref().map_or(1, |v| v.config().downsampling());
+        Perceptual { terms: Vec::new(), crop, size, patch: flow.patch_size, channels: flow.in_channels, side: flow.img_size, decoder, image }
     }
 
     pub fn add(&mut self, name: &str, weight: f64, net: Box<dyn ImageDistance>) {
@@ -177,10 +187,14 @@ pub struct PerceptualStep<'a> {
 }
 
 impl PerceptualStep<'_> {
-    /// Tokens (N, T, D) as the networks' images (N, C, S, S).
+    /// Tokens (N, T, D) as the networks' images (N, C, S, S), decoded first in a latent run.
     fn images(&self, tokens: &Tensor) -> Result<Tensor> {
         let p = self.perceptual;
-        let x = unpatchify(tokens, p.patch, p.channels, p.image)?;
+        let x = unpatchify(tokens, p.patch, p.channels, p.side)?;
+        let x = match &p.decoder {
+            Some(vae) => vae.images(&x)?,
+            None => x,
+        };
         Ok(match &self.resize {
             Some((rows, cols)) => rows.broadcast_matmul(&x.contiguous()?)?.broadcast_matmul(cols)?,
             None => x,

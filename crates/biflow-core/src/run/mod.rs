@@ -15,13 +15,15 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::data::LatentInfo;
 use crate::models::flow::{FlowConfig, TarFlow};
+use crate::models::vae::Vae;
 use crate::models::reverse::{ReverseConfig, ReverseModel};
 use crate::io::atomic;
 pub use crate::io::tensors::{decode_safetensors, encode_safetensors, read_safetensors, write_safetensors, HostTensor};
@@ -58,6 +60,10 @@ pub struct RunConfig {
     pub forward: Option<ForwardRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reverse: Option<ReverseConfig>,
+    /// A run on VAE latents: how its data was encoded (the dataset manifest's `latent`), so its
+    /// samples can be decoded to images by that VAE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latent: Option<LatentInfo>,
 }
 
 /// Where a distilled run's forward model F lives, and the checksum of the weights G learned from.
@@ -81,6 +87,7 @@ impl RunConfig {
             source: Value::Null,
             forward: None,
             reverse: None,
+            latent: None,
         }
     }
 
@@ -233,7 +240,6 @@ impl Run {
         }
     }
 
-    /// The TarFlow with the run's sampling weights (weights.safetensors, else the latest checkpoint's EMA).
     /// Whether this run holds a distilled reverse model G.
     pub fn is_distilled(&self) -> bool {
         self.config.reverse.is_some()
@@ -271,6 +277,23 @@ impl Run {
         TarFlow::new(vb, &self.config.model).with_context(|| {
             format!("the weights in {} do not fit the model described in {}", path.display(), self.config_path().display())
         })
+    }
+
+    /// A latent run's VAE (at `at` when given, else where the run records it, checked by checksum);
+    /// None for a run on pixels. `fix` tells the user what to do when it is missing or another.
+    pub fn load_vae(&self, at: Option<&Path>, fix: &str, device: &Device) -> Result<Option<Vae>> {
+        let Some(info) = &self.config.latent else {
+            ensure!(at.is_none(), "{} is a run on pixels: --vae applies to runs on VAE latents only", self.dir.display());
+            return Ok(None);
+        };
+        // A relative recorded folder (a bundle's) is inside the run.
+        let info = LatentInfo { vae: self.dir.join(&info.vae).display().to_string(), ..info.clone() };
+        crate::data::latent::load_vae(&info, at, &format!("the run {}", self.dir.display()), fix, device).map(Some)
+    }
+
+    /// Where a latent run records its VAE: a relative folder (a bundle's `vae`) is inside the run.
+    pub fn vae_dir(&self) -> Option<PathBuf> {
+        self.config.latent.as_ref().map(|l| self.dir.join(&l.vae))
     }
 
     /// The distilled reverse model G (EMA weights).

@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 
-/// What the trainer needs from a dataset: images as f32 in [-1,1] (N*C*H*W) and labels.
+/// What the trainer needs from a dataset: images as f32 in [-1,1] (N*C*H*W), or VAE latents, and labels.
 pub trait TrainData: Send + Sync {
     /// (channels, height, width)
     fn shape(&self) -> (usize, usize, usize);
@@ -16,6 +16,10 @@ pub trait TrainData: Send + Sync {
     fn num_classes(&self) -> usize;
     fn len(&self) -> usize;
     fn batch(&self, indices: &[usize]) -> Result<(Vec<f32>, Vec<i64>)>;
+    /// How the values were encoded when they are VAE latents (None: pixels in [-1, 1]).
+    fn latent(&self) -> Option<&crate::data::LatentInfo> {
+        None
+    }
 }
 
 /// An in-memory dataset (tests, benchmarks).
@@ -68,6 +72,9 @@ impl TrainData for Limited<'_> {
     fn batch(&self, indices: &[usize]) -> Result<(Vec<f32>, Vec<i64>)> {
         self.inner.batch(indices)
     }
+    fn latent(&self) -> Option<&crate::data::LatentInfo> {
+        self.inner.latent()
+    }
 }
 
 impl<D: TrainData + ?Sized> TrainData for Box<D> {
@@ -82,6 +89,9 @@ impl<D: TrainData + ?Sized> TrainData for Box<D> {
     }
     fn batch(&self, indices: &[usize]) -> Result<(Vec<f32>, Vec<i64>)> {
         (**self).batch(indices)
+    }
+    fn latent(&self) -> Option<&crate::data::LatentInfo> {
+        (**self).latent()
     }
 }
 
@@ -99,12 +109,14 @@ impl TrainData for crate::data::Dataset {
     fn batch(&self, indices: &[usize]) -> Result<(Vec<f32>, Vec<i64>)> {
         self.batch_f32(crate::data::Split::Train, indices)
     }
+    fn latent(&self) -> Option<&crate::data::LatentInfo> {
+        self.manifest.latent.as_ref()
+    }
 }
 
 /// Open a prepared dataset folder for training.
 pub fn open_data(dir: &Path) -> Result<Box<dyn TrainData>> {
     let ds = crate::data::Dataset::open(dir)?;
-    ds.require_pixels("training (latent runs are not done yet: their bits/dim, samples and reports need the VAE)")?;
     if ds.is_empty(crate::data::Split::Train) {
         bail!("the dataset {} has no training images", dir.display());
     }

@@ -111,6 +111,8 @@ pub struct Fit<'a> {
     pub debug_nan_at_step: Option<u64>,
     /// The command line that started this session (recorded in RUN/history.jsonl for the report).
     pub command: Option<String>,
+    /// A latent run's VAE: previews are its decoding of the sampled latents.
+    pub decoder: Option<crate::models::vae::Vae>,
 }
 
 /// The outcome of [`fit`]; `result` is the JSON the job returns, to which it may add.
@@ -137,7 +139,7 @@ pub fn fit(f: Fit, objective: &mut dyn Objective, ctx: &JobCtx) -> Result<Fitted
 }
 
 fn fit_inner(f: Fit, objective: &mut dyn Objective, ctx: &JobCtx, last_step: &std::cell::Cell<u64>) -> Result<Fitted> {
-    let Fit { run, lock: _, data, schedule: s, options, model, mut slots, resume, phase: phase_name, debug_nan_at_step, command } = f;
+    let Fit { run, lock: _, data, schedule: s, options, model, mut slots, resume, phase: phase_name, debug_nan_at_step, command, decoder } = f;
     // The model's device (the slots' host copies hold the master weights and optimizer state).
     let device = slots.first().map(|s| s.var.device().clone()).unwrap_or(Device::Cpu);
     let mut adam = AdamW::new(AdamWConfig { beta1: s.beta1, beta2: s.beta2, eps: 1e-8, weight_decay: s.weight_decay });
@@ -272,7 +274,11 @@ fn fit_inner(f: Fit, objective: &mut dyn Objective, ctx: &JobCtx, last_step: &st
         }
         if s.sample_every > 0 && (step % s.sample_every == 0 || step == total) {
             let tp = Instant::now();
-            if let Some(images) = objective.preview(&slots)? {
+            if let Some(x) = objective.preview(&slots)? {
+                let images = match &decoder {
+                    Some(vae) => vae.images(&x)?,
+                    None => x,
+                };
                 preview::write_preview(&run.dir, step, &images)?;
             }
             phase[4] += tp.elapsed().as_secs_f64();

@@ -22,12 +22,14 @@ use source::ImageSource;
 
 use crate::data::{Dataset, Split};
 
-/// The images of one split of a prepared dataset directory (`biflow data prepare`).
+/// The images of one split of a prepared dataset directory (`biflow data prepare`); a latent
+/// dataset's are its VAE's decodings (FID is scored on images).
 pub struct DatasetSource {
     dir: String,
     ds: Dataset,
     split: Split,
     pos: usize,
+    vae: Option<crate::models::vae::Vae>,
 }
 
 impl ImageSource for DatasetSource {
@@ -43,6 +45,13 @@ impl ImageSource for DatasetSource {
             return Ok(None);
         }
         let end = (self.pos + max).min(n);
+        if let Some(vae) = &self.vae {
+            let (x, _) = self.ds.batch_f32(self.split, &(self.pos..end).collect::<Vec<_>>())?;
+            let (c, h, w) = self.ds.shape();
+            let latents = candle_core::Tensor::from_vec(x, (end - self.pos, c, h, w), &candle_core::Device::Cpu)?;
+            self.pos = end;
+            return source::images_of(&vae.images(&latents)?).map(Some);
+        }
         let (c, h, w) = self.ds.shape();
         let mut out = Vec::with_capacity(end - self.pos);
         for i in self.pos..end {
@@ -70,9 +79,9 @@ pub fn dataset_source(dir: &Path, split: Option<&str>) -> Result<Box<dyn ImageSo
         _ => Split::Train,
     };
     let ds = Dataset::open(dir)?;
-    ds.require_pixels("FID")?;
-    let (c, _, _) = ds.shape();
+    let vae = ds.is_latent().then(|| crate::data::latent::dataset_vae(&ds, &candle_core::Device::Cpu)).transpose()?;
+    let c = vae.as_ref().map_or(ds.shape().0, |v| v.config().out_channels);
     ensure!(c == 1 || c == 3, "dataset {} has {c} channels; FID needs grey or RGB images", dir.display());
     ensure!(ds.len(split) > 0, "the {split:?} split of dataset {} is empty", dir.display());
-    Ok(Box::new(DatasetSource { dir: dir.display().to_string(), ds, split, pos: 0 }))
+    Ok(Box::new(DatasetSource { dir: dir.display().to_string(), ds, split, pos: 0, vae }))
 }

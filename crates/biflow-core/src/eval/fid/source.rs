@@ -310,7 +310,7 @@ impl RunSource {
     pub fn open(run: &Path, method: Option<String>, num: usize, seed: u64, guidance: f64, device: &candle_core::Device) -> Result<Self> {
         let o = crate::jobs::sample::SampleOptions::streaming(&run.display().to_string(), method, num, seed, guidance);
         let sampler = crate::jobs::sample::Sampler::new(&o, device)?;
-        let c = sampler.config().in_channels;
+        let (c, _, _) = sampler.output_shape();
         ensure!(c == 1 || c == 3, "FID needs grey or RGB images; the model at {} makes {c} channels", run.display());
         let what = format!("{num} {} samples of {}", sampler.method(), run.display());
         Ok(RunSource { sampler, what })
@@ -326,17 +326,22 @@ impl ImageSource for RunSource {
     }
     fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Image>>> {
         let Some(x) = self.sampler.next_batch(max, |_| Ok(()))? else { return Ok(None) };
-        let (n, c, h, w) = x.dims4()?;
-        let v = x.flatten_all()?.to_vec1::<f32>()?;
-        (0..n)
-            .map(|i| {
-                let rgb: Vec<u8> = (0..h * w)
-                    .flat_map(|p| (0..3).map(move |ch| (ch, p)))
-                    .map(|(ch, p)| crate::io::image::to_u8(v[(i * c + ch.min(c - 1)) * h * w + p]))
-                    .collect();
-                Image::from_rgb8(&rgb, h, w)
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        images_of(&x).map(Some)
     }
+}
+
+/// Images (N, C, H, W) in [-1, 1], grey or RGB, as FID reads them: quantised to 8 bits as a PNG
+/// would store them, grey repeated to RGB.
+pub(crate) fn images_of(x: &candle_core::Tensor) -> Result<Vec<Image>> {
+    let (n, c, h, w) = x.dims4()?;
+    let v = x.flatten_all()?.to_vec1::<f32>()?;
+    (0..n)
+        .map(|i| {
+            let rgb: Vec<u8> = (0..h * w)
+                .flat_map(|p| (0..3).map(move |ch| (ch, p)))
+                .map(|(ch, p)| crate::io::image::to_u8(v[(i * c + ch.min(c - 1)) * h * w + p]))
+                .collect();
+            Image::from_rgb8(&rgb, h, w)
+        })
+        .collect()
 }

@@ -123,15 +123,11 @@ fn judge_run(judge: &Judge, o: &QualityOptions, model: &str, ds: &Dataset, devic
         so.num = None;
     }
     let mut sampler = Sampler::new(&so, device)?;
-    let cfg = sampler.config().clone();
+    let ((mc, mh, mw), classes) = (sampler.output_shape(), sampler.config().num_classes);
     let (c, h, _) = ds.shape();
     ensure!(
-        (cfg.in_channels, cfg.img_size, cfg.num_classes) == (c, h, ds.num_classes()),
-        "the model {model} makes {}x{}x{} images of {} classes; the dataset {} has {c}x{h}x{h} images of {} classes",
-        cfg.in_channels,
-        cfg.img_size,
-        cfg.img_size,
-        cfg.num_classes,
+        (mc, mh, classes) == (c, h, ds.num_classes()),
+        "the model {model} makes {mc}x{mh}x{mw} images of {classes} classes; the dataset {} has {c}x{h}x{h} images of {} classes",
         o.data,
         ds.num_classes()
     );

@@ -94,9 +94,9 @@ fn compare(run: &Run, n: usize, guidance: f64, temperature: f64, ctx: &JobCtx) -
         let secs = t0.elapsed().as_secs_f64();
         ctx.end();
         let x = x.context("the sampler made no images")?;
-        let c = s.config().clone();
+        let (c, h, w) = s.output_shape();
         let v = x.flatten_all()?.to_vec1::<f32>()?;
-        let img = crate::io::image::grid(&v, n, c.in_channels, c.img_size, c.img_size)?;
+        let img = crate::io::image::grid(&v, n, c, h, w)?;
         crate::io::atomic::write_png(&dir.join(format!("{m}.png")), &img)?;
         out.insert(
             m.to_string(),

@@ -322,14 +322,35 @@ pub fn nll_loss(out: &FlowOutput) -> Result<Tensor> {
     Ok((prior - out.logdets.mean_all()?)?)
 }
 
-/// Bits per dimension per sample (N), for data in [-1, 1] with uniform dequantisation:
-/// `(-(sum(-0.5 (z^2 + log 2 pi)) - D log 128) / D - logdets) / ln 2`, D = C*H*W.
-pub fn bits_per_dim(out: &FlowOutput, cfg: &FlowConfig) -> Result<Tensor> {
+/// What a flow's values are, which decides what its bits/dim count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Values {
+    /// 8-bit pixels scaled to [-1, 1]: bits/dim of the 256 levels (dequantised, bin width 1/128).
+    Pixels,
+    /// Continuous VAE latents: the differential negative log-likelihood per value, in bits (it can
+    /// be negative; it compares runs on the same latents, not with pixel bits/dim).
+    Latents,
+}
+
+impl Values {
+    pub fn of(latent: bool) -> Values {
+        if latent { Values::Latents } else { Values::Pixels }
+    }
+}
+
+/// Bits per dimension per sample (N):
+/// `(-(sum(-0.5 (z^2 + log 2 pi)) - D log 128) / D - logdets) / ln 2`, D = C*H*W, for pixels
+/// (the log 128 turns density on [-1, 1] into probability of a pixel level); no offset for latents.
+pub fn bits_per_dim(out: &FlowOutput, cfg: &FlowConfig, values: Values) -> Result<Tensor> {
     let dim = cfg.image_dim() as f64;
     let n = out.z.dim(0)?;
     let log_2pi = (2.0 * std::f64::consts::PI).ln();
     let log_p = ((out.z.sqr()? + log_2pi)? * -0.5)?.reshape((n, ()))?.sum(1)?; // (N)
-    let nll = (((log_p - dim * 128f64.ln())? / dim)?.neg()? - &out.logdets)?;
+    let level = match values {
+        Values::Pixels => 128f64.ln(),
+        Values::Latents => 0.0,
+    };
+    let nll = (((log_p - dim * level)? / dim)?.neg()? - &out.logdets)?;
     Ok((nll / std::f64::consts::LN_2)?)
 }
 
