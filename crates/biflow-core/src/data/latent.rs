@@ -9,7 +9,6 @@ use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
-use super::prepare::write_manifest;
 use super::shard::{default_records_per_shard, ShardWriter};
 use super::{Checksum, Dataset, LatentInfo, Manifest, Split};
 use crate::job::JobCtx;
@@ -93,7 +92,7 @@ pub(crate) fn encode_dataset(images: &Path, vae: &Vae, device: &Device, vae_dir:
         }),
         ..m.clone()
     };
-    write_manifest(out, &manifest)?;
+    manifest.write(out)?;
     drop(ds);
     std::fs::remove_dir_all(images).with_context(|| format!("cannot remove the staged images {}", images.display()))?;
     Ok(json!({

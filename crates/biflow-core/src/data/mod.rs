@@ -205,6 +205,12 @@ impl Manifest {
     pub fn value_bytes(&self) -> usize {
         if self.latent.is_some() { 2 } else { 1 }
     }
+
+    /// Write it as `dir`/manifest.json (atomically).
+    pub(crate) fn write(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        crate::io::atomic::write(&dir.join(MANIFEST), format!("{text}\n").as_bytes())
+    }
 }
 
 /// A prepared dataset opened for reading. Cheap random access: the files are memory-mapped.

@@ -15,10 +15,7 @@ use super::decode::{self, Item, Label, Source};
 use super::rng::splitmix64;
 use super::resize;
 use super::shard::{default_records_per_shard, ShardWriter};
-use super::{
-    staging_path, Checksum, ClassInfo, Manifest, SkippedFile, SourceInfo, SplitInfo, Splits, FORMAT_NAME, FORMAT_VERSION,
-    MANIFEST,
-};
+use super::{staging_path, Checksum, ClassInfo, Manifest, SkippedFile, SourceInfo, SplitInfo, Splits, FORMAT_NAME, FORMAT_VERSION};
 use crate::job::JobCtx;
 use crate::jobs::options::DeviceArgs;
 use crate::models::vae::Vae;
@@ -412,7 +409,7 @@ fn build(o: &PrepareOptions, kind: &str, source_name: &str, source: Source, stag
         skipped,
         latent: None,
     };
-    write_manifest(staging, &manifest)?;
+    manifest.write(staging)?;
     Ok(json!({
         "count": manifest.count,
         "height": manifest.height,
@@ -427,7 +424,4 @@ fn build(o: &PrepareOptions, kind: &str, source_name: &str, source: Source, stag
     }))
 }
 
-pub(crate) fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
-    let text = serde_json::to_string_pretty(manifest)?;
-    crate::io::atomic::write(&dir.join(MANIFEST), format!("{text}\n").as_bytes())
-}
+

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::prepare::{choose_val, write_manifest};
+use super::prepare::choose_val;
 use super::*;
 
 /// Write `records` (pixels, label) as a dataset in `dir` through the shard writer.
@@ -42,7 +42,7 @@ fn write_dataset(dir: &Path, shape: (usize, usize, usize), records: &[(Vec<u8>, 
         skipped: vec![],
         latent: None,
     };
-    write_manifest(dir, &m).unwrap();
+    m.write(dir).unwrap();
     m
 }
 
