@@ -32,7 +32,7 @@ export default class DataPrepare extends BiflowCommand {
     '',
     '--vae DIR stores each image\'s latents instead of its pixels: the images (prepared at --size, RGB) go through the VAE (a diffusers AutoencoderKL folder, as stabilityai/sd-vae-ft-ema) and each record holds (mean - shift) * scaling as float16, the latents as training sees them (the posterior mean: a prepared dataset stays a function of its images). The manifest names the VAE and its checksum; `data inspect` decodes its grid with it. --device runs the encoder on a GPU.',
     '',
-    'The dataset is built next to DIR and renamed into place only when complete: a failure or Ctrl-C leaves DIR as it was. Decoding runs in parallel on all cores.',
+    'The dataset is built next to DIR and renamed into place only when complete: a failure or Ctrl-C leaves DIR as it was. Decoding runs in parallel on all cores. A --vae prepare is resumable: its work so far stays in .DIR.latent-partial, and the same command continues it (other options start over).',
   ].join('\n')
 
   static examples = [

@@ -14,11 +14,19 @@ use super::{Checksum, Dataset, LatentInfo, Manifest, Split};
 use crate::job::JobCtx;
 use crate::models::vae::Vae;
 
+/// Latents are encoded in parts of whole batches, each part's file written whole or not at all, so
+/// an interrupted encoding continues at its first missing part (with the same batches: the same
+/// bytes). About this many bytes a part (a few images in the tests, to have several parts).
+const PART_BYTES: usize = if cfg!(test) { 1024 } else { 16 << 20 };
+/// The parts, inside the folder being built.
+const PARTS_DIR: &str = "parts";
+
 /// Encode the image dataset at `images` into a latent dataset at `out` (same order, labels and
 /// split), `batch` images at a time, then remove `images`. With `flip` each image is followed by its
-/// horizontal mirror (record r becomes records 2r and 2r + 1, in the same split).
+/// horizontal mirror (record r becomes records 2r and 2r + 1, in the same split). Parts already in
+/// `out` (an interrupted run's) are kept. `vae_sha256` is the checksum of the VAE's weights.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn encode_dataset(images: &Path, vae: &Vae, device: &Device, vae_dir: &str, batch: usize, flip: bool, out: &Path, ctx: &JobCtx) -> Result<Value> {
+pub(crate) fn encode_dataset(images: &Path, vae: &Vae, device: &Device, vae_dir: &str, vae_sha256: &str, batch: usize, flip: bool, out: &Path, ctx: &JobCtx) -> Result<Value> {
     let ds = Dataset::open(images)?;
     let m = &ds.manifest;
     let (c, h, w) = ds.shape();
@@ -27,35 +35,57 @@ pub(crate) fn encode_dataset(images: &Path, vae: &Vae, device: &Device, vae_dir:
     let (l, lh, lw) = (cfg.latent_channels, h / f, w / f);
     let values = l * lh * lw;
     let record_bytes = 2 * values;
-    let mut writer = ShardWriter::create(out, record_bytes, default_records_per_shard(record_bytes))?;
+    let copies = if flip { 2 } else { 1 };
+    let part_images = (PART_BYTES / (copies * record_bytes)).div_ceil(batch).max(1) * batch;
+    let parts = out.join(PARTS_DIR);
+    std::fs::create_dir_all(&parts).with_context(|| format!("cannot create {}", parts.display()))?;
+    let part_path = |p: usize| parts.join(format!("part-{p:06}.bin"));
+    let part_range = |p: usize| p * part_images..((p + 1) * part_images).min(m.count);
+    let num_parts = m.count.div_ceil(part_images);
+    let done = (0..num_parts).take_while(|&p| part_path(p).is_file()).count();
+    if done > 0 {
+        ctx.message(format!("continuing an interrupted encoding: {} of {} images are encoded", part_range(done - 1).end, m.count));
+    }
     ctx.start("encode", Some(m.count as u64));
-    for start in (0..m.count).step_by(batch) {
-        ctx.check_cancelled()?;
-        let k = batch.min(m.count - start);
-        let mut pixels = Vec::with_capacity(k * c * h * w);
-        let mut labels = Vec::with_capacity(k);
-        for r in start..start + k {
-            let (px, label) = ds.record(r);
-            pixels.extend(px.iter().map(|&p| p as f32 / 127.5 - 1.0));
-            labels.push(label);
+    for p in done..num_parts {
+        let range = part_range(p);
+        let mut bytes = Vec::with_capacity(range.len() * copies * record_bytes);
+        for start in range.clone().step_by(batch) {
+            ctx.check_cancelled()?;
+            let k = batch.min(range.end - start);
+            let mut pixels = Vec::with_capacity(k * c * h * w);
+            for r in start..start + k {
+                pixels.extend(ds.record(r).0.iter().map(|&p| p as f32 / 127.5 - 1.0));
+            }
+            let mut x = Tensor::from_vec(pixels, (k, c, h, w), device)?;
+            if flip {
+                // Each image, then its mirror: (k, 2, C, H, W) -> (2k, C, H, W).
+                let mirrored = x.flip(&[3])?;
+                x = Tensor::stack(&[&x, &mirrored], 1)?.reshape((2 * k, c, h, w))?;
+            }
+            let z = vae.latents(&x, None)?.flatten_all()?.to_vec1::<f32>()?;
+            for (i, record) in z.chunks(values).enumerate() {
+                // float16 holds up to 65504: a VAE whose latents overflow it is not one of the SD family.
+                ensure!(record.iter().all(|v| v.is_finite() && v.abs() <= 65504.0), "image {} encodes to latents beyond float16's range: is --vae the right VAE?", start + i / copies);
+                bytes.extend(record.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()));
+            }
+            ctx.progress((start + k) as u64, Some(m.count as u64), serde_json::Map::new());
         }
-        let mut x = Tensor::from_vec(pixels, (k, c, h, w), device)?;
-        if flip {
-            // Each image, then its mirror: (k, 2, C, H, W) -> (2k, C, H, W).
-            let mirrored = x.flip(&[3])?;
-            x = Tensor::stack(&[&x, &mirrored], 1)?.reshape((2 * k, c, h, w))?;
-            labels = labels.iter().flat_map(|&l| [l, l]).collect();
-        }
-        let z = vae.latents(&x, None)?.flatten_all()?.to_vec1::<f32>()?;
-        for (i, (record, label)) in z.chunks(values).zip(labels).enumerate() {
-            // float16 holds up to 65504: a VAE whose latents overflow it is not one of the SD family.
-            ensure!(record.iter().all(|v| v.is_finite() && v.abs() <= 65504.0), "image {} encodes to latents beyond float16's range: is --vae the right VAE?", start + if flip { i / 2 } else { i });
-            let bytes: Vec<u8> = record.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
-            writer.push(&bytes, label)?;
-        }
-        ctx.progress((start + k) as u64, Some(m.count as u64), serde_json::Map::new());
+        crate::io::atomic::write(&part_path(p), &bytes)?;
     }
     ctx.end();
+    // The parts in order into shards, each record with its image's label.
+    let mut writer = ShardWriter::create(out, record_bytes, default_records_per_shard(record_bytes))?;
+    for p in 0..num_parts {
+        let path = part_path(p);
+        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let range = part_range(p);
+        ensure!(bytes.len() == range.len() * copies * record_bytes, "{} is damaged (its size is not its images'): remove it and prepare again", path.display());
+        for (j, record) in bytes.chunks(record_bytes).enumerate() {
+            writer.push(record, ds.record(range.start + j / copies).1)?;
+        }
+    }
+    std::fs::remove_dir_all(&parts).with_context(|| format!("cannot remove {}", parts.display()))?;
     let val = (0..ds.len(Split::Val)).map(|i| Ok(ds.record_index(Split::Val, i)? as u32)).collect::<Result<Vec<u32>>>()?;
     let (count, val) = if flip { (2 * m.count, val.iter().flat_map(|&r| [2 * r, 2 * r + 1]).collect()) } else { (m.count, val) };
     let splits = super::Splits {
@@ -65,8 +95,6 @@ pub(crate) fn encode_dataset(images: &Path, vae: &Vae, device: &Device, vae_dir:
     };
     let classes = m.classes.iter().map(|c| super::ClassInfo { count: if flip { 2 * c.count } else { c.count }, ..c.clone() }).collect();
     let summary = writer.finish(None, &val)?;
-    let weights = Vae::weights_file(Path::new(vae_dir))?;
-    let vae_sha256 = crate::io::sha256_hex(&std::fs::read(&weights).with_context(|| format!("cannot read {}", weights.display()))?);
     let manifest = Manifest {
         count,
         splits,
@@ -82,7 +110,7 @@ pub(crate) fn encode_dataset(images: &Path, vae: &Vae, device: &Device, vae_dir:
         checksum: Checksum { value: summary.checksum, ..m.checksum.clone() },
         latent: Some(LatentInfo {
             vae: recorded_path(vae_dir),
-            vae_sha256,
+            vae_sha256: vae_sha256.to_string(),
             scaling_factor: cfg.scaling_factor,
             shift_factor: cfg.shift(),
             posterior: "mean".into(),

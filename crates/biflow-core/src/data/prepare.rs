@@ -15,7 +15,7 @@ use super::decode::{self, Item, Label, Source};
 use super::rng::splitmix64;
 use super::resize;
 use super::shard::{default_records_per_shard, ShardWriter};
-use super::{staging_path, Checksum, ClassInfo, Manifest, SkippedFile, SourceInfo, SplitInfo, Splits, FORMAT_NAME, FORMAT_VERSION};
+use super::{staging_path, Checksum, MANIFEST, ClassInfo, Manifest, SkippedFile, SourceInfo, SplitInfo, Splits, FORMAT_NAME, FORMAT_VERSION};
 use crate::job::JobCtx;
 use crate::jobs::options::DeviceArgs;
 use crate::models::vae::Vae;
@@ -164,10 +164,12 @@ pub fn prepare(o: PrepareOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value
             let size = o.size.context("--vae needs --size: latents are made from images of one square size")?;
             let device = on.place()?.device;
             let vae = Vae::load(Path::new(dir), &device)?;
+            let weights = Vae::weights_file(Path::new(dir))?;
+            let sha = crate::io::sha256_hex(&std::fs::read(&weights).with_context(|| format!("cannot read {}", weights.display()))?);
             let f = vae.config().downsampling();
             ensure!(size % f == 0, "--size {size} is not a multiple of the VAE's downsampling {f}: the latents would not cover the image (try {})", (size / f).max(1) * f);
             ensure!(o.channels.is_none_or(|c| c == vae.config().in_channels), "--channels {} does not fit the VAE, which encodes {}-channel images", o.channels.unwrap_or(0), vae.config().in_channels);
-            Some((vae, device))
+            Some((vae, device, sha))
         }
         None => None,
     };
@@ -200,19 +202,35 @@ pub fn prepare(o: PrepareOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value
         ctx.message(m.clone());
     }
 
-    let staging = staging_path(&out, "partial")?;
-    if staging.exists() {
+    let staging = match &vae {
+        None => staging_path(&out, "partial")?,
+        Some((_, _, sha)) => resumable_staging(&out, &resume_key(&o, sha), ctx)?,
+    };
+    if vae.is_none() && staging.exists() {
         std::fs::remove_dir_all(&staging).ok();
     }
     std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
+    let pixels = staging.join("images");
     let built = match &vae {
         None => build(&o, kind, &source_name, source, &staging, ctx),
-        Some((vae, device)) => {
-            // The images first (RGB, as the VAE takes them), then their latents beside them.
-            let pixels = staging.join("images");
-            std::fs::create_dir_all(&pixels).with_context(|| format!("cannot create {}", pixels.display()))?;
-            let o_rgb = PrepareOptions { channels: Some(vae.config().in_channels), ..o.clone() };
-            build(&o_rgb, kind, &source_name, source, &pixels, ctx).and_then(|_| super::latent::encode_dataset(&pixels, vae, device, o.vae.as_deref().unwrap_or_default(), o.vae_batch_size.get(), o.flip, &staging, ctx))
+        Some((vae, device, sha)) => {
+            // The images first (RGB, as the VAE takes them; kept from an interrupted run when they
+            // were complete), then their latents beside them.
+            let staged = if pixels.join(MANIFEST).is_file() {
+                Ok(Value::Null)
+            } else {
+                let _ = std::fs::remove_dir_all(&pixels);
+                std::fs::create_dir_all(&pixels).with_context(|| format!("cannot create {}", pixels.display()))?;
+                let o_rgb = PrepareOptions { channels: Some(vae.config().in_channels), ..o.clone() };
+                build(&o_rgb, kind, &source_name, source, &pixels, ctx)
+            };
+            let vae_dir = o.vae.as_deref().unwrap_or_default();
+            staged
+                .and_then(|_| super::latent::encode_dataset(&pixels, vae, device, vae_dir, sha, o.vae_batch_size.get(), o.flip, &staging, ctx))
+                .and_then(|summary| {
+                    std::fs::remove_file(staging.join(RESUME_KEY))?;
+                    Ok(summary)
+                })
         }
     };
     let result = built.and_then(|summary| {
@@ -222,7 +240,12 @@ pub fn prepare(o: PrepareOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value
         Ok(summary)
     });
     if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
+        if vae.is_some() && pixels.join(MANIFEST).is_file() {
+            // Staged images and encoded parts are kept for the same command to continue.
+            ctx.message(format!("the work done so far is kept in {}: the same command continues it", staging.display()));
+        } else {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
     }
     let mut summary = result?;
     let secs = started.elapsed().as_secs_f64();
@@ -231,6 +254,38 @@ pub fn prepare(o: PrepareOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value
     summary["seconds"] = json!(secs);
     summary["imagesPerSec"] = json!(count / secs.max(1e-9));
     Ok(summary)
+}
+
+/// In a latent prepare's folder: what it was started with ([`resume_key`]).
+const RESUME_KEY: &str = "resume.json";
+
+/// What must be the same for an interrupted latent prepare to be continued: every option that
+/// changes the result, and the VAE's weights.
+fn resume_key(o: &PrepareOptions, vae_sha256: &str) -> Value {
+    let input = std::path::absolute(&o.input).map(|p| p.display().to_string()).unwrap_or_else(|_| o.input.clone());
+    json!({"input": input, "format": o.format, "sourceName": o.source_name, "size": o.size, "limit": o.limit,
+        "valFraction": o.val_fraction, "seed": o.seed, "skipBad": o.skip_bad, "vaeSha256": vae_sha256,
+        "vaeBatchSize": o.vae_batch_size, "flip": o.flip})
+}
+
+/// The folder a latent prepare of `out` builds in, beside it under a fixed name: an interrupted one
+/// started with the same `key` is continued, any other is replaced.
+fn resumable_staging(out: &Path, key: &Value, ctx: &JobCtx) -> Result<std::path::PathBuf> {
+    let name = out.file_name().with_context(|| format!("{} is not a usable output folder name", out.display()))?.to_string_lossy().into_owned();
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let staging = parent.join(format!(".{name}.latent-partial"));
+    if staging.exists() {
+        let same = std::fs::read(staging.join(RESUME_KEY)).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()).is_some_and(|k| &k == key);
+        if same {
+            ctx.message(format!("continuing the interrupted prepare in {}", staging.display()));
+            return Ok(staging);
+        }
+        ctx.message(format!("{} holds an interrupted prepare with other options: starting over", staging.display()));
+        std::fs::remove_dir_all(&staging).with_context(|| format!("cannot remove {}", staging.display()))?;
+    }
+    std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
+    crate::io::atomic::write(&staging.join(RESUME_KEY), format!("{key}\n").as_bytes())?;
+    Ok(staging)
 }
 
 /// Rename the finished `staging` folder to `out` (moving an existing `out` aside first and

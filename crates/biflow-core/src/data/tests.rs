@@ -519,3 +519,62 @@ fn prepare_with_a_vae_stores_training_latents() {
     }
     no_leftovers(tmp.path());
 }
+
+/// A latent prepare stopped (Ctrl-C) after its first parts continues where it stopped, with the
+/// same command, to the dataset an uninterrupted prepare makes; with other options it starts over.
+#[test]
+fn an_interrupted_latent_prepare_continues_to_the_same_dataset() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let tmp = tempfile::tempdir().unwrap();
+    let vae = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/vae/tiny-random");
+    // Forty 8x8 RGB images with labels.
+    let npz = tmp.path().join("images.npz");
+    let px: Vec<u8> = (0..40 * 8 * 8 * 3).map(|i| ((i * 37 + i / 7) % 256) as u8).collect();
+    let labels: Vec<i64> = (0..40).map(|i| i % 3).collect();
+    crate::io::npy::write_npz(&npz, &[("data", &crate::io::npy::Array::from_u8(vec![40, 8, 8, 3], px).unwrap()), ("labels", &crate::io::npy::Array::from_i64(vec![40], &labels).unwrap())]).unwrap();
+    let options = |out: &Path, seed: u64| {
+        serde_json::json!({"input": npz, "out": out, "limit": 40, "size": 8, "vae": vae, "vaeBatchSize": 2, "valFraction": 0.2, "seed": seed, "flip": true})
+    };
+    let whole = tmp.path().join("whole");
+    crate::jobs::run("data.prepare", options(&whole, 1), &crate::JobCtx::silent()).unwrap();
+    // A context that stops the encoding once 10 images are done (a part holds 8 here), and keeps the messages.
+    let stopping = |messages: Arc<Mutex<Vec<String>>>| {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let c = cancel.clone();
+        crate::JobCtx::new(
+            move |e| match e {
+                crate::job::Event::Progress { phase, done, .. } if phase == "encode" && done >= 10 => c.store(true, Ordering::SeqCst),
+                crate::job::Event::Message { text } => messages.lock().unwrap().push(text),
+                _ => {}
+            },
+            cancel,
+        )
+    };
+    let cut = tmp.path().join("cut");
+    let messages = Arc::new(Mutex::new(Vec::new()));
+    assert!(crate::jobs::run("data.prepare", options(&cut, 1), &stopping(messages.clone())).unwrap_err().is::<crate::job::Cancelled>());
+    let staging = tmp.path().join(".cut.latent-partial");
+    assert!(!cut.exists() && staging.join("parts/part-000000.bin").is_file(), "the encoded part is kept");
+    assert!(messages.lock().unwrap().iter().any(|m| m.contains("the same command continues it")));
+    // The same command continues (images staged, parts kept) and makes the same dataset.
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    let h = heard.clone();
+    let listening = crate::JobCtx::new(move |e| if let crate::job::Event::Message { text } = e { h.lock().unwrap().push(text) }, Arc::new(AtomicBool::new(false)));
+    crate::jobs::run("data.prepare", options(&cut, 1), &listening).unwrap();
+    assert!(heard.lock().unwrap().iter().any(|m| m.contains("8 of 40 images are encoded")), "{:?}", heard.lock().unwrap());
+    let checksum = |d: &Path| Dataset::open(d).unwrap().manifest.checksum.value;
+    assert_eq!(checksum(&cut), checksum(&whole), "the continued prepare differs from the uninterrupted one");
+    Dataset::open(&cut).unwrap().verify().unwrap();
+    assert!(!cut.join("parts").exists() && !cut.join("images").exists() && !cut.join("resume.json").exists());
+    // Stopped again, then started with another seed: the interrupted work is not reused.
+    let other = tmp.path().join("other");
+    assert!(crate::jobs::run("data.prepare", options(&other, 1), &stopping(Arc::new(Mutex::new(Vec::new())))).is_err());
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    let h = heard.clone();
+    let listening = crate::JobCtx::new(move |e| if let crate::job::Event::Message { text } = e { h.lock().unwrap().push(text) }, Arc::new(AtomicBool::new(false)));
+    crate::jobs::run("data.prepare", options(&other, 2), &listening).unwrap();
+    assert!(heard.lock().unwrap().iter().any(|m| m.contains("starting over")));
+    assert_ne!(checksum(&other), checksum(&whole));
+    no_leftovers(tmp.path());
+}
