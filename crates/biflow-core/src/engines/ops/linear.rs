@@ -32,8 +32,8 @@ pub fn linear_reference(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub(crate) fn linear_fwd(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
     let (d_out, d_in) = (b.len(), w.len() / b.len());
     let rows = x.len() / d_in;
-    // For enough rows (training batches, not decoding steps) W is packed for the AVX-512 kernel (or,
-    // without it, transposed: gemm runs ~8% faster on a row-major right operand than on the strided
+    // For enough rows (training batches, not decoding steps) W is packed for the packed kernel (or,
+    // without one, transposed: gemm runs ~8% faster on a row-major right operand than on the strided
     // view W^T); the copy costs well under 1% of the product.
     if rows < 1024 {
         for row in y.chunks_mut(d_out) {

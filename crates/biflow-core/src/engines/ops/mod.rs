@@ -48,7 +48,7 @@ pub use depthwise::{depthwise_conv2d, depthwise_conv2d_reference};
 pub use gelu::gelu;
 pub use layer_norm::{layer_norm, layer_norm_reference};
 pub use linear::{linear, linear_reference};
-pub use packed::{linear_packed, pack};
+pub use packed::{linear_packed, pack, Kernel};
 pub(crate) use {
     attention::{attention_bwd, attention_fwd, Dims as AttentionDims},
     gelu::{exp_nonpositive, gelu_bwd, gelu_fwd},
@@ -68,7 +68,7 @@ pub fn kernels() -> serde_json::Value {
     #[cfg(not(target_arch = "x86_64"))]
     let avx2 = false;
     serde_json::json!({
-        "frozenLinear": if packed::kernel_available() { "avx512 12x32 tiles over W packed once" } else { "gemm crate over W^T" },
+        "frozenLinear": packed::Kernel::chosen().describe(),
         "matmul": if avx2 { "gemm crate, fma 16x6 tiles" } else { "gemm crate, without fma" },
         "elementwise": if avx2 { "avx2+fma (LayerNorm, GELU, attention, depthwise conv)" } else { "portable (sse2)" },
         "convolution": "im2col + matmul",
@@ -209,8 +209,17 @@ mod tests {
     #[test]
     fn kernel_report_follows_the_cpu() {
         let k = kernels();
+        assert_eq!(k["frozenLinear"], Kernel::chosen().describe());
+        let available = Kernel::available();
         #[cfg(target_arch = "x86_64")]
-        assert_eq!(k["frozenLinear"].as_str().unwrap().starts_with("avx512"), std::is_x86_feature_detected!("avx512f"));
+        {
+            assert_eq!(available.contains(&Kernel::Avx512), std::is_x86_feature_detected!("avx512f"));
+            assert_eq!(available.contains(&Kernel::Avx2), std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"));
+        }
+        assert_eq!(available.last(), Some(&Kernel::Gemm), "gemm runs everywhere");
+        if std::env::var("BIFLOW_KERNEL").is_err() {
+            assert_eq!(Kernel::chosen(), available[0], "the widest kernel is chosen");
+        }
         #[cfg(target_arch = "x86_64")]
         assert_eq!(k["elementwise"].as_str().unwrap().starts_with("avx2"), std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"));
         assert!(k["matmul"].is_string() && k["convolution"].is_string());
