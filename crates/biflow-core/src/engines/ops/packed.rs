@@ -167,6 +167,41 @@ fn pack_rows(x: &[f32], d_in: usize, k0: usize, kc: usize, mc: usize, mr: usize,
     }
 }
 
+/// A kernel module's `rows`: y += x W^T for one thread's rows, block by block (KC of depth, MC rows
+/// packed, every panel), each tile by the module's `tile::<R>` for R = MR (listed first) down to 1.
+/// `$lanes` is the vector width, the masks' split of a panel's NR = 2 * lanes columns. A macro, not
+/// a generic function, so the whole loop is compiled with the module's CPU features.
+#[cfg(target_arch = "x86_64")]
+macro_rules! blocked_rows {
+    ($feature:literal, $lanes:expr, $($r:literal),+) => {
+        #[target_feature(enable = $feature)]
+        pub(super) unsafe fn rows(x: &[f32], packed: &[f32], d_in: usize, d_out: usize, y: &mut [f32]) {
+            let rows = x.len() / d_in;
+            let mut xp = vec![0f32; MC.min(rows.div_ceil(MR) * MR) * KC];
+            for k0 in (0..d_in).step_by(KC) {
+                let kc = KC.min(d_in - k0);
+                for m0 in (0..rows).step_by(MC) {
+                    let mc = MC.min(rows - m0);
+                    pack_rows(&x[m0 * d_in..], d_in, k0, kc, mc, MR, &mut xp);
+                    for (p, panel) in packed.chunks(d_in * NR).enumerate() {
+                        let cols = NR.min(d_out - p * NR);
+                        let masks = [col_mask(cols), col_mask(cols.saturating_sub($lanes))];
+                        let b = panel[k0 * NR..].as_ptr();
+                        for t in 0..mc.div_ceil(MR) {
+                            let a = xp[t * kc * MR..].as_ptr();
+                            let c = y[(m0 + t * MR) * d_out + p * NR..].as_mut_ptr();
+                            match MR.min(mc - t * MR) {
+                                $($r => tile::<$r>(a, b, kc, c, d_out, masks),)+
+                                _ => unreachable!("a tile has 1 to MR rows"),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -176,42 +211,8 @@ mod avx512 {
     const MR: usize = 12;
     const NR: usize = 32;
 
-    /// y += x W^T for this thread's rows, block by block: KC of depth, MC rows packed, every panel.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn rows(x: &[f32], packed: &[f32], d_in: usize, d_out: usize, y: &mut [f32]) {
-        let rows = x.len() / d_in;
-        let mut xp = vec![0f32; MC.min(rows.div_ceil(MR) * MR) * KC];
-        for k0 in (0..d_in).step_by(KC) {
-            let kc = KC.min(d_in - k0);
-            for m0 in (0..rows).step_by(MC) {
-                let mc = MC.min(rows - m0);
-                pack_rows(&x[m0 * d_in..], d_in, k0, kc, mc, MR, &mut xp);
-                for (p, panel) in packed.chunks(d_in * NR).enumerate() {
-                    let cols = NR.min(d_out - p * NR);
-                    let masks = [col_mask(cols), col_mask(cols.saturating_sub(16))];
-                    let b = panel[k0 * NR..].as_ptr();
-                    for t in 0..mc.div_ceil(MR) {
-                        let a = xp[t * kc * MR..].as_ptr();
-                        let c = y[(m0 + t * MR) * d_out + p * NR..].as_mut_ptr();
-                        match MR.min(mc - t * MR) {
-                            12 => tile::<12>(a, b, kc, c, d_out, masks),
-                            11 => tile::<11>(a, b, kc, c, d_out, masks),
-                            10 => tile::<10>(a, b, kc, c, d_out, masks),
-                            9 => tile::<9>(a, b, kc, c, d_out, masks),
-                            8 => tile::<8>(a, b, kc, c, d_out, masks),
-                            7 => tile::<7>(a, b, kc, c, d_out, masks),
-                            6 => tile::<6>(a, b, kc, c, d_out, masks),
-                            5 => tile::<5>(a, b, kc, c, d_out, masks),
-                            4 => tile::<4>(a, b, kc, c, d_out, masks),
-                            3 => tile::<3>(a, b, kc, c, d_out, masks),
-                            2 => tile::<2>(a, b, kc, c, d_out, masks),
-                            _ => tile::<1>(a, b, kc, c, d_out, masks),
-                        }
-                    }
-                }
-            }
-        }
-    }
+    blocked_rows!("avx512f", 16, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1);
+
 
     fn col_mask(cols: usize) -> __mmask16 {
         if cols >= 16 { 0xffff } else { (1u16 << cols) - 1 }
@@ -252,36 +253,8 @@ mod avx2 {
     const MR: usize = 6;
     const NR: usize = 16;
 
-    /// y += x W^T for this thread's rows, block by block: KC of depth, MC rows packed, every panel.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn rows(x: &[f32], packed: &[f32], d_in: usize, d_out: usize, y: &mut [f32]) {
-        let rows = x.len() / d_in;
-        let mut xp = vec![0f32; MC.min(rows.div_ceil(MR) * MR) * KC];
-        for k0 in (0..d_in).step_by(KC) {
-            let kc = KC.min(d_in - k0);
-            for m0 in (0..rows).step_by(MC) {
-                let mc = MC.min(rows - m0);
-                pack_rows(&x[m0 * d_in..], d_in, k0, kc, mc, MR, &mut xp);
-                for (p, panel) in packed.chunks(d_in * NR).enumerate() {
-                    let cols = NR.min(d_out - p * NR);
-                    let masks = [col_mask(cols), col_mask(cols.saturating_sub(8))];
-                    let b = panel[k0 * NR..].as_ptr();
-                    for t in 0..mc.div_ceil(MR) {
-                        let a = xp[t * kc * MR..].as_ptr();
-                        let c = y[(m0 + t * MR) * d_out + p * NR..].as_mut_ptr();
-                        match MR.min(mc - t * MR) {
-                            6 => tile::<6>(a, b, kc, c, d_out, masks),
-                            5 => tile::<5>(a, b, kc, c, d_out, masks),
-                            4 => tile::<4>(a, b, kc, c, d_out, masks),
-                            3 => tile::<3>(a, b, kc, c, d_out, masks),
-                            2 => tile::<2>(a, b, kc, c, d_out, masks),
-                            _ => tile::<1>(a, b, kc, c, d_out, masks),
-                        }
-                    }
-                }
-            }
-        }
-    }
+    blocked_rows!("avx2,fma", 8, 6, 5, 4, 3, 2, 1);
+
 
     /// Lanes 0..cols of 8 set (all bits), the rest clear: what maskload and maskstore touch.
     #[target_feature(enable = "avx2")]
