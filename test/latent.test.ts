@@ -55,6 +55,11 @@ describe('the latent pipeline: prepare -> train -> distill -> sample -> eval-fid
     runJson(['distill', '--forward', f, '--data', data, '--out', g, '--batch-size', '32', '--steps', '30', '--sample-every', '30'])
     expect(JSON.parse(readFileSync(join(g, 'config.json'), 'utf8')).latent.vaeSha256).toMatch(/^[0-9a-f]{64}$/)
     expect(pngInfo(join(g, 'samples', 'step-30.png')).width).toBe(74)
+    // The report names the VAE and shows decoded grids (data-URI PNGs).
+    const report = readFileSync(join(g, 'report.html'), 'utf8')
+    expect(report).toContain('VAE weights (sha256)')
+    expect(report).toContain(JSON.parse(readFileSync(join(g, 'config.json'), 'utf8')).latent.vaeSha256)
+    expect(report).toMatch(/data:image\/png;base64,/)
 
     const png = runJson<{num: number; files: string[]}>(['sample', '--model', g, '--num', '6', '--out', join(work, 'png')])
     expect(png.num).toBe(6)

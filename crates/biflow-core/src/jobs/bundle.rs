@@ -217,6 +217,9 @@ fn model_card(run: &Run, summary: &Value) -> String {
     if let Some(f) = &c.forward {
         s += &format!("- forward run: `{}` (weights sha256 `{}`)\n", f.dir, f.weights_sha256);
     }
+    if let Some(l) = &c.latent {
+        s += &format!("- latent space of the VAE `{}` (weights sha256 `{}`, scaling {}, shift {}): samples are its decodings\n", l.vae, l.vae_sha256, l.scaling_factor, l.shift_factor);
+    }
     s += &format!("- source: `{}`\n", c.source);
     s += &format!("- exported from: `{}`\n\n", fs::canonicalize(&run.dir).unwrap_or(run.dir.clone()).display());
     s += "## Metrics\n\n";

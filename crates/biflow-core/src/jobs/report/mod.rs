@@ -310,6 +310,10 @@ fn render(run: &Run) -> Result<String> {
         prov.push(("forward run".into(), format!("<code>{}</code>", esc(&f.dir))));
         prov.push(("forward weights (sha256)".into(), format!("<code>{}</code>", esc(&f.weights_sha256))));
     }
+    if let Some(l) = &c.latent {
+        prov.push(("VAE (latent space)".into(), format!("<code>{}</code>, scaling {}, shift {}", esc(&l.vae), l.scaling_factor, l.shift_factor)));
+        prov.push(("VAE weights (sha256)".into(), format!("<code>{}</code>", esc(&l.vae_sha256))));
+    }
     prov.push(("source".into(), format!("<code>{}</code>", esc(&c.source.to_string()))));
     h += &table(&prov);
     if let Ok(text) = fs::read_to_string(run.dir.join(crate::train::HISTORY_FILE)) {
