@@ -169,6 +169,10 @@ describe('the latent pipeline: prepare -> train -> distill -> sample -> eval-fid
     const missing = runCli(['sample', '--model', g, '--out', join(work, 's-missing')])
     expect(missing.stderr).toMatch(/which is not there: give its folder with --vae DIR/)
     expect(existsSync(join(work, 's-missing'))).toBe(false)
+    // Training previews decode too: a new run without its VAE is refused before its folder exists.
+    const blind = runCli(['train', '--data', data, '--out', join(work, 'f-blind'), ...tiny, '--patch-size', '2', '--steps', '2', '--sample-every', '1'])
+    expect(blind.stderr).toMatch(/training on this latent dataset needs the VAE .* put it back to see previews/s)
+    expect(existsSync(join(work, 'f-blind'))).toBe(false)
     // --vae names where it is now; --format latent needs none.
     expect(runJson<{num: number}>(['sample', '--model', g, '--num', '2', '--vae', `${vae}-moved`, '--out', join(work, 's-found')]).num).toBe(2)
     expect(runJson<{num: number}>(['sample', '--model', g, '--num', '2', '--format', 'latent', '--out', join(work, 's-lat')]).num).toBe(2)

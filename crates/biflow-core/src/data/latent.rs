@@ -151,7 +151,7 @@ pub fn load_vae(info: &LatentInfo, at: Option<&Path>, owner: &str, fix: &str, de
     let dir = at.unwrap_or(Path::new(&info.vae));
     let weights = Vae::weights_file(dir).with_context(|| match at {
         Some(at) => format!("--vae {} is not the VAE {owner} works with (sha256 {})", at.display(), info.vae_sha256),
-        None => format!("{owner} works on latents of the VAE {} (sha256 {}), which is not there: {fix}", info.vae, info.vae_sha256),
+        None => format!("{owner} needs the VAE {} (sha256 {}), which is not there: {fix}", info.vae, info.vae_sha256),
     })?;
     let sha = crate::io::sha256_hex(&std::fs::read(&weights).with_context(|| format!("cannot read {}", weights.display()))?);
     ensure!(sha == info.vae_sha256, "{} holds other weights (sha256 {sha}) than the VAE {owner} works with ({}): {fix}", weights.display(), info.vae_sha256);

@@ -96,6 +96,10 @@ pub fn drive<J: TrainingJob>(mut job: J, args: &SessionArgs, data: &dyn TrainDat
     // One writer per run: taken before anything in the folder is created or changed.
     let lock = RunLock::acquire(&args.out, ctx)?;
     let prior = if args.resume { Some(open()?) } else { None };
+    if let Some(run) = &prior {
+        let name = format!("--resume: the run {}", run.dir.display());
+        crate::data::latent::check_same_space(run.config.latent.as_ref(), &name, data.latent(), "the data")?;
+    }
     let limit = job.settle(prior.as_ref())?;
     let limited;
     let data: &dyn TrainData = match limit {
@@ -107,11 +111,15 @@ pub fn drive<J: TrainingJob>(mut job: J, args: &SessionArgs, data: &dyn TrainDat
     };
     let (opts, model) = job.resolve(data, &device)?;
 
+    // A latent run's previews are decoded to images by its VAE: found (and checked) before the
+    // run folder is made.
+    let decoder = match (J::schedule(&opts).sample_every, data.latent()) {
+        (0, _) | (_, None) => None,
+        (_, Some(info)) => Some(crate::data::latent::load_vae(info, None, "training on this latent dataset", "put it back to see previews, or train with --sample-every 0", &device)?),
+    };
     // The run folder: the one being resumed with its newest checkpoint, or a new one.
     let (run, resume) = match prior {
         Some(mut run) => {
-            let name = format!("--resume: the run {}", run.dir.display());
-            crate::data::latent::check_same_space(run.config.latent.as_ref(), &name, data.latent(), "the data")?;
             J::check_model(&run, &model)?;
             run.sweep_temporaries()?;
             let ck = run.latest_checkpoint()?.ok_or_else(|| anyhow!("--resume: {} has no checkpoint to resume from", run.dir.display()))?;
@@ -133,11 +141,7 @@ pub fn drive<J: TrainingJob>(mut job: J, args: &SessionArgs, data: &dyn TrainDat
             (Run::create(&args.out, config)?, None)
         }
     };
-    // A latent run's previews are decoded to images by its VAE.
-    let decoder = match J::schedule(&opts).sample_every {
-        0 => None,
-        _ => run.load_vae(None, "put it back to see previews, or train with --sample-every 0", &device)?,
-    };
+
 
     let schedule = J::schedule(&opts).clone();
     let options = serde_json::to_value(&opts)?;
