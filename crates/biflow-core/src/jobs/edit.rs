@@ -143,9 +143,10 @@ pub fn edit(o: EditOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
         }
         None => (z, Some(Tensor::from_vec(vec![o.to_class.unwrap(); n], n, &device)?)),
     };
+    let edited = pair.generate(&z, target.as_ref())?;
     let edited = match &vae {
-        Some(v) => v.images(&pair.generate(&z, target.as_ref())?)?,
-        None => pair.generate(&z, target.as_ref())?,
+        Some(v) => v.images(&edited)?,
+        None => edited,
     };
     ctx.progress(1, Some(1), serde_json::Map::new());
     ctx.end();
