@@ -46,6 +46,8 @@ describe('the latent pipeline: prepare -> train -> distill -> sample -> eval-fid
     expect(config.latent.vae).toBe(vae)
     // 16 decoded 16x16 RGB previews in a 4x4 grid (2 px borders): not 8x8 latents.
     expect(pngInfo(join(f, 'samples', 'step-30.png'))).toEqual({width: 4 * 16 + 5 * 2, height: 4 * 16 + 5 * 2, colour: 2})
+    expect(runJson<{runs: {space: string; kind: string}[]}>(['runs', f]).runs[0]).toMatchObject({space: 'latents', kind: 'forward'})
+    expect(runCli(['runs', f]).stdout).toContain('forward (latents)')
     const bpd = runJson<{bpd: number; values: string; num: number}>(['eval-bpd', '--model', f, '--data', data])
     expect(bpd).toMatchObject({values: 'latents', num: 40})
     expect(Number.isFinite(bpd.bpd)).toBe(true)

@@ -14,6 +14,8 @@ export interface RunInfo {
   canResume: boolean
   lockedBy: {pid: number; host: string} | null
   error: string | null
+  /** what the run models: pixels, or VAE latents (whose bits/dim do not compare with pixels') */
+  space: 'pixels' | 'latents'
 }
 
 interface RunsResult {
@@ -42,7 +44,7 @@ status (complete, interrupted, failed, running), steps trained, best bits/dim, l
 
     const rows = r.runs.map((x) => [
       x.dir,
-      x.kind,
+      x.space === 'latents' ? `${x.kind} (latents)` : x.kind,
       x.status + (x.lockedBy ? ` (pid ${x.lockedBy.pid})` : ''),
       x.totalSteps ? `${x.steps}/${x.totalSteps}` : String(x.steps),
       x.bestBpd === null ? '-' : x.bestBpd.toFixed(3),

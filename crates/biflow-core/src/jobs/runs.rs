@@ -103,6 +103,8 @@ pub fn describe(dir: &Path) -> Value {
         "lockedBy": holder.as_ref().filter(|h| h.2).map(|(pid, host, _)| json!({"pid": pid, "host": host})),
         "error": status_file.as_ref().and_then(|v| v.get("error")).filter(|e| !e.is_null()),
         "forward": c.forward.as_ref().map(|f| &f.dir),
+        // "latents" for a run on VAE latents (its bits/dim are per latent value, not pixel bits/dim).
+        "space": if c.latent.is_some() { "latents" } else { "pixels" },
         "model": if c.kind == "biflow" { json!(c.reverse) } else { json!(c.model) },
     })
 }
