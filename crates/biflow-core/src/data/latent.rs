@@ -148,14 +148,20 @@ pub(crate) fn dataset_vae(ds: &Dataset, device: &Device) -> Result<Vae> {
 /// weights must be the ones the latents were made with. `owner` names what needs it and `fix` says
 /// what the user can do, for the errors.
 pub fn load_vae(info: &LatentInfo, at: Option<&Path>, owner: &str, fix: &str, device: &Device) -> Result<Vae> {
+    Vae::load(&checked_vae_dir(info, at, owner, fix)?, device)
+}
+
+/// The folder of the VAE `info` describes (at `at` when given), once its weights' checksum is the
+/// recorded one; the errors as [`load_vae`]'s.
+pub fn checked_vae_dir(info: &LatentInfo, at: Option<&Path>, owner: &str, fix: &str) -> Result<std::path::PathBuf> {
     let dir = at.unwrap_or(Path::new(&info.vae));
-    let weights = Vae::weights_file(dir).with_context(|| match at {
+    let sha = Vae::weights_sha256(dir).with_context(|| match at {
         Some(at) => format!("--vae {} is not the VAE {owner} works with (sha256 {})", at.display(), info.vae_sha256),
         None => format!("{owner} needs the VAE {} (sha256 {}), which is not there: {fix}", info.vae, info.vae_sha256),
     })?;
-    let sha = crate::io::sha256_hex(&std::fs::read(&weights).with_context(|| format!("cannot read {}", weights.display()))?);
+    let weights = Vae::weights_file(dir)?;
     ensure!(sha == info.vae_sha256, "{} holds other weights (sha256 {sha}) than the VAE {owner} works with ({}): {fix}", weights.display(), info.vae_sha256);
-    Vae::load(dir, device)
+    Ok(dir.to_path_buf())
 }
 
 /// A run (or F) meets a dataset: both on pixels, or both on latents of the same VAE and scaling.

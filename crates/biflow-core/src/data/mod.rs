@@ -467,15 +467,20 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The path where the writer builds a dataset before renaming it to `dir`.
+/// The path where the writer builds a dataset before renaming it to `dir` (this process's own).
 pub(crate) fn staging_path(dir: &Path, what: &str) -> Result<PathBuf> {
+    beside(dir, &format!("{what}-{}", std::process::id()))
+}
+
+/// `.NAME.tag` next to the folder `dir` (on its file system, so a rename moves it into place).
+pub(crate) fn beside(dir: &Path, tag: &str) -> Result<PathBuf> {
     let name = dir
         .file_name()
         .with_context(|| format!("{} is not a usable output folder name", dir.display()))?
         .to_string_lossy()
         .into_owned();
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    Ok(parent.join(format!(".{name}.{what}-{}", std::process::id())))
+    Ok(parent.join(format!(".{name}.{tag}")))
 }
 
 #[cfg(test)]

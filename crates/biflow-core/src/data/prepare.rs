@@ -164,8 +164,7 @@ pub fn prepare(o: PrepareOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value
             let size = o.size.context("--vae needs --size: latents are made from images of one square size")?;
             let device = on.place()?.device;
             let vae = Vae::load(Path::new(dir), &device)?;
-            let weights = Vae::weights_file(Path::new(dir))?;
-            let sha = crate::io::sha256_hex(&std::fs::read(&weights).with_context(|| format!("cannot read {}", weights.display()))?);
+            let sha = Vae::weights_sha256(Path::new(dir))?;
             let f = vae.config().downsampling();
             ensure!(size % f == 0, "--size {size} is not a multiple of the VAE's downsampling {f}: the latents would not cover the image (try {})", (size / f).max(1) * f);
             ensure!(o.channels.is_none_or(|c| c == vae.config().in_channels), "--channels {} does not fit the VAE, which encodes {}-channel images", o.channels.unwrap_or(0), vae.config().in_channels);
@@ -271,9 +270,7 @@ fn resume_key(o: &PrepareOptions, vae_sha256: &str) -> Value {
 /// The folder a latent prepare of `out` builds in, beside it under a fixed name: an interrupted one
 /// started with the same `key` is continued, any other is replaced.
 fn resumable_staging(out: &Path, key: &Value, ctx: &JobCtx) -> Result<std::path::PathBuf> {
-    let name = out.file_name().with_context(|| format!("{} is not a usable output folder name", out.display()))?.to_string_lossy().into_owned();
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let staging = parent.join(format!(".{name}.latent-partial"));
+    let staging = super::beside(out, "latent-partial")?;
     if staging.exists() {
         let same = std::fs::read(staging.join(RESUME_KEY)).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()).is_some_and(|k| &k == key);
         if same {

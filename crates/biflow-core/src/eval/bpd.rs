@@ -162,7 +162,7 @@ pub fn eval_bpd(o: BpdOptions, on: &DeviceArgs, ctx: &JobCtx) -> Result<Value> {
     let values = Values::of(run.config.latent.is_some());
     let per = evaluate(&model, values, &images, labels.as_deref(), o.batch_size.get(), ctx)?;
     let mean = per.iter().sum::<f64>() / per.len() as f64;
-    let mut r = json!({ "bpd": mean, "num": per.len(), "values": if values == Values::Latents { "latents" } else { "pixels" } });
+    let mut r = json!({ "bpd": mean, "num": per.len(), "values": values });
     if o.per_sample {
         r["perSampleBpd"] = json!(per);
     }

@@ -224,7 +224,7 @@ pub fn eval_reverse(o: EvalReverseOptions, on: &DeviceArgs, ctx: &JobCtx) -> Res
         "num": n,
         "reconstructionMse": m,
         "reconstructionPsnr": (values == Values::Pixels).then(|| psnr(m)),
-        "values": if values == Values::Pixels { "pixels" } else { "latents" },
+        "values": values,
         "reconstructionLpips": lpips.is_some().then(|| mean(&perceptual)),
         "numExact": k,
         "reverseVsExactMse": mean(&agreement),

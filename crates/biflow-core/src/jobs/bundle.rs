@@ -115,8 +115,7 @@ fn stage_into(run: &Run, staging: &Path, o: &ExportOptions, ctx: &JobCtx) -> Res
     ensure!(!o.include_vae || run.config.latent.is_some(), "--include-vae: {} is a run on pixels, it has no VAE", run.dir.display());
     if o.include_vae {
         // The VAE the run records (checked by checksum), under vae/; the configs point there.
-        run.load_vae(None, "put it back to include it, or export without --include-vae", &Device::Cpu)?;
-        let dir = run.vae_dir().expect("a latent run");
+        let dir = run.vae_dir(None, "put it back to include it, or export without --include-vae")?.expect("a latent run");
         let weights = crate::models::vae::Vae::weights_file(&dir)?;
         let name = format!("{BUNDLED_VAE}/{}", weights.file_name().expect("a file").to_string_lossy());
         copy_checked(&dir.join("config.json"), &staging.join(BUNDLED_VAE).join("config.json"))?;

@@ -104,7 +104,7 @@ pub fn describe(dir: &Path) -> Value {
         "error": status_file.as_ref().and_then(|v| v.get("error")).filter(|e| !e.is_null()),
         "forward": c.forward.as_ref().map(|f| &f.dir),
         // "latents" for a run on VAE latents (its bits/dim are per latent value, not pixel bits/dim).
-        "space": if c.latent.is_some() { "latents" } else { "pixels" },
+        "space": crate::models::flow::Values::of(c.latent.is_some()),
         "model": if c.kind == "biflow" { json!(c.reverse) } else { json!(c.model) },
     })
 }

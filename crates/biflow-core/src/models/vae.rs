@@ -395,6 +395,12 @@ impl Vae {
             .with_context(|| format!("{} has no diffusion_pytorch_model.safetensors (or .bin): a VAE folder holds config.json and the weights", dir.display()))
     }
 
+    /// SHA-256 of a VAE folder's weights file: what manifests and runs name a VAE by.
+    pub fn weights_sha256(dir: &Path) -> Result<String> {
+        let weights = Vae::weights_file(dir)?;
+        Ok(crate::io::sha256_hex(&std::fs::read(&weights).with_context(|| format!("cannot read {}", weights.display()))?))
+    }
+
     /// Load a diffusers folder, checking every tensor's name and shape (extra tensors are refused too:
     /// they mean another architecture than config.json describes).
     pub fn load(dir: &Path, device: &Device) -> Result<Vae> {

@@ -282,18 +282,18 @@ impl Run {
     /// A latent run's VAE (at `at` when given, else where the run records it, checked by checksum);
     /// None for a run on pixels. `fix` tells the user what to do when it is missing or another.
     pub fn load_vae(&self, at: Option<&Path>, fix: &str, device: &Device) -> Result<Option<Vae>> {
+        self.vae_dir(at, fix)?.map(|dir| Vae::load(&dir, device)).transpose()
+    }
+
+    /// The folder of a latent run's VAE, checked as [`Self::load_vae`] checks it, without loading it.
+    pub fn vae_dir(&self, at: Option<&Path>, fix: &str) -> Result<Option<PathBuf>> {
         let Some(info) = &self.config.latent else {
             ensure!(at.is_none(), "{} is a run on pixels: --vae applies to runs on VAE latents only", self.dir.display());
             return Ok(None);
         };
         // A relative recorded folder (a bundle's) is inside the run.
         let info = LatentInfo { vae: self.dir.join(&info.vae).display().to_string(), ..info.clone() };
-        crate::data::latent::load_vae(&info, at, &format!("the run {}", self.dir.display()), fix, device).map(Some)
-    }
-
-    /// Where a latent run records its VAE: a relative folder (a bundle's `vae`) is inside the run.
-    pub fn vae_dir(&self) -> Option<PathBuf> {
-        self.config.latent.as_ref().map(|l| self.dir.join(&l.vae))
+        crate::data::latent::checked_vae_dir(&info, at, &format!("the run {}", self.dir.display()), fix).map(Some)
     }
 
     /// The distilled reverse model G (EMA weights).

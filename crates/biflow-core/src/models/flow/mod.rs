@@ -322,8 +322,10 @@ pub fn nll_loss(out: &FlowOutput) -> Result<Tensor> {
     Ok((prior - out.logdets.mean_all()?)?)
 }
 
-/// What a flow's values are, which decides what its bits/dim count.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a flow's values are, which decides what its bits/dim count. Results name it "pixels" or
+/// "latents".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Values {
     /// 8-bit pixels scaled to [-1, 1]: bits/dim of the 256 levels (dequantised, bin width 1/128).
     Pixels,
